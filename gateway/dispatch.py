@@ -1,0 +1,210 @@
+"""Hands requests to workers and gives each caller its reply, an error, or a 504.
+
+A request goes to the ready worker with the least outstanding work that still
+has credit (workers advertise how many requests they want outstanding, enough
+to fill a batch). When none has credit, it waits in a bounded FIFO queue; when
+the queue is full the caller gets 503 at once. Every request has a deadline.
+
+When a worker dies or is declared dead, every request it held is settled at
+once: retried one time on another ready worker (inference is idempotent), or
+answered 503 saying how the worker died. Nothing waits for a timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import itertools
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import zmq
+
+from gateway.pool import Pool, WorkerRecord
+from gateway.transport import Transport
+from shared import protocol
+from shared.errors import DeadlineExceeded, TorchpoolError, Unavailable, error_from_code
+
+log = logging.getLogger("torchpool.dispatch")
+
+MAX_ATTEMPTS = 2  # the first try and one retry after a worker death
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    fmt: str
+    body: bytes
+
+
+@dataclass(eq=False, slots=True)
+class Pending:
+    id: int
+    fmt: str
+    body: bytes
+    deadline: float  # time.monotonic()
+    future: asyncio.Future[Reply]
+    attempts: int = 0
+    enqueued: float = field(default_factory=time.monotonic)
+
+    def settle(self, result: Reply | TorchpoolError) -> None:
+        if self.future.done():
+            return  # the caller gave up already (deadline)
+        if isinstance(result, Reply):
+            self.future.set_result(result)
+        else:
+            self.future.set_exception(result)
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        pool: Pool,
+        transport: Transport,
+        queue_size: int,
+        timeout_s: float,
+        on_unreachable: Callable[[WorkerRecord], None] | None = None,
+    ) -> None:
+        self._pool = pool
+        self._transport = transport
+        self._queue_size = queue_size
+        self._timeout_s = timeout_s
+        self._on_unreachable = on_unreachable
+        self._queue: collections.deque[Pending] = collections.deque()
+        self._ids = itertools.count(1)
+        self._outstanding = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
+    @property
+    def outstanding(self) -> int:
+        return self._outstanding
+
+    async def submit(self, fmt: str, body: bytes, timeout_s: float | None = None) -> Reply:
+        """Run one request on some worker; raises a TorchpoolError on any failure."""
+        if self._pool.draining:
+            raise Unavailable("the server is shutting down")
+        if not self._pool.ready_workers():
+            raise Unavailable(self._not_ready_message())
+        timeout = self._timeout_s if timeout_s is None else min(timeout_s, self._timeout_s)
+        loop = asyncio.get_running_loop()
+        pending = Pending(
+            next(self._ids), fmt, body, time.monotonic() + timeout, loop.create_future()
+        )
+        worker = self._pool.pick()
+        if worker is None:
+            if len(self._queue) >= self._queue_size:
+                raise Unavailable(
+                    f"all workers are busy and the queue is full ({self._queue_size} waiting)"
+                )
+            self._queue.append(pending)
+        else:
+            self._send(worker, pending)
+        self._outstanding += 1
+        self._idle.clear()
+        try:
+            return await asyncio.wait_for(pending.future, timeout)
+        except asyncio.TimeoutError:
+            if pending in self._queue:
+                self._queue.remove(pending)
+            raise DeadlineExceeded(f"no answer within the deadline of {timeout:g}s") from None
+        finally:
+            self._outstanding -= 1
+            if self._outstanding == 0:
+                self._idle.set()
+
+    def on_reply(
+        self, worker: WorkerRecord, header: dict[str, object], frames: list[zmq.Frame]
+    ) -> None:
+        request_id = header.get("id")
+        pending = worker.inflight.pop(request_id, None) if isinstance(request_id, int) else None
+        if pending is None:
+            return  # answered after its worker was declared dead: already settled
+        worker.requests_served += 1
+        code = header.get("code")
+        if code == protocol.OK:
+            pending.settle(Reply(str(header.get("fmt", protocol.FMT_JSON)), frames[0].bytes))
+        else:
+            details = header.get("details")
+            pending.settle(
+                error_from_code(
+                    str(code),
+                    str(header.get("message", "the worker reported an error")),
+                    **(details if isinstance(details, dict) else {}),
+                )
+            )
+        self.pump()
+
+    def pump(self) -> None:
+        """Move queued requests to workers that have credit."""
+        while self._queue:
+            worker = self._pool.pick()
+            if worker is None:
+                return
+            pending = self._queue.popleft()
+            if not pending.future.done() and not self._send(worker, pending):
+                return
+
+    def worker_lost(self, worker: WorkerRecord, how: str) -> None:
+        """Settle every request ``worker`` held: retry once elsewhere, or answer 503."""
+        held = [p for p in worker.inflight.values() if not p.future.done()]
+        worker.inflight.clear()
+        others = [w for w in self._pool.ready_workers() if w is not worker]
+        for pending in reversed(held):  # appendleft keeps their original order
+            pending.attempts += 1
+            if pending.attempts < MAX_ATTEMPTS and others:
+                self._queue.appendleft(pending)
+            else:
+                pending.settle(
+                    Unavailable(f"worker {worker.slot} {how} before answering this request")
+                )
+        if not others:
+            self.fail_queued(Unavailable(f"no worker is ready: worker {worker.slot} {how}"))
+        self.pump()
+
+    def fail_queued(self, error: TorchpoolError) -> None:
+        while self._queue:
+            self._queue.popleft().settle(error)
+
+    async def wait_idle(self, timeout_s: float) -> bool:
+        """Wait until no request is outstanding; False if ``timeout_s`` ran out first."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
+        except asyncio.TimeoutError:
+            return False
+        return True
+
+    def _send(self, worker: WorkerRecord, pending: Pending) -> bool:
+        """Hand ``pending`` to ``worker``; on failure it goes back to the queue's head."""
+        remaining_ms = max(0.0, pending.deadline - time.monotonic()) * 1000
+        header = protocol.pack(
+            {
+                "t": protocol.REQUEST,
+                "v": protocol.VERSION,
+                "id": pending.id,
+                "fmt": pending.fmt,
+                "deadline_ms": int(time.time() * 1000 + remaining_ms),
+            }
+        )
+        try:
+            self._transport.send(worker.data_identity, [header, pending.body])
+        except zmq.ZMQError as exc:
+            log.warning("worker %d is unreachable (%s); requeueing", worker.slot, exc)
+            self._queue.appendleft(pending)
+            if self._on_unreachable is not None:
+                self._on_unreachable(worker)
+            return False
+        worker.inflight[pending.id] = pending
+        return True
+
+    def _not_ready_message(self) -> str:
+        states = collections.Counter(w.shown_state() for w in self._pool.workers)
+        if not states:
+            return "no worker is connected"
+        summary = ", ".join(f"{n} {state}" for state, n in sorted(states.items()))
+        return f"no worker is ready ({summary})"

@@ -1,0 +1,133 @@
+"""Where each local worker runs: its CPU cores and, on a GPU host, its GPU.
+
+Decided by the gateway, which sees the whole pool, and handed to each worker
+as plain flags; the worker applies it to itself before torch is imported.
+Nothing here touches torch: GPUs are counted from ``CUDA_VISIBLE_DEVICES`` or
+the NVIDIA driver's /proc entries.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from shared.config import ConfigError, parse_device
+
+log = logging.getLogger("torchpool.placement")
+
+NVIDIA_PROC = Path("/proc/driver/nvidia/gpus")
+
+
+@dataclass(frozen=True)
+class Placement:
+    """One worker slot: ``device`` is "cpu" or "cuda"; ``gpu`` the physical index."""
+
+    slot: int
+    device: str
+    gpu: int | None
+    cores: tuple[int, ...]
+
+    @property
+    def label(self) -> str:
+        """The device as /health shows it: "cpu" or "cuda:<physical index>"."""
+        return "cpu" if self.gpu is None else f"cuda:{self.gpu}"
+
+
+def usable_cores() -> list[int]:
+    """The cores this process may run on (cgroup/taskset limits included)."""
+    return sorted(os.sched_getaffinity(0))
+
+
+def visible_gpus(environ: Mapping[str, str] | None = None, proc: Path = NVIDIA_PROC) -> list[int]:
+    """Physical GPU indices available to workers, without importing torch."""
+    environ = os.environ if environ is None else environ
+    listed = environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is not None:
+        indices: list[int] = []
+        for part in listed.split(","):
+            part = part.strip()
+            if not part.isdigit():
+                break  # CUDA stops at the first invalid entry; UUIDs are not mapped here.
+            indices.append(int(part))
+        return indices
+    try:
+        return list(range(sum(1 for _ in proc.iterdir())))
+    except OSError:
+        return []
+
+
+def split_cores(
+    cores: Sequence[int], workers: int, per_worker: int | None = None
+) -> list[tuple[int, ...]]:
+    """Split ``cores`` into one disjoint set per worker.
+
+    By default each worker gets ``len(cores) // workers`` cores; cores left over
+    stay with the gateway. With more workers than cores the sets cannot be
+    disjoint: each worker gets one core, round-robin, and a warning says so.
+    An explicit ``per_worker`` that does not fit is an error, not a silent overlap.
+    """
+    if workers == 0:
+        return []
+    if not cores:
+        raise ConfigError("no usable CPU cores")
+    if per_worker is not None:
+        needed = workers * per_worker
+        if needed > len(cores):
+            raise ConfigError(
+                f"--workers {workers} x --cores-per-worker {per_worker} needs {needed} cores; "
+                f"only {len(cores)} are usable ({format_cores(cores)})"
+            )
+        size = per_worker
+    else:
+        size = len(cores) // workers
+    if size == 0:
+        log.warning(
+            "%d workers on %d cores: workers share cores, one thread each", workers, len(cores)
+        )
+        return [(cores[i % len(cores)],) for i in range(workers)]
+    return [tuple(cores[i * size : (i + 1) * size]) for i in range(workers)]
+
+
+def plan(
+    workers: int,
+    device: str,
+    per_worker: int | None = None,
+    cores: Sequence[int] | None = None,
+    gpus: Sequence[int] | None = None,
+) -> list[Placement]:
+    """Place ``workers`` local workers: disjoint core sets, GPUs round-robin."""
+    spec = parse_device(device)
+    cores = usable_cores() if cores is None else list(cores)
+    available = visible_gpus() if gpus is None else list(gpus)
+    kind = spec.kind
+    if kind == "auto":
+        kind = "cuda" if available else "cpu"
+    chosen: list[int] = []
+    if kind == "cuda":
+        chosen = list(spec.gpus) if spec.gpus is not None else available
+        if not chosen:
+            raise ConfigError(f"--device {device} but no GPU is visible to this process")
+    core_sets = split_cores(cores, workers, per_worker)
+    return [
+        Placement(
+            slot=i,
+            device=kind,
+            gpu=chosen[i % len(chosen)] if chosen else None,
+            cores=core_sets[i],
+        )
+        for i in range(workers)
+    ]
+
+
+def format_cores(cores: Sequence[int]) -> str:
+    """``[0, 1, 2, 5]`` -> ``"0-2,5"``, as /proc/<pid>/status writes it."""
+    runs: list[list[int]] = []
+    for core in sorted(set(cores)):
+        if runs and core == runs[-1][1] + 1:
+            runs[-1][1] = core
+        else:
+            runs.append([core, core])
+    return ",".join(str(low) if low == high else f"{low}-{high}" for low, high in runs)

@@ -1,0 +1,139 @@
+"""The gateway's picture of its workers: one record per slot.
+
+The supervisor writes these records from control messages and process events;
+the dispatcher reads them to pick a worker and keeps ``inflight``; /health
+reads them. Everything runs on the gateway's one event loop, so no locks.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from gateway.placement import Placement
+from shared import protocol
+
+if TYPE_CHECKING:
+    from gateway.dispatch import Pending
+    from gateway.process import WorkerProcess
+
+
+class State(str, enum.Enum):
+    STARTING = "starting"  # spawned, not yet heard from or not yet loading
+    LOADING = "loading"  # loading the model
+    READY = "ready"  # serving (shown as "busy" while it holds requests)
+    RESTARTING = "restarting"  # died or went silent; a replacement is on its way
+    FAILED = "failed"  # cannot load its model; not restarted
+    STOPPED = "stopped"  # stopped on purpose
+
+
+@dataclass
+class WorkerRecord:
+    """One pool slot and the process currently filling it."""
+
+    placement: Placement
+    generation: int = 0
+    state: State = State.STARTING
+    process: WorkerProcess | None = None
+    pid: int | None = None
+    host: str | None = None
+    capacity: int = 1
+    rss_bytes: int | None = None
+    cuda_allocated_bytes: int | None = None
+    cuda_reserved_bytes: int | None = None
+    load_seconds: float | None = None
+    input_shape: list[int] | None = None
+    input_dtype: str | None = None
+    requests_served: int = 0
+    restarts: int = 0
+    # Boots in a row that ended before the worker became ready.
+    boot_failures: int = 0
+    last_seen: float | None = None  # time.monotonic() of the last control message
+    exit_code: int | None = None
+    last_error: str | None = None
+    inflight: dict[int, Pending] = field(default_factory=dict)
+
+    @property
+    def slot(self) -> int:
+        return self.placement.slot
+
+    @property
+    def uid(self) -> str:
+        return f"{self.slot}.{self.generation}"
+
+    @property
+    def data_identity(self) -> bytes:
+        return protocol.data_identity(self.uid)
+
+    @property
+    def control_identity(self) -> bytes:
+        return protocol.control_identity(self.uid)
+
+    @property
+    def ready(self) -> bool:
+        return self.state is State.READY
+
+    @property
+    def free_credit(self) -> int:
+        return self.capacity - len(self.inflight) if self.ready else 0
+
+    def shown_state(self) -> str:
+        if self.state is State.READY and self.inflight:
+            return "busy"
+        return self.state.value
+
+    def heartbeat_age(self, now: float | None = None) -> float | None:
+        if self.last_seen is None:
+            return None
+        return (time.monotonic() if now is None else now) - self.last_seen
+
+    def take_memory(self, message: dict[str, Any]) -> None:
+        """Copy the live memory figures a READY or HEARTBEAT carries."""
+        self.rss_bytes = message.get("rss_bytes", self.rss_bytes)
+        self.cuda_allocated_bytes = message.get("cuda_allocated_bytes")
+        self.cuda_reserved_bytes = message.get("cuda_reserved_bytes")
+
+    def new_generation(self) -> None:
+        """Forget the previous process; its messages no longer match ``uid``."""
+        self.generation += 1
+        self.process = None
+        self.pid = None
+        self.state = State.STARTING
+        self.last_seen = None
+        self.rss_bytes = self.cuda_allocated_bytes = self.cuda_reserved_bytes = None
+
+
+class Pool:
+    """All worker records, looked up by slot or by wire identity."""
+
+    def __init__(self, placements: list[Placement]) -> None:
+        self.workers = [WorkerRecord(p) for p in placements]
+        # True once any worker has been ready: from then on load failures are
+        # replaced with backoff instead of stopping the server.
+        self.ever_ready = False
+        self.draining = False
+
+    def by_uid(self, uid: str) -> WorkerRecord | None:
+        slot_text, _, generation = uid.partition(".")
+        if not slot_text.isdigit() or not generation.isdigit():
+            return None
+        slot = int(slot_text)
+        if slot >= len(self.workers):
+            return None
+        record = self.workers[slot]
+        return record if record.generation == int(generation) else None
+
+    def ready_workers(self) -> list[WorkerRecord]:
+        return [w for w in self.workers if w.ready]
+
+    def pick(self) -> WorkerRecord | None:
+        """The ready worker with the least outstanding work that still has credit."""
+        best: WorkerRecord | None = None
+        for worker in self.workers:
+            if worker.free_credit > 0 and (
+                best is None or len(worker.inflight) < len(best.inflight)
+            ):
+                best = worker
+        return best

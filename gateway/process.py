@@ -1,0 +1,112 @@
+"""A thin handle on one worker process: spawn, signal, wait, and its stderr tail.
+
+Workers are always fresh interpreters (``python -m worker``), never forks of
+the gateway, and run in their own session so that a Ctrl-C in the terminal
+reaches only the gateway, which then stops them in order. They die with the
+gateway through PR_SET_PDEATHSIG, set up on their side.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import signal
+import sys
+from collections.abc import Mapping, Sequence
+
+log = logging.getLogger("torchpool.worker")
+
+STDERR_TAIL_LINES = 20
+
+
+class WorkerProcess:
+    """One spawned worker. ``returncode`` is None while it runs."""
+
+    def __init__(self, proc: asyncio.subprocess.Process, label: str) -> None:
+        self._proc = proc
+        self.label = label
+        self.stderr_tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL_LINES)
+        self._pump = asyncio.get_running_loop().create_task(self._forward_stderr())
+
+    @classmethod
+    async def spawn(cls, argv: Sequence[str], env: Mapping[str, str], label: str) -> WorkerProcess:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "worker",
+            *argv,
+            stdin=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+            env=dict(env),
+            start_new_session=True,
+        )
+        return cls(proc, label)
+
+    @property
+    def pid(self) -> int:
+        return self._proc.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self._proc.returncode
+
+    def is_alive(self) -> bool:
+        return self._proc.returncode is None
+
+    def terminate(self) -> None:
+        self._signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self._signal(signal.SIGKILL)
+
+    def _signal(self, sig: signal.Signals) -> None:
+        if self.is_alive():
+            with contextlib.suppress(ProcessLookupError):
+                self._proc.send_signal(sig)
+
+    async def wait(self) -> int:
+        """Reap the process and return its exit status (negative: killed by a signal)."""
+        code = await self._proc.wait()
+        # Let the stderr pump read what the process wrote last; it ends at EOF.
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(asyncio.shield(self._pump), timeout=1.0)
+        return code
+
+    async def stop(self, grace_s: float) -> int:
+        """Ask (SIGTERM), wait ``grace_s``, then kill; always reap."""
+        self.terminate()
+        try:
+            return await asyncio.wait_for(self.wait(), timeout=grace_s)
+        except asyncio.TimeoutError:
+            log.warning("%s did not stop within %.1fs; killing it", self.label, grace_s)
+            self.kill()
+            return await self.wait()
+
+    async def _forward_stderr(self) -> None:
+        """Copy the worker's stderr to ours, line by line, keeping the last lines."""
+        stream = self._proc.stderr
+        if stream is None:
+            return
+        while True:
+            line = await stream.readline()
+            if not line:
+                return
+            text = line.decode(errors="replace").rstrip()
+            self.stderr_tail.append(text)
+            sys.stderr.write(f"[{self.label}] {text}\n")
+
+
+def describe_exit(code: int) -> str:
+    """Say how a process ended, in words an operator can act on."""
+    if code >= 0:
+        return f"exited with code {code}"
+    sig = -code
+    try:
+        name = signal.Signals(sig).name
+    except ValueError:
+        name = f"signal {sig}"
+    if sig == signal.SIGKILL:
+        return f"killed ({name}) — possibly out of memory"
+    return f"killed by {name}"

@@ -1,0 +1,67 @@
+"""Assembles one serving pool: runtime directory, socket, records, dispatcher, supervisor.
+
+``Runtime`` is what the app's lifespan starts and stops; it owns the private
+runtime directory that holds the ``ipc://`` endpoint and removes it on exit.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from gateway.dispatch import Dispatcher
+from gateway.placement import plan
+from gateway.pool import Pool, WorkerRecord
+from gateway.supervisor import Supervisor
+from gateway.transport import Transport
+from shared import protocol
+from shared.config import ServeSettings
+
+log = logging.getLogger("torchpool.runtime")
+
+
+class Runtime:
+    def __init__(self, settings: ServeSettings, on_fatal: Callable[[str], None]) -> None:
+        self.settings = settings
+        placements = plan(settings.workers, settings.device, settings.cores_per_worker)
+        self.rundir = Path(tempfile.mkdtemp(prefix="torchpool-"))
+        self.transport = Transport(f"ipc://{self.rundir / 'gateway.sock'}")
+        self.pool = Pool(placements)
+        self.dispatcher = Dispatcher(
+            self.pool,
+            self.transport,
+            queue_size=settings.queue_size,
+            timeout_s=settings.timeout_s,
+            on_unreachable=lambda w: self.supervisor.declare_lost(w, "became unreachable"),
+        )
+        self.supervisor = Supervisor(settings, self.pool, self.transport, self.dispatcher, on_fatal)
+
+    async def start(self) -> None:
+        self.transport.start(self._route)
+        await self.supervisor.start()
+
+    async def stop(self) -> None:
+        try:
+            await self.supervisor.stop()
+        finally:
+            self.transport.close()
+            shutil.rmtree(self.rundir, ignore_errors=True)
+
+    def _route(self, identity: bytes, header: dict[str, Any], frames: list[Any]) -> None:
+        """Send each message to whoever handles its kind; drop strangers' messages."""
+        uid, channel = protocol.split_identity(identity)
+        worker: WorkerRecord | None = self.pool.by_uid(uid)
+        if worker is None:
+            log.debug("message %s from unknown worker %r", header.get("t"), uid)
+            return
+        kind = header["t"]
+        if channel == protocol.DATA_SUFFIX and kind == protocol.REPLY:
+            self.dispatcher.on_reply(worker, header, frames)
+        elif channel == protocol.CONTROL_SUFFIX and kind in protocol.CONTROL_TYPES:
+            self.supervisor.on_control(worker, header)
+        else:
+            log.warning("unexpected %r on channel %r from worker %s", kind, channel, uid)

@@ -1,0 +1,263 @@
+"""Keeps the pool's processes alive: spawn, listen, reap, replace, stop.
+
+One method per supervisory act, as in gunicorn's arbiter. A worker that exits
+is noticed at once by reaping; one that goes silent is noticed when its
+heartbeats stop, asked to stop, then killed. Either way the requests it held
+are settled by the dispatcher and its slot is refilled with exponential
+backoff. A worker whose model cannot load before the pool has ever served is
+not restarted: when every slot has failed that way the server stops with the
+reason (``fatal``), instead of serving a pool that can never become ready.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+from gateway.dispatch import Dispatcher
+from gateway.placement import format_cores
+from gateway.pool import Pool, State, WorkerRecord
+from gateway.process import WorkerProcess, describe_exit
+from gateway.transport import Transport
+from shared import protocol
+from shared.config import ServeSettings, worker_argv
+
+log = logging.getLogger("torchpool.supervisor")
+
+HELLO_TIMEOUT_S = 30.0  # a fresh interpreter must say hello within this
+STOP_GRACE_S = 5.0  # after STOP/SIGTERM, before SIGKILL
+MAX_BOOT_FAILURES = 5  # deaths before ready, in a row, before a slot is failed
+BACKOFF_BASE_S = 0.5
+BACKOFF_MAX_S = 30.0
+THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS")
+
+
+class Supervisor:
+    def __init__(
+        self,
+        settings: ServeSettings,
+        pool: Pool,
+        transport: Transport,
+        dispatcher: Dispatcher,
+        on_fatal: Callable[[str], None],
+    ) -> None:
+        self._settings = settings
+        self._pool = pool
+        self._transport = transport
+        self._dispatcher = dispatcher
+        self._on_fatal = on_fatal
+        self._stopping = False
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._spawned_at: dict[int, float] = {}
+        self.fatal_reason: str | None = None
+
+    # --- lifecycle ------------------------------------------------------------
+
+    async def start(self) -> None:
+        for worker in self._pool.workers:
+            await self.spawn(worker)
+        self._background(self._keep_alive())
+
+    async def stop(self) -> None:
+        """Drain in-flight requests, then stop every worker: ask, wait, kill, reap."""
+        self._stopping = True
+        self._pool.draining = True
+        drained = await self._dispatcher.wait_idle(self._settings.drain_timeout_s)
+        if not drained:
+            log.warning("drain timeout: %d requests still in flight", self._dispatcher.outstanding)
+        for worker in self._pool.workers:
+            self._send_control(worker, {"t": protocol.STOP, "reason": "shutdown"})
+        await asyncio.gather(
+            *(self._stop_process(w) for w in self._pool.workers), return_exceptions=True
+        )
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    # --- acts -------------------------------------------------------------------
+
+    async def spawn(self, worker: WorkerRecord) -> None:
+        placement = worker.placement
+        settings = dataclasses.replace(
+            self._settings,
+            device=placement.device,
+            model=os.path.abspath(self._settings.model) if self._settings.model else None,
+        )
+        argv = [
+            *worker_argv(settings),
+            "--connect", self._transport.endpoint,
+            "--uid", worker.uid,
+            "--slot", str(worker.slot),
+            "--cores", format_cores(placement.cores),
+        ]  # fmt: skip
+        env = dict(os.environ)
+        env.update({name: str(len(placement.cores)) for name in THREAD_ENV})
+        if placement.gpu is not None:
+            argv += ["--gpu", str(placement.gpu)]
+            env["CUDA_VISIBLE_DEVICES"] = str(placement.gpu)
+        worker.state = State.STARTING
+        process = await WorkerProcess.spawn(argv, env, label=f"worker {worker.slot}")
+        worker.process = process
+        worker.pid = process.pid
+        self._spawned_at[worker.slot] = time.monotonic()
+        log.info(
+            "worker %d spawned: pid %d, %s, cores %s",
+            worker.slot, process.pid, placement.label, format_cores(placement.cores),
+        )  # fmt: skip
+        self._background(self._reap(worker, process))
+
+    async def _reap(self, worker: WorkerRecord, process: WorkerProcess) -> None:
+        code = await process.wait()
+        if worker.process is not process:
+            return  # a process we had already given up on
+        worker.exit_code = code
+        how = describe_exit(code)
+        if self._stopping or worker.state is State.STOPPED:
+            worker.state = State.STOPPED
+            return
+        was_ready = worker.state is State.READY
+        self._dispatcher.worker_lost(worker, how)
+        if worker.last_error is None or was_ready:
+            worker.last_error = self._death_note(worker, process, how)
+        log.error("worker %d (pid %d) %s", worker.slot, process.pid, how)
+        self._replace(worker, code, was_ready)
+
+    def _replace(self, worker: WorkerRecord, code: int, was_ready: bool) -> None:
+        if not was_ready:
+            worker.boot_failures += 1
+        if code == protocol.EXIT_LOAD_FAILED and not self._pool.ever_ready:
+            worker.state = State.FAILED
+            self._check_fatal()
+            return
+        if worker.boot_failures >= MAX_BOOT_FAILURES:
+            worker.state = State.FAILED
+            log.error(
+                "worker %d failed %d boots in a row; not restarting it: %s",
+                worker.slot, worker.boot_failures, worker.last_error,
+            )  # fmt: skip
+            if not self._pool.ever_ready:
+                self._check_fatal()
+            return
+        worker.state = State.RESTARTING
+        delay = 0.0
+        if worker.boot_failures:
+            delay = min(BACKOFF_MAX_S, BACKOFF_BASE_S * 2 ** (worker.boot_failures - 1))
+        self._background(self._respawn_after(worker, delay))
+
+    async def _respawn_after(self, worker: WorkerRecord, delay: float) -> None:
+        if delay:
+            log.info("restarting worker %d in %.1fs", worker.slot, delay)
+            await asyncio.sleep(delay)
+        if self._stopping:
+            return
+        worker.restarts += 1
+        worker.new_generation()
+        await self.spawn(worker)
+
+    def declare_lost(self, worker: WorkerRecord, how: str) -> None:
+        """Give up on a live but silent or unreachable worker: settle, stop, reap."""
+        if worker.state in (State.RESTARTING, State.FAILED, State.STOPPED):
+            return
+        log.error("worker %d %s; replacing it", worker.slot, how)
+        worker.state = State.RESTARTING
+        worker.last_error = f"worker {worker.slot} {how}"
+        self._dispatcher.worker_lost(worker, how)
+        process = worker.process
+        if process is not None:
+            # Reaping (in _reap) then refills the slot.
+            self._background(process.stop(STOP_GRACE_S))
+
+    def _check_fatal(self) -> None:
+        workers = self._pool.workers
+        if workers and all(w.state is State.FAILED for w in workers):
+            reason = workers[0].last_error or "no worker could load the model"
+            self.fatal_reason = reason
+            self._on_fatal(reason)
+
+    async def _stop_process(self, worker: WorkerRecord) -> None:
+        process = worker.process
+        if process is None or not process.is_alive():
+            worker.state = State.STOPPED if worker.state is not State.FAILED else worker.state
+            return
+        try:
+            await asyncio.wait_for(asyncio.shield(process.wait()), STOP_GRACE_S)
+        except asyncio.TimeoutError:
+            await process.stop(STOP_GRACE_S)
+        if worker.state is not State.FAILED:
+            worker.state = State.STOPPED
+
+    async def _keep_alive(self) -> None:
+        """Beat to every worker and retire the ones that went silent."""
+        interval = self._settings.heartbeat_s
+        allowed = interval * self._settings.heartbeat_liveness
+        while not self._stopping:
+            now = time.monotonic()
+            for worker in self._pool.workers:
+                if worker.state not in (State.STARTING, State.LOADING, State.READY):
+                    continue
+                self._send_control(worker, {"t": protocol.BEAT})
+                age = worker.heartbeat_age(now)
+                if age is not None and age > allowed:
+                    self.declare_lost(worker, f"sent no heartbeat for {age:.1f}s")
+                elif age is None and now - self._spawned_at.get(worker.slot, now) > HELLO_TIMEOUT_S:
+                    self.declare_lost(worker, f"did not say hello within {HELLO_TIMEOUT_S:.0f}s")
+            await asyncio.sleep(interval)
+
+    # --- messages from workers ---------------------------------------------------
+
+    def on_control(self, worker: WorkerRecord, message: dict[str, Any]) -> None:
+        kind = message["t"]
+        worker.last_seen = time.monotonic()
+        if kind == protocol.HEARTBEAT:
+            worker.take_memory(message)
+        elif kind == protocol.HELLO:
+            worker.pid = message.get("pid", worker.pid)
+            worker.host = message.get("host")
+        elif kind == protocol.LOADING:
+            worker.state = State.LOADING
+        elif kind == protocol.READY:
+            self._on_ready(worker, message)
+        elif kind == protocol.ERROR:
+            worker.last_error = str(message.get("message"))
+            log.error("worker %d: %s", worker.slot, worker.last_error)
+        elif kind == protocol.BYE:
+            log.info("worker %d says bye: %s", worker.slot, message.get("reason"))
+
+    def _on_ready(self, worker: WorkerRecord, message: dict[str, Any]) -> None:
+        if worker.state not in (State.STARTING, State.LOADING):
+            return
+        worker.state = State.READY
+        worker.take_memory(message)
+        worker.load_seconds = message.get("load_s")
+        worker.capacity = max(1, int(message.get("capacity", 1)))
+        worker.input_shape = message.get("input_shape")
+        worker.input_dtype = message.get("input_dtype")
+        worker.boot_failures = 0
+        worker.last_error = None
+        self._pool.ever_ready = True
+        log.info("worker %d ready in %.2fs", worker.slot, worker.load_seconds or 0.0)
+        self._dispatcher.pump()
+
+    # --- helpers ---------------------------------------------------------------
+
+    def _send_control(self, worker: WorkerRecord, message: dict[str, Any]) -> None:
+        # An unconnected control socket (still booting, or gone) is not an error here.
+        with contextlib.suppress(Exception):
+            self._transport.send(worker.control_identity, [protocol.pack(message)])
+
+    @staticmethod
+    def _death_note(worker: WorkerRecord, process: WorkerProcess, how: str) -> str:
+        tail = [line for line in process.stderr_tail if line.strip()]
+        note = f"worker {worker.slot} {how}"
+        return f"{note}: {tail[-1]}" if tail else note
+
+    def _background(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)

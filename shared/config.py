@@ -1,0 +1,357 @@
+"""Settings: one typed, validated object for the CLI, the environment and tests.
+
+Each setting is a dataclass field; its ``help`` metadata is its one and only
+documentation (``torchpool serve --help`` and the README's flag table are made
+from it). A field named ``max_batch_size`` is the flag ``--max-batch-size`` and
+the environment variable ``TORCHPOOL_MAX_BATCH_SIZE``; a flag given on the
+command line wins over the environment.
+
+``ModelSettings`` is what a worker needs; ``ServeSettings`` adds the pool and the
+HTTP server. The gateway hands a local worker its settings as plain command-line
+flags (:func:`worker_argv`), the same flags a remote ``torchpool worker`` takes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from shared.protocol import DTYPE_SIZES
+
+ENV_PREFIX = "TORCHPOOL_"
+
+
+class ConfigError(ValueError):
+    """A setting that cannot work; its message is one line for the operator."""
+
+
+def _opt(default: Any, help: str, parse: Callable[[str], Any] | None = None, **extra: Any) -> Any:
+    return field(default=default, metadata={"help": help, "parse": parse, **extra})
+
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    """``"3,224,224"`` -> ``(3, 224, 224)``; ``-1`` marks a variable dimension."""
+    text = text.strip().strip("[]()")
+    if not text:
+        return ()
+    try:
+        dims = tuple(int(part) for part in re.split(r"[,x\s]+", text) if part)
+    except ValueError as exc:
+        raise ConfigError(f"input shape {text!r} is not a list of integers") from exc
+    if any(dim < -1 or dim == 0 for dim in dims):
+        raise ConfigError(f"input shape {text!r}: dimensions are positive, or -1 for variable")
+    return dims
+
+
+def parse_json_object(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"model kwargs are not valid JSON: {exc}") from exc
+    if not isinstance(value, dict):
+        raise ConfigError("model kwargs must be a JSON object, e.g. '{\"hidden\": 64}'")
+    return value
+
+
+def parse_bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in {"1", "true", "yes", "on"}:
+        return True
+    if lowered in {"0", "false", "no", "off", ""}:
+        return False
+    raise ConfigError(f"{text!r} is not a boolean (use 1/0, true/false)")
+
+
+def parse_cores(text: str) -> tuple[int, ...]:
+    """``"0-3,6"`` -> ``(0, 1, 2, 3, 6)``, as in /proc/<pid>/status."""
+    cores: list[int] = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        low, _, high = part.partition("-")
+        try:
+            cores.extend(range(int(low), int(high or low) + 1))
+        except ValueError as exc:
+            raise ConfigError(f"core list {text!r} is not like 0-3,6") from exc
+    return tuple(cores)
+
+
+_IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
+
+
+def _check_import_path(flag: str, value: str | None) -> None:
+    if value is not None and not _IMPORT_PATH.match(value):
+        raise ConfigError(f"--{flag} {value!r} must look like package.module:ClassName")
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """What to serve and how a worker runs it."""
+
+    model: str | None = _opt(
+        None,
+        "Model file: a TorchScript archive, a torch.export program (.pt2), a state_dict "
+        "(with --model-class) or a pickled nn.Module (with --trust-pickle). "
+        "None serves the built-in demo model.",
+    )
+    model_class: str | None = _opt(
+        None, "package.module:Class to build before loading a state_dict from --model."
+    )
+    model_kwargs: dict[str, Any] = _opt(
+        None,
+        "JSON object of constructor arguments for --model-class or --handler.",
+        parse_json_object,
+    )
+    handler: str | None = _opt(
+        None, "package.module:Class with load() and predict(batch), for models that need code."
+    )
+    trust_pickle: bool = _opt(
+        False,
+        "Allow loading a whole pickled nn.Module. Unpickling runs arbitrary code: "
+        "only for files you trust.",
+        parse_bool,
+    )
+    model_name: str | None = _opt(
+        None, "Name the model is served under; default: the model file's stem, or 'demo'."
+    )
+    input_shape: tuple[int, ...] | None = _opt(
+        None,
+        "Shape of one input row without the batch dimension, e.g. 16 or 3,224,224 "
+        "(-1 for a variable size). Requests that do not match get 422.",
+        parse_shape,
+    )
+    input_dtype: str = _opt("float32", "dtype the input is converted to, e.g. float32 or int64.")
+    device: str = _opt(
+        "cpu", "cpu, cuda (all visible GPUs), a list such as cuda:0,2, or auto (cuda if present)."
+    )
+    max_batch_size: int = _opt(
+        8, "Most rows a worker runs in one forward pass; 1 turns batching off.", int
+    )
+    max_batch_delay_ms: float = _opt(
+        2.0, "Longest a worker waits for more requests once it holds one.", float
+    )
+    max_body_mb: float = _opt(64.0, "Largest request body accepted, in MiB (413 past it).", float)
+    heartbeat_s: float = _opt(1.0, "Seconds between worker heartbeats.", float)
+
+    def __post_init__(self) -> None:
+        if self.model_kwargs is None:
+            object.__setattr__(self, "model_kwargs", {})
+        _check_import_path("model-class", self.model_class)
+        _check_import_path("handler", self.handler)
+        if self.handler and self.model_class:
+            raise ConfigError("--handler and --model-class are two ways to load; give one")
+        if self.model_class and not self.model:
+            raise ConfigError("--model-class needs --model, the state_dict file to load")
+        if self.model_kwargs and not (self.model_class or self.handler):
+            raise ConfigError("--model-kwargs only applies with --model-class or --handler")
+        if self.input_dtype not in DTYPE_SIZES:
+            raise ConfigError(
+                f"--input-dtype {self.input_dtype!r} is not one of {', '.join(DTYPE_SIZES)}"
+            )
+        if self.max_batch_size < 1:
+            raise ConfigError("--max-batch-size must be at least 1")
+        if self.max_batch_delay_ms < 0:
+            raise ConfigError("--max-batch-delay-ms cannot be negative")
+        if self.max_body_mb <= 0:
+            raise ConfigError("--max-body-mb must be positive")
+        if self.heartbeat_s <= 0:
+            raise ConfigError("--heartbeat-s must be positive")
+        parse_device(self.device)
+
+    @property
+    def served_name(self) -> str:
+        if self.model_name:
+            return self.model_name
+        if self.model:
+            return Path(self.model).stem
+        if self.handler:
+            return self.handler.rpartition(":")[2].lower()
+        return "demo"
+
+    @property
+    def max_body_bytes(self) -> int:
+        return int(self.max_body_mb * 1024 * 1024)
+
+
+@dataclass(frozen=True)
+class ServeSettings(ModelSettings):
+    """Everything ``torchpool serve`` takes."""
+
+    workers: int = _opt(2, "Number of local worker processes.", int)
+    cores_per_worker: int | None = _opt(
+        None, "CPU cores pinned to each worker; default: the usable cores split evenly.", int
+    )
+    host: str = _opt("127.0.0.1", "Address the HTTP server listens on.")
+    port: int = _opt(8000, "Port the HTTP server listens on.", int)
+    queue_size: int = _opt(
+        256, "Requests that may wait for a worker; past it the client gets 503.", int
+    )
+    timeout_s: float = _opt(30.0, "Deadline of a request, in seconds (504 past it).", float)
+    min_ready: int = _opt(1, "Ready workers needed for /health/ready to answer 200.", int)
+    heartbeat_liveness: int = _opt(
+        3, "Missed heartbeats after which a worker is declared dead.", int
+    )
+    drain_timeout_s: float = _opt(
+        30.0, "On shutdown, how long in-flight requests may take to finish.", float
+    )
+    log_level: str = _opt("info", "Log level: debug, info, warning or error.")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.workers < 0:
+            raise ConfigError("--workers cannot be negative")
+        if self.cores_per_worker is not None and self.cores_per_worker < 1:
+            raise ConfigError("--cores-per-worker must be at least 1")
+        if not 0 < self.port < 65536:
+            raise ConfigError(f"--port {self.port} is not a TCP port")
+        if self.queue_size < 0:
+            raise ConfigError("--queue-size cannot be negative")
+        if self.timeout_s <= 0:
+            raise ConfigError("--timeout-s must be positive")
+        if self.min_ready < 1:
+            raise ConfigError("--min-ready must be at least 1")
+        if self.heartbeat_liveness < 1:
+            raise ConfigError("--heartbeat-liveness must be at least 1")
+        if self.drain_timeout_s < 0:
+            raise ConfigError("--drain-timeout-s cannot be negative")
+        if self.log_level not in {"debug", "info", "warning", "error"}:
+            raise ConfigError(f"--log-level {self.log_level!r} is not debug/info/warning/error")
+        if self.model and not Path(self.model).is_file():
+            raise ConfigError(f"model file {self.model!r} does not exist")
+
+
+@dataclass(frozen=True)
+class WorkerSettings(ModelSettings):
+    """Everything ``torchpool worker`` (and ``python -m worker``) takes."""
+
+    connect: str = _opt("", "Gateway endpoint to join, e.g. tcp://gateway:5555.")
+    uid: str | None = _opt(None, "Worker id on the wire; the gateway sets it for local workers.")
+    slot: int = _opt(-1, "Pool slot of a local worker; -1 for a remote one.", int)
+    cores: tuple[int, ...] | None = _opt(
+        None, "CPU cores to pin to, e.g. 0-3,6; default: every usable core.", parse_cores
+    )
+    gpu: int | None = _opt(
+        None, "Physical GPU index this worker owns (CUDA_VISIBLE_DEVICES holds just it).", int
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.connect:
+            raise ConfigError("--connect is required: the gateway endpoint to join")
+        if self.cores is not None and not self.cores:
+            raise ConfigError("--cores is empty")
+
+
+@dataclass(frozen=True)
+class DeviceSpec:
+    """A parsed ``--device``: ``kind`` is cpu, cuda or auto; ``gpus`` None means all."""
+
+    kind: str
+    gpus: tuple[int, ...] | None = None
+
+
+def parse_device(text: str) -> DeviceSpec:
+    value = text.strip().lower()
+    if value in {"cpu", "auto", "cuda"}:
+        return DeviceSpec(value)
+    if value.startswith("cuda:"):
+        # "cuda:0,2" and "cuda:0,cuda:2" name the same GPUs.
+        parts = [part.strip().removeprefix("cuda:") for part in value[5:].split(",")]
+        try:
+            gpus = tuple(int(part) for part in parts if part)
+        except ValueError:
+            gpus = ()
+        if gpus and all(g >= 0 for g in gpus):
+            return DeviceSpec("cuda", gpus)
+    raise ConfigError(f"--device {text!r} must be cpu, cuda, cuda:0,2 or auto")
+
+
+# --- command line -----------------------------------------------------------
+
+S = TypeVar("S", bound=ModelSettings)
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def env_name(name: str) -> str:
+    return ENV_PREFIX + name.upper()
+
+
+def settings_fields(cls: type[ModelSettings]) -> list[dataclasses.Field[Any]]:
+    return [f for f in dataclasses.fields(cls) if "help" in f.metadata]
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls: type[ModelSettings]) -> None:
+    """Add one flag per setting; values stay strings until :func:`from_namespace`."""
+    for f in settings_fields(cls):
+        default = f.default
+        shown = "" if default is None or default == {} else f" (default: {default})"
+        help_text = f"{f.metadata['help']}{shown} [env {env_name(f.name)}]"
+        if f.metadata["parse"] is parse_bool:
+            parser.add_argument(
+                flag(f.name), dest=f.name, action="store_const", const="1", help=help_text
+            )
+        else:
+            parser.add_argument(flag(f.name), dest=f.name, metavar=f.name.upper(), help=help_text)
+
+
+def from_namespace(
+    cls: type[S], namespace: argparse.Namespace, environ: Mapping[str, str] | None = None
+) -> S:
+    """Build settings from parsed flags, falling back to ``TORCHPOOL_*`` variables."""
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    for f in settings_fields(cls):
+        raw = getattr(namespace, f.name, None)
+        source = flag(f.name)
+        if raw is None and env_name(f.name) in environ:
+            raw, source = environ[env_name(f.name)], env_name(f.name)
+        if raw is None:
+            continue
+        parse = f.metadata["parse"]
+        try:
+            values[f.name] = parse(raw) if parse else raw
+        except ConfigError as exc:
+            raise ConfigError(f"{source}: {exc}") from exc
+        except ValueError as exc:
+            raise ConfigError(f"{source}: {raw!r} is not a valid value") from exc
+    return cls(**values)
+
+
+def parse_settings(
+    cls: type[S], argv: Sequence[str], environ: Mapping[str, str] | None = None
+) -> S:
+    """Parse a whole command line (tests use this directly)."""
+    parser = argparse.ArgumentParser()
+    add_arguments(parser, cls)
+    return from_namespace(cls, parser.parse_args(list(argv)), environ)
+
+
+def worker_argv(settings: ModelSettings) -> list[str]:
+    """The model flags a worker needs, as a plain command line."""
+    argv: list[str] = []
+    for f in settings_fields(ModelSettings):
+        value = getattr(settings, f.name)
+        # model_kwargs defaults to None and becomes {} in __post_init__: both are "unset".
+        if value is None or value == f.default or value == {}:
+            continue
+        if f.metadata["parse"] is parse_bool:
+            if value:
+                argv.append(flag(f.name))
+            continue
+        if isinstance(value, dict):
+            text = json.dumps(value)
+        elif isinstance(value, tuple):
+            text = ",".join(str(v) for v in value)
+        else:
+            text = str(value)
+        # "--flag=value": argparse takes a separate "-1,16" for an option, not a value.
+        argv.append(f"{flag(f.name)}={text}")
+    return argv

@@ -1,0 +1,204 @@
+"""The torchpool wire protocol, version 1: gateway <-> worker over ZeroMQ.
+
+The gateway binds one ROUTER socket. Every worker connects two DEALER sockets
+to it, each with its own routing id, so requests and lifecycle never share a
+queue on the worker's side:
+
+    data channel     routing id  b"<uid>/d"   requests in, replies out
+    control channel  routing id  b"<uid>/c"   hello, loading, ready, heartbeat, error, bye
+                                              in: gateway heartbeats, stop
+
+``<uid>`` names one worker process for its lifetime (the gateway hands local
+workers ``<slot>.<generation>``; a remote worker makes one up).
+
+Every message is a multipart ZeroMQ message whose first frame is a msgpack map,
+the header; its ``t`` key names the message type. Payload frames follow raw:
+
+    REQUEST   gateway -> data     [ {t, v, id, fmt, deadline_ms} | body ]
+    REPLY     data -> gateway     [ {t, id, code, message?, details?, fmt?} | body? ]
+    HELLO     control -> gateway  [ {t, v, uid, slot, pid, host, device, cores, threads} ]
+    LOADING   control -> gateway  [ {t, uid} ]
+    READY     control -> gateway  [ {t, uid, load_s, capacity, input_shape?, input_dtype?,
+                                     model_name, + memory fields} ]
+    HEARTBEAT control -> gateway  [ {t, uid, busy, served, + memory fields} ]
+    ERROR     control -> gateway  [ {t, uid, code, message, fatal} ]
+    BYE       control -> gateway  [ {t, uid, reason} ]
+    BEAT      gateway -> control  [ {t} ]       the gateway is alive
+    STOP      gateway -> control  [ {t, reason} ] finish what you hold, then exit
+
+``fmt`` says what a body frame holds: ``json`` (an HTTP JSON body, passed through
+untouched so the gateway never parses tensors) or ``msgpack`` (the binary body
+format below). A REPLY with ``code == "ok"`` carries the encoded result; any
+other code is an error code from :mod:`shared.errors` with a message.
+
+Tensors are never pickled. A tensor travels as a map
+
+    {"dtype": "float32", "shape": [2, 16], "data": <raw little-endian bytes>}
+
+which is also the ``application/msgpack`` HTTP body format:
+``{"input_tensor": <tensor map>}`` in, ``{"prediction": <tensor map or
+list/map of them>}`` out. Decoding checks sizes before anything is allocated.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Final
+
+import msgpack
+
+from shared.errors import PayloadTooLarge, RequestError
+
+VERSION: Final = 1
+
+# Message types.
+REQUEST: Final = "request"
+REPLY: Final = "reply"
+HELLO: Final = "hello"
+LOADING: Final = "loading"
+READY: Final = "ready"
+HEARTBEAT: Final = "heartbeat"
+ERROR: Final = "error"
+BYE: Final = "bye"
+BEAT: Final = "beat"
+STOP: Final = "stop"
+
+CONTROL_TYPES: Final = frozenset({HELLO, LOADING, READY, HEARTBEAT, ERROR, BYE})
+
+# Body formats.
+FMT_JSON: Final = "json"
+FMT_MSGPACK: Final = "msgpack"
+
+# Reply code for success.
+OK: Final = "ok"
+
+# Routing-id suffixes of the two channels.
+DATA_SUFFIX: Final = b"/d"
+CONTROL_SUFFIX: Final = b"/c"
+
+# Exit code of a worker whose model cannot be loaded (gunicorn's "app could not
+# load" idea): the supervisor does not respawn such a worker in a hot loop.
+EXIT_LOAD_FAILED: Final = 3
+# Exit code of a worker that was given arguments it cannot use.
+EXIT_BAD_CONFIG: Final = 2
+
+MAX_HEADER_BYTES: Final = 1 << 20
+MAX_NDIM: Final = 16
+
+# name -> bytes per element. The names are torch's dtype names without "torch.".
+DTYPE_SIZES: Final[Mapping[str, int]] = {
+    "bool": 1,
+    "uint8": 1,
+    "int8": 1,
+    "int16": 2,
+    "uint16": 2,
+    "int32": 4,
+    "uint32": 4,
+    "int64": 8,
+    "uint64": 8,
+    "float16": 2,
+    "bfloat16": 2,
+    "float32": 4,
+    "float64": 8,
+}
+
+
+def data_identity(uid: str) -> bytes:
+    return uid.encode() + DATA_SUFFIX
+
+
+def control_identity(uid: str) -> bytes:
+    return uid.encode() + CONTROL_SUFFIX
+
+
+def split_identity(identity: bytes) -> tuple[str, bytes]:
+    """``b"0.1/d"`` -> ``("0.1", b"/d")``."""
+    return identity[:-2].decode(errors="replace"), identity[-2:]
+
+
+def pack(header: Mapping[str, Any]) -> bytes:
+    """Encode a header (or a msgpack body) without any Python-object extension."""
+    return msgpack.packb(header, use_bin_type=True)
+
+
+def unpack_header(frame: bytes | memoryview) -> dict[str, Any]:
+    """Decode a header frame, refusing anything that is not a small map with a ``t``."""
+    if len(frame) > MAX_HEADER_BYTES:
+        raise ValueError(f"header of {len(frame)} bytes exceeds {MAX_HEADER_BYTES}")
+    header = msgpack.unpackb(frame, raw=False, strict_map_key=True)
+    if not isinstance(header, dict) or not isinstance(header.get("t"), str):
+        raise ValueError("header is not a map with a message type")
+    return header
+
+
+@dataclass(frozen=True, slots=True)
+class TensorBytes:
+    """A tensor as it travels: dtype name, shape, and its raw little-endian bytes."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    data: bytes | bytearray | memoryview
+
+    def to_map(self) -> dict[str, Any]:
+        return {"dtype": self.dtype, "shape": list(self.shape), "data": self.data}
+
+
+def check_tensor(dtype: Any, shape: Any, nbytes: int, max_bytes: int) -> tuple[int, ...]:
+    """Validate a tensor's description against its byte count; return the shape.
+
+    Raises RequestError (400) for anything inconsistent and PayloadTooLarge
+    (413) when the tensor would exceed ``max_bytes``, before allocating.
+    """
+    if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
+        raise RequestError(f"unknown dtype {dtype!r}; expected one of {sorted(DTYPE_SIZES)}")
+    if not isinstance(shape, Sequence) or isinstance(shape, str | bytes):
+        raise RequestError(f"shape must be a list of integers, got {shape!r}")
+    if len(shape) > MAX_NDIM:
+        raise RequestError(f"tensor has {len(shape)} dimensions; at most {MAX_NDIM} are allowed")
+    dims: list[int] = []
+    for dim in shape:
+        if not isinstance(dim, int) or isinstance(dim, bool) or dim < 0:
+            raise RequestError(f"shape must hold non-negative integers, got {list(shape)!r}")
+        dims.append(dim)
+    expected = math.prod(dims) * DTYPE_SIZES[dtype]
+    if expected > max_bytes:
+        raise PayloadTooLarge(f"tensor of {expected} bytes exceeds the limit of {max_bytes}")
+    if expected != nbytes:
+        raise RequestError(
+            f"tensor data holds {nbytes} bytes but dtype {dtype} and shape {dims} need {expected}"
+        )
+    return tuple(dims)
+
+
+def tensor_from_map(obj: Any, max_bytes: int) -> TensorBytes:
+    """Read a ``{"dtype", "shape", "data"}`` map, checking it before use."""
+    if not isinstance(obj, Mapping):
+        raise RequestError("a tensor must be a map with dtype, shape and data")
+    missing = [key for key in ("dtype", "shape", "data") if key not in obj]
+    if missing:
+        raise RequestError(f"tensor map is missing {', '.join(missing)}")
+    data = obj["data"]
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise RequestError("tensor data must be raw bytes (msgpack bin)")
+    shape = check_tensor(obj["dtype"], obj["shape"], len(data), max_bytes)
+    return TensorBytes(obj["dtype"], shape, data)
+
+
+def unpack_body(body: bytes | memoryview, max_bytes: int) -> Any:
+    """Decode an ``application/msgpack`` body with limits on every container."""
+    try:
+        return msgpack.unpackb(
+            body,
+            raw=False,
+            strict_map_key=True,
+            max_bin_len=max_bytes,
+            max_str_len=1 << 20,
+            max_array_len=1 << 20,
+            max_map_len=1 << 16,
+            max_ext_len=0,
+        )
+    except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
+        # Some msgpack errors (FormatError, StackError) carry no message of their own.
+        raise RequestError(f"body is not valid msgpack: {exc or type(exc).__name__}") from exc
