@@ -107,7 +107,17 @@ def plan(
         kind = "cuda" if available else "cpu"
     chosen: list[int] = []
     if kind == "cuda":
-        chosen = list(spec.gpus) if spec.gpus is not None else available
+        chosen = available
+        if spec.gpus is not None:
+            # cuda:N means the Nth GPU this process sees, as in torch; map it to
+            # the physical index that CUDA_VISIBLE_DEVICES will name for the worker.
+            missing = [i for i in spec.gpus if i >= len(available)]
+            if missing:
+                raise ConfigError(
+                    f"--device {device}: only {len(available)} GPUs are visible, "
+                    f"so cuda:{missing[0]} does not exist"
+                )
+            chosen = [available[i] for i in spec.gpus]
         if not chosen:
             raise ConfigError(f"--device {device} but no GPU is visible to this process")
     core_sets = split_cores(cores, workers, per_worker)

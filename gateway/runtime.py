@@ -42,6 +42,7 @@ class Runtime:
 
     async def start(self) -> None:
         self.transport.start(self._route)
+        log.info("workers connect to %s", self.transport.endpoint)
         await self.supervisor.start()
 
     async def stop(self) -> None:

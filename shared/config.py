@@ -187,7 +187,7 @@ class ServeSettings(ModelSettings):
         None, "CPU cores pinned to each worker; default: the usable cores split evenly.", int
     )
     host: str = _opt("127.0.0.1", "Address the HTTP server listens on.")
-    port: int = _opt(8000, "Port the HTTP server listens on.", int)
+    port: int = _opt(8000, "Port the HTTP server listens on (0: any free port).", int)
     queue_size: int = _opt(
         256, "Requests that may wait for a worker; past it the client gets 503.", int
     )
@@ -207,7 +207,7 @@ class ServeSettings(ModelSettings):
             raise ConfigError("--workers cannot be negative")
         if self.cores_per_worker is not None and self.cores_per_worker < 1:
             raise ConfigError("--cores-per-worker must be at least 1")
-        if not 0 < self.port < 65536:
+        if not 0 <= self.port < 65536:
             raise ConfigError(f"--port {self.port} is not a TCP port")
         if self.queue_size < 0:
             raise ConfigError("--queue-size cannot be negative")

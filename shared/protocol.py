@@ -201,4 +201,4 @@ def unpack_body(body: bytes | memoryview, max_bytes: int) -> Any:
         )
     except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
         # Some msgpack errors (FormatError, StackError) carry no message of their own.
-        raise RequestError(f"body is not valid msgpack: {exc or type(exc).__name__}") from exc
+        raise RequestError(f"body is not valid msgpack: {str(exc) or type(exc).__name__}") from exc

@@ -83,7 +83,9 @@ class Server:
 
     def _ready(self, count: int) -> bool:
         if self.proc.poll() is not None:
-            raise AssertionError(f"torchpool serve exited with {self.proc.returncode}:\n{self.log()}")
+            raise AssertionError(
+                f"torchpool serve exited with {self.proc.returncode}:\n{self.log()}"
+            )
         try:
             return bool(self.health()["ready_workers"] >= count)
         except httpx.HTTPError:

@@ -1,0 +1,122 @@
+"""Real tier: how `torchpool serve` starts, refuses, stops and dies."""
+
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+from tests.conftest import ROOT, Server, wait_for
+
+
+def gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def run_serve(*args: str, timeout_s: float = 60.0) -> subprocess.CompletedProcess[str]:
+    """Run `torchpool serve` expecting it to exit by itself."""
+    return subprocess.run(
+        [sys.executable, "-m", "gateway", "--port", "0", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+    )
+
+
+def one_line_reason(result: subprocess.CompletedProcess[str]) -> str:
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    reasons = [line for line in result.stderr.splitlines() if line.startswith("torchpool: error")]
+    assert len(reasons) == 1, result.stderr
+    return reasons[0]
+
+
+def test_sigterm_drains_and_leaves_nothing_behind(serve: Callable[..., Server]) -> None:
+    server = serve("--workers", "2", ready=2)
+    workers = server.worker_pids()
+    assert len(workers) == 2
+    endpoint = re.search(r"ipc://(\S+)/gateway\.sock", server.log())
+    assert endpoint is not None, server.log()
+    rundir = Path(endpoint.group(1))
+    assert rundir.is_dir()
+    assert server.stop() == 0, server.log()
+    for pid in workers:
+        assert gone(pid), f"worker {pid} outlived the gateway"
+    assert not rundir.exists(), "the runtime directory was left behind"
+
+
+def test_gateway_sigkill_leaves_no_orphans(serve: Callable[..., Server]) -> None:
+    server = serve("--workers", "2", ready=2)
+    workers = server.worker_pids()
+    server.proc.send_signal(signal.SIGKILL)
+    server.proc.wait(10)
+    for pid in workers:
+        wait_for(lambda pid=pid: gone(pid), 10.0, f"orphaned worker {pid} to exit")
+
+
+def test_missing_model_file_is_refused_before_spawning() -> None:
+    started = time.monotonic()
+    result = run_serve("--model", "/nonexistent/model.pt")
+    assert "does not exist" in one_line_reason(result)
+    assert time.monotonic() - started < 10
+
+
+def test_pickled_module_is_refused_without_trust_pickle(tmp_path: Path) -> None:
+    path = tmp_path / "whole.pt"
+    torch.save(torch.nn.Linear(4, 2), path)
+    started = time.monotonic()
+    result = run_serve("--model", str(path), "--workers", "2")
+    reason = one_line_reason(result)
+    assert "--trust-pickle" in reason
+    assert time.monotonic() - started < 30
+
+
+def test_bad_model_class_is_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "weights.pt"
+    torch.save(torch.nn.Linear(4, 2).state_dict(), path)
+    result = run_serve("--model", str(path), "--model-class", "tests.zoo:NoSuchClass")
+    assert "NoSuchClass" in one_line_reason(result)
+
+
+def test_state_dict_mismatch_is_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "weights.pt"
+    torch.save(torch.nn.Linear(7, 2).state_dict(), path)
+    result = run_serve(
+        "--model", str(path), "--model-class", "tests.zoo:TinyMLP",
+        "--model-kwargs", '{"inputs": 16, "hidden": 8, "outputs": 4}',
+    )  # fmt: skip
+    one_line_reason(result)
+
+
+def test_bad_flag_value_names_the_flag() -> None:
+    result = run_serve("--workers", "two")
+    assert "--workers" in one_line_reason(result)
+
+
+def test_env_variable_sets_a_flag(serve: Callable[..., Server]) -> None:
+    server = serve(env={"TORCHPOOL_WORKERS": "1"})
+    assert server.health()["total_workers"] == 1
+
+
+def test_flag_wins_over_env(serve: Callable[..., Server]) -> None:
+    server = serve("--workers", "1", env={"TORCHPOOL_WORKERS": "2"})
+    assert server.health()["total_workers"] == 1
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_clean_shutdown_exits_zero(serve: Callable[..., Server], sig: signal.Signals) -> None:
+    server = serve("--workers", "1")
+    server.proc.send_signal(sig)
+    assert server.proc.wait(30) == 0, server.log()

@@ -1,0 +1,132 @@
+"""Placement: disjoint core sets per worker, GPUs round-robin, all without torch."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+
+from gateway.placement import Placement, format_cores, plan, split_cores, visible_gpus
+from shared.config import ConfigError
+
+EIGHT = list(range(8))
+
+
+def test_split_cores_evenly() -> None:
+    assert split_cores(EIGHT, 2) == [(0, 1, 2, 3), (4, 5, 6, 7)]
+    assert split_cores(EIGHT, 4) == [(0, 1), (2, 3), (4, 5), (6, 7)]
+    assert split_cores(EIGHT, 1) == [tuple(EIGHT)]
+    assert split_cores([2, 3, 6, 7], 2) == [(2, 3), (6, 7)]
+
+
+def test_leftover_cores_stay_unassigned() -> None:
+    sets = split_cores(EIGHT, 3)
+    assert sets == [(0, 1), (2, 3), (4, 5)]
+    assert split_cores(EIGHT, 3, per_worker=1) == [(0,), (1,), (2,)]
+
+
+def test_sets_are_disjoint_when_they_fit() -> None:
+    for workers in range(1, 9):
+        sets = split_cores(EIGHT, workers)
+        flat = [core for cores in sets for core in cores]
+        assert len(flat) == len(set(flat))
+        assert all(len(cores) == len(sets[0]) for cores in sets)
+
+
+def test_more_workers_than_cores_round_robin(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="torchpool.placement"):
+        assert split_cores([0, 1], 5) == [(0,), (1,), (0,), (1,), (0,)]
+    assert "share cores" in caplog.text
+
+
+def test_cores_per_worker() -> None:
+    assert split_cores(EIGHT, 2, per_worker=3) == [(0, 1, 2), (3, 4, 5)]
+    assert split_cores(EIGHT, 2, per_worker=4) == [(0, 1, 2, 3), (4, 5, 6, 7)]
+
+
+def test_cores_per_worker_too_large() -> None:
+    with pytest.raises(ConfigError, match="--cores-per-worker 3 needs 9 cores; only 8"):
+        split_cores(EIGHT, 3, per_worker=3)
+
+
+def test_zero_workers_and_no_cores() -> None:
+    assert split_cores(EIGHT, 0) == []
+    assert split_cores([], 0) == []
+    with pytest.raises(ConfigError, match="no usable CPU cores"):
+        split_cores([], 1)
+
+
+def test_visible_gpus_from_environment(tmp_path: Path) -> None:
+    empty = tmp_path / "none"
+    assert visible_gpus({"CUDA_VISIBLE_DEVICES": "0,2"}, empty) == [0, 2]
+    assert visible_gpus({"CUDA_VISIBLE_DEVICES": " 3 , 1 "}, empty) == [3, 1]
+    assert visible_gpus({"CUDA_VISIBLE_DEVICES": ""}, empty) == []
+    assert visible_gpus({"CUDA_VISIBLE_DEVICES": "-1"}, empty) == []
+    # CUDA stops at the first entry it cannot read.
+    assert visible_gpus({"CUDA_VISIBLE_DEVICES": "1,GPU-1234,2"}, empty) == [1]
+
+
+def test_visible_gpus_environment_wins_over_proc(tmp_path: Path) -> None:
+    proc = tmp_path / "gpus"
+    for address in ("0000:01:00.0", "0000:02:00.0"):
+        (proc / address).mkdir(parents=True)
+    assert visible_gpus({"CUDA_VISIBLE_DEVICES": "1"}, proc) == [1]
+
+
+def test_visible_gpus_from_proc(tmp_path: Path) -> None:
+    proc = tmp_path / "gpus"
+    for address in ("0000:01:00.0", "0000:02:00.0", "0000:81:00.0"):
+        (proc / address).mkdir(parents=True)
+    assert visible_gpus({}, proc) == [0, 1, 2]
+    assert visible_gpus({}, tmp_path / "missing") == []
+
+
+def test_plan_cpu() -> None:
+    placements = plan(2, "cpu", cores=EIGHT, gpus=[0, 1])
+    assert placements == [
+        Placement(slot=0, device="cpu", gpu=None, cores=(0, 1, 2, 3)),
+        Placement(slot=1, device="cpu", gpu=None, cores=(4, 5, 6, 7)),
+    ]
+    assert [p.label for p in placements] == ["cpu", "cpu"]
+
+
+def test_plan_gpu_list_round_robin() -> None:
+    placements = plan(5, "cuda:0,2", cores=EIGHT, gpus=[0, 1, 2, 3])
+    assert [p.gpu for p in placements] == [0, 2, 0, 2, 0]
+    assert [p.label for p in placements] == ["cuda:0", "cuda:2", "cuda:0", "cuda:2", "cuda:0"]
+    assert all(p.device == "cuda" for p in placements)
+    assert [p.slot for p in placements] == [0, 1, 2, 3, 4]
+    # GPU workers still get disjoint cores for their host-side work.
+    assert [len(p.cores) for p in placements] == [1, 1, 1, 1, 1]
+
+
+def test_plan_all_visible_gpus() -> None:
+    placements = plan(3, "cuda", cores=EIGHT, gpus=[1, 3])
+    assert [p.gpu for p in placements] == [1, 3, 1]
+
+
+def test_plan_cuda_without_gpus_is_an_error() -> None:
+    with pytest.raises(ConfigError, match="no GPU"):
+        plan(1, "cuda", cores=EIGHT, gpus=[])
+
+
+def test_plan_auto() -> None:
+    assert [p.gpu for p in plan(2, "auto", cores=EIGHT, gpus=[0])] == [0, 0]
+    on_cpu = plan(2, "auto", cores=EIGHT, gpus=[])
+    assert [(p.device, p.gpu) for p in on_cpu] == [("cpu", None), ("cpu", None)]
+
+
+def test_plan_cores_per_worker_and_zero_workers() -> None:
+    assert [p.cores for p in plan(2, "cpu", per_worker=1, cores=EIGHT, gpus=[])] == [(0,), (1,)]
+    assert plan(0, "cpu", cores=[], gpus=[]) == []
+    with pytest.raises(ConfigError, match="--device"):
+        plan(1, "tpu", cores=EIGHT, gpus=[])
+
+
+def test_format_cores() -> None:
+    assert format_cores([0, 1, 2, 5]) == "0-2,5"
+    assert format_cores([7, 3, 4, 4]) == "3-4,7"
+    assert format_cores([5]) == "5"
+    assert format_cores([]) == ""
+    assert format_cores(range(16)) == "0-15"

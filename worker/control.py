@@ -1,0 +1,189 @@
+"""The control thread: it alone owns the control socket.
+
+ZeroMQ sockets are not thread-safe, so the control DEALER lives in this
+thread. The main thread talks to it over an inproc PAIR (one end each):
+
+    main -> control   [b"send", <packed header>]   queue a lifecycle message
+                      [b"close"]                   flush what is queued and exit
+    control -> main   [b"stop", <reason>]          the gateway sent STOP
+                      [b"orphan", <reason>]        the parent process went away
+                      [b"failed", <reason>]        this thread died; stop serving
+
+Heartbeats run here, apart from inference: torch releases the GIL inside
+kernels, so a long forward pass never stalls them and a busy worker is never
+taken for a hung one. Each heartbeat measures memory afresh.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+from typing import Any, Final
+
+import zmq
+
+from shared import protocol
+from worker.stats import MemorySampler
+
+# A worker whose parent died has nobody to answer; if the main thread cannot
+# wind down in this long (e.g. it is still loading a model), exit anyway.
+ORPHAN_GRACE_S: Final = 5.0
+# How long queued messages (an ERROR, a BYE) may take to reach the gateway on close.
+LINGER_MS: Final = 1000
+# Exit status of a worker that ended because its parent died mid-work.
+EXIT_ORPHANED: Final = 1
+
+
+class WorkerState:
+    """Counters the serving loop writes and the control thread reads.
+
+    Plain attribute reads and writes are atomic under the GIL, which is all
+    a heartbeat needs.
+    """
+
+    def __init__(self) -> None:
+        self.busy = False
+        self.served = 0
+
+
+class ControlThread(threading.Thread):
+    """Owns the control socket; see the module docstring for its inproc protocol."""
+
+    def __init__(
+        self,
+        ctx: zmq.Context[zmq.Socket[bytes]],
+        endpoint: str,
+        uid: str,
+        heartbeat_s: float,
+        state: WorkerState,
+        sampler: MemorySampler,
+        parent_pid: int | None,
+    ) -> None:
+        super().__init__(name="torchpool-control", daemon=True)
+        self._ctx = ctx
+        self._endpoint = endpoint
+        self._uid = uid
+        self._heartbeat_s = heartbeat_s
+        self._state = state
+        self._sampler = sampler
+        self._parent_pid = parent_pid
+        self._pair_addr = f"inproc://torchpool-control-{id(self)}"
+        # The main thread's end; bound here so the thread's connect always finds it.
+        self.main_end: zmq.Socket[bytes] = ctx.socket(zmq.PAIR)
+        self.main_end.bind(self._pair_addr)
+        self.last_beat: float | None = None
+
+    # --- main-thread side -------------------------------------------------
+
+    def send(self, header: dict[str, Any]) -> None:
+        """Queue one lifecycle message for the gateway (main thread only)."""
+        self.main_end.send_multipart([b"send", protocol.pack({**header, "uid": self._uid})])
+
+    def read_event(self) -> tuple[str, str] | None:
+        """The next event for the main loop, or None when none is waiting."""
+        try:
+            kind, reason = self.main_end.recv_multipart(zmq.NOBLOCK)
+        except zmq.Again:
+            return None
+        return kind.decode(), reason.decode(errors="replace")
+
+    def close(self, timeout_s: float = LINGER_MS / 1000 + 0.5) -> None:
+        """Flush queued messages, stop the thread (bounded), close the main end."""
+        if self.is_alive():
+            self.main_end.send_multipart([b"close"])
+            self.join(timeout_s)
+        self.main_end.close(linger=0)
+
+    # --- the thread -------------------------------------------------------
+
+    def run(self) -> None:
+        try:
+            self._serve()
+        except Exception as exc:
+            # The worker must not keep computing without heartbeats: tell the
+            # main loop, which stops and exits.
+            print(f"torchpool worker: control thread failed: {exc!r}", file=sys.stderr)
+            try:
+                pair = self._ctx.socket(zmq.PAIR)
+                pair.connect(self._pair_addr)
+                pair.send_multipart([b"failed", repr(exc).encode()])
+                pair.close(linger=LINGER_MS)
+            except zmq.ZMQError:
+                pass
+
+    def _serve(self) -> None:
+        control: zmq.Socket[bytes] = self._ctx.socket(zmq.DEALER)
+        control.setsockopt(zmq.IDENTITY, protocol.control_identity(self._uid))
+        control.setsockopt(zmq.LINGER, LINGER_MS)
+        control.connect(self._endpoint)
+        pair: zmq.Socket[bytes] = self._ctx.socket(zmq.PAIR)
+        pair.connect(self._pair_addr)
+        poller = zmq.Poller()
+        poller.register(pair, zmq.POLLIN)
+        poller.register(control, zmq.POLLIN)
+        next_beat = time.monotonic() + self._heartbeat_s
+        orphaned_at: float | None = None
+        try:
+            while True:
+                # Ticks at least once a second so a dead parent is noticed soon.
+                wait_s = min(max(0.0, next_beat - time.monotonic()), 1.0)
+                events = dict(poller.poll(round(wait_s * 1000)))
+                if pair in events and self._forward_outgoing(pair, control):
+                    return
+                if control in events:
+                    self._handle_incoming(control, pair)
+                now = time.monotonic()
+                if now >= next_beat:
+                    control.send(protocol.pack(self._heartbeat()))
+                    next_beat = now + self._heartbeat_s
+                if orphaned_at is None and self._parent_gone():
+                    orphaned_at = now
+                    pair.send_multipart([b"orphan", b"the parent process exited"])
+                if orphaned_at is not None and now - orphaned_at > ORPHAN_GRACE_S:
+                    os._exit(EXIT_ORPHANED)
+        finally:
+            control.close()
+            pair.close(linger=0)
+
+    def _forward_outgoing(self, pair: zmq.Socket[bytes], control: zmq.Socket[bytes]) -> bool:
+        """Send every queued message; True once the main thread asked to close."""
+        while True:
+            try:
+                frames = pair.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return False
+            if frames[0] == b"close":
+                return True
+            control.send(frames[1])
+
+    def _handle_incoming(self, control: zmq.Socket[bytes], pair: zmq.Socket[bytes]) -> None:
+        while True:
+            try:
+                frames = control.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                header = protocol.unpack_header(frames[0])
+            except ValueError:
+                # Only the gateway can reach this socket; a frame it cannot
+                # have meant is dropped rather than allowed to stop the worker.
+                continue
+            if header["t"] == protocol.BEAT:
+                self.last_beat = time.monotonic()
+            elif header["t"] == protocol.STOP:
+                reason = str(header.get("reason") or "stop requested by the gateway")
+                pair.send_multipart([b"stop", reason.encode()])
+
+    def _heartbeat(self) -> dict[str, Any]:
+        return {
+            "t": protocol.HEARTBEAT,
+            "uid": self._uid,
+            "busy": self._state.busy,
+            "served": self._state.served,
+            **self._sampler.sample(),
+        }
+
+    def _parent_gone(self) -> bool:
+        return self._parent_pid is not None and os.getppid() != self._parent_pid

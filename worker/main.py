@@ -1,0 +1,196 @@
+"""The worker's boot sequence and exit codes.
+
+    parse settings           bad flags      -> EXIT_BAD_CONFIG (2), one line on stderr
+    pin cores / GPU          before torch is imported (this module never imports it at top)
+    tie to the parent        local workers die with the gateway (prctl + ppid check)
+    connect two DEALERs      data b"<uid>/d" (main thread), control b"<uid>/c" (control thread)
+    HELLO, LOADING           at once, so the gateway sees a live process while it loads
+    load, warm up            failure -> ERROR(model_load_failed, fatal) + EXIT_LOAD_FAILED (3)
+    READY, then serve        until STOP, SIGTERM/SIGINT or the parent's death
+    BYE, exit 0              after answering every request it holds
+
+The torch-using modules (loading, serving, ...) are imported inside functions,
+after :func:`worker.pinning.apply` has set the thread and device variables.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import secrets
+import signal
+import socket
+import sys
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Final
+
+import zmq
+
+from shared import protocol
+from shared.config import ConfigError, WorkerSettings, parse_settings
+from shared.errors import ModelLoadError
+from worker import pinning
+from worker.control import LINGER_MS, ControlThread, WorkerState
+from worker.signals import SignalWake
+from worker.stats import MemorySampler
+
+if TYPE_CHECKING:
+    from worker.loading import LoadedModel
+
+PROG: Final = "torchpool worker"
+# linux/prctl.h
+_PR_SET_PDEATHSIG: Final = 1
+# A reply blocked this long on a gateway that stopped reading is given up.
+_SEND_TIMEOUT_MS: Final = 10_000
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one worker; the return value is the process's exit status."""
+    try:
+        settings = parse_settings(WorkerSettings, sys.argv[1:] if argv is None else argv)
+    except ConfigError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return protocol.EXIT_BAD_CONFIG
+    pin = pinning.apply(settings.cores, settings.device, settings.gpu)
+    parent = os.getppid() if settings.slot >= 0 else None
+    if parent is not None and not die_with_parent(parent):
+        print(f"{PROG}: the parent process exited before the worker started", file=sys.stderr)
+        return 1
+    uid = settings.uid or f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
+    signals = SignalWake()
+    signals.install()
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    state = WorkerState()
+    sampler = MemorySampler()
+    control = ControlThread(
+        ctx, settings.connect, uid, settings.heartbeat_s, state, sampler, parent
+    )
+    control.start()
+    data: zmq.Socket[bytes] = ctx.socket(zmq.DEALER)
+    data.setsockopt(zmq.IDENTITY, protocol.data_identity(uid))
+    data.setsockopt(zmq.LINGER, LINGER_MS)
+    data.setsockopt(zmq.SNDTIMEO, _SEND_TIMEOUT_MS)
+    data.connect(settings.connect)
+    try:
+        return run(settings, pin, uid, data, control, state, sampler, signals)
+    finally:
+        data.close()
+        control.close()
+        # term() flushes what is queued (BYE, ERROR) within the linger; a
+        # control thread that did not finish still holds a socket, and term
+        # would wait for it forever.
+        if not control.is_alive():
+            ctx.term()
+
+
+def die_with_parent(parent: int) -> bool:
+    """Ask Linux to SIGTERM this process when its parent dies.
+
+    Returns False when the parent is already gone (it died before prctl ran).
+    The control thread also watches ``getppid()``, which covers other systems.
+    """
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        except (OSError, AttributeError):
+            pass
+    return os.getppid() == parent
+
+
+def run(
+    settings: WorkerSettings,
+    pin: pinning.Pinning,
+    uid: str,
+    data: zmq.Socket[bytes],
+    control: ControlThread,
+    state: WorkerState,
+    sampler: MemorySampler,
+    signals: SignalWake,
+) -> int:
+    """HELLO, load, READY, serve, BYE; the exit status."""
+    control.send(
+        {
+            "t": protocol.HELLO,
+            "v": protocol.VERSION,
+            "slot": settings.slot,
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "device": pin.label,
+            "cores": list(pin.cores),
+            "threads": pin.threads,
+        }
+    )
+    control.send({"t": protocol.LOADING})
+    started = time.monotonic()
+    try:
+        model = load(settings, pin, sampler)
+    except ModelLoadError as exc:
+        control.send({"t": protocol.ERROR, "code": exc.code, "message": exc.message, "fatal": True})
+        print(f"{PROG}: cannot load model: {exc.message}", file=sys.stderr)
+        return protocol.EXIT_LOAD_FAILED
+    load_s = time.monotonic() - started
+    if (reason := signals.stop_reason) is not None:
+        control.send({"t": protocol.BYE, "reason": reason})
+        return 0
+    control.send(
+        {
+            "t": protocol.READY,
+            "load_s": round(load_s, 3),
+            "capacity": 2 * settings.max_batch_size,
+            "input_shape": None if model.input_shape is None else list(model.input_shape),
+            "input_dtype": model.input_dtype,
+            "model_name": settings.served_name,
+            "device": str(model.device) if pin.gpu is None else pin.label,
+            **sampler.sample(),
+        }
+    )
+    return serve(settings, model, data, control, state, signals)
+
+
+def load(settings: WorkerSettings, pin: pinning.Pinning, sampler: MemorySampler) -> LoadedModel:
+    """Import torch (pinning is in place by now), pick the device, load and warm up."""
+    try:
+        import torch
+    except ImportError as exc:
+        raise ModelLoadError(f"torch cannot be imported: {exc}") from exc
+    from worker.loading import load_model, warm_up
+    from worker.stats import torch_cuda_probe
+
+    pinning.configure_torch(pin.threads)
+    use_cuda = pin.kind == "cuda" or (pin.kind == "auto" and torch.cuda.is_available())
+    if use_cuda and not torch.cuda.is_available():
+        raise ModelLoadError(f"--device {settings.device}: no CUDA device is visible")
+    # CUDA_VISIBLE_DEVICES holds only the worker's GPU, so it is always index 0 here.
+    device = torch.device("cuda", 0) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        sampler.install_cuda_probe(torch_cuda_probe(0))
+    model = load_model(settings, device)
+    warm_up(model)
+    return model
+
+
+def serve(
+    settings: WorkerSettings,
+    model: LoadedModel,
+    data: zmq.Socket[bytes],
+    control: ControlThread,
+    state: WorkerState,
+    signals: SignalWake,
+) -> int:
+    from worker.serving import Server
+
+    server = Server(
+        data,
+        model,
+        state,
+        max_batch_size=settings.max_batch_size,
+        max_batch_delay_ms=settings.max_batch_delay_ms,
+        max_body_bytes=settings.max_body_bytes,
+    )
+    stop = server.serve(control, signals)
+    if stop.drain:
+        server.drain()
+    control.send({"t": protocol.BYE, "reason": stop.reason})
+    return stop.status

@@ -1,0 +1,86 @@
+"""Pin a worker to its cores and GPU before torch is imported.
+
+OpenMP, MKL and CUDA read their settings once, when the library loads, so
+:func:`apply` must run before the first ``import torch`` in the process;
+:func:`configure_torch` finishes the job once torch is imported.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from shared.config import parse_device
+
+# Every threading runtime torch may pull in reads its own variable.
+THREAD_ENV_VARS = (
+    "OMP_NUM_THREADS",
+    "MKL_NUM_THREADS",
+    "OPENBLAS_NUM_THREADS",
+    "NUMEXPR_NUM_THREADS",
+)
+
+
+@dataclass(frozen=True)
+class Pinning:
+    """What a worker was pinned to: its cores, thread count and device."""
+
+    cores: tuple[int, ...]
+    threads: int
+    # Physical GPU index the worker owns, or None on CPU (and for a plain
+    # "cuda" without an index, which uses whatever is visible).
+    gpu: int | None
+    # "cpu", "cuda" or "auto"; auto is resolved once torch is imported.
+    kind: str
+
+    @property
+    def label(self) -> str:
+        """The device as the gateway shows it: ``cpu``, ``cuda:1`` (physical index), ``auto``."""
+        if self.kind == "cuda":
+            return f"cuda:{self.gpu if self.gpu is not None else 0}"
+        return self.kind
+
+
+def choose_gpu(device: str, gpu: int | None) -> tuple[str, int | None]:
+    """Device kind and physical GPU from ``--device`` and ``--gpu``.
+
+    The gateway hands local workers ``--gpu``; a remote worker given
+    ``--device cuda:2`` (or ``cuda:2,3``) takes the first index listed.
+    """
+    spec = parse_device(device)
+    if gpu is not None:
+        return ("cuda" if spec.kind != "cpu" else "cpu"), (gpu if spec.kind != "cpu" else None)
+    if spec.kind == "cuda" and spec.gpus:
+        return "cuda", spec.gpus[0]
+    return spec.kind, None
+
+
+def apply(cores: Sequence[int] | None, device: str = "cpu", gpu: int | None = None) -> Pinning:
+    """Pin this process; return what it was pinned to.
+
+    ``cores`` None keeps the current affinity (every usable core). The thread
+    variables are set to the number of cores so torch's pools match the pin.
+    """
+    if cores:
+        os.sched_setaffinity(0, cores)
+    pinned = tuple(sorted(os.sched_getaffinity(0)))
+    threads = len(pinned)
+    for name in THREAD_ENV_VARS:
+        os.environ[name] = str(threads)
+    kind, physical = choose_gpu(device, gpu)
+    if physical is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(physical)
+    return Pinning(pinned, threads, physical, kind)
+
+
+def configure_torch(threads: int) -> None:
+    """Set torch's thread pools; call right after torch is imported."""
+    import torch
+
+    torch.set_num_threads(threads)
+    # Inter-op parallelism would oversubscribe the pinned cores; one pool is enough.
+    # RuntimeError: already set, or parallel work already started; it stays fixed.
+    with contextlib.suppress(RuntimeError):
+        torch.set_num_interop_threads(1)

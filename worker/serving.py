@@ -1,0 +1,221 @@
+"""The serving loop: requests off the data socket, through the model, replies back.
+
+One thread does all of it, so the data socket has one owner. The loop sleeps
+in a ``zmq.Poller`` over the data socket, the control thread's inproc end and
+the signal pipe; it wakes for work or for a reason to stop, never on a timer.
+
+Replies (see :mod:`shared.protocol`):
+
+    ok      [ {t: reply, id, code: "ok", fmt} | body ]
+    error   [ {t: reply, id, code, message, details} ]
+
+Whatever goes wrong with one request becomes that request's error reply
+(``internal`` when it is nobody's fault we know of); the worker lives on.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Final
+
+import zmq
+
+from shared import protocol
+from shared.errors import DeadlineExceeded, RequestError, TorchpoolError
+from worker import batching, codec
+from worker.batching import Job
+from worker.control import ControlThread, WorkerState
+from worker.loading import LoadedModel
+from worker.signals import SignalWake
+
+# Bodies at least this big are handed to ZeroMQ without a copy.
+_ZERO_COPY_BYTES: Final = 64 * 1024
+
+
+@dataclass(frozen=True)
+class Stop:
+    """Why the loop ended, and whether held and queued requests are still answered."""
+
+    reason: str
+    drain: bool
+    # The worker's exit status: non-zero when it stops because something broke.
+    status: int = 0
+
+
+class Server:
+    """Serves ``model`` on ``data`` (a connected DEALER owned by this thread)."""
+
+    def __init__(
+        self,
+        data: zmq.Socket[bytes],
+        model: LoadedModel,
+        state: WorkerState,
+        *,
+        max_batch_size: int,
+        max_batch_delay_ms: float,
+        max_body_bytes: int,
+    ) -> None:
+        self._data = data
+        self._model = model
+        self._state = state
+        self._max_rows = max_batch_size
+        self._delay_s = max_batch_delay_ms / 1000
+        self._max_body = max_body_bytes
+        self._dtype = codec.torch_dtype(model.input_dtype)
+        # Decoded requests that did not fit the last batch; they go first next time.
+        self.pending: deque[Job] = deque()
+
+    def serve(self, control: ControlThread, signals: SignalWake) -> Stop:
+        """Answer requests until a signal, a STOP, or the parent's death."""
+        poller = zmq.Poller()
+        poller.register(self._data, zmq.POLLIN)
+        poller.register(control.main_end, zmq.POLLIN)
+        poller.register(signals.fd, zmq.POLLIN)
+        while True:
+            events = dict(poller.poll(0 if self.pending else None))
+            if signals.fd in events:
+                signals.drain()
+            if (reason := signals.stop_reason) is not None:
+                return Stop(reason, drain=True)
+            if control.main_end in events:
+                while (event := control.read_event()) is not None:
+                    kind, reason = event
+                    # A dead parent or control thread leaves nobody to answer.
+                    return Stop(reason, drain=kind == "stop", status=int(kind == "failed"))
+            if self._data in events or self.pending:
+                self.step()
+
+    def drain(self) -> None:
+        """Answer everything held or already queued on the socket, then return."""
+        while self.pending or self._data.poll(0):
+            self.step()
+
+    def step(self) -> None:
+        """Collect one batch and answer every request in it."""
+        jobs = batching.collect(self.pending, self._receive, self._max_rows, self._delay_s)
+        if not jobs:
+            return
+        self._state.busy = True
+        try:
+            self._run(jobs)
+        finally:
+            self._state.busy = False
+
+    # --- intake -------------------------------------------------------------
+
+    def _receive(self, timeout_s: float) -> Job | None:
+        """The next well-formed request within ``timeout_s``; bad ones are answered here."""
+        give_up = time.monotonic() + timeout_s
+        while True:
+            try:
+                frames = self._data.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                left = give_up - time.monotonic()
+                if left <= 0 or not self._data.poll(max(1, round(left * 1000))):
+                    return None
+                continue
+            job = self._admit(frames)
+            if job is not None:
+                return job
+
+    def _admit(self, frames: list[zmq.Frame]) -> Job | None:
+        try:
+            header = protocol.unpack_header(frames[0].buffer)
+        except ValueError as exc:
+            # Without a readable header there is no id to answer.
+            print(f"torchpool worker: dropped an unreadable message: {exc}", file=sys.stderr)
+            return None
+        request_id = header.get("id")
+        if header["t"] != protocol.REQUEST or not isinstance(request_id, int):
+            print(f"torchpool worker: dropped a {header['t']!r} message", file=sys.stderr)
+            return None
+        fmt = str(header.get("fmt", protocol.FMT_JSON))
+        deadline_ms = header.get("deadline_ms")
+        deadline = deadline_ms / 1000 if isinstance(deadline_ms, int | float) else None
+        try:
+            if deadline is not None and time.time() > deadline:
+                raise DeadlineExceeded("the request's deadline passed before it was read")
+            if len(frames) < 2:
+                raise RequestError("the request has no body")
+            tensor = codec.decode_request(
+                fmt,
+                frames[1].buffer,
+                dtype=self._dtype,
+                input_shape=self._model.input_shape,
+                max_bytes=self._max_body,
+                preprocess=self._model.preprocess,
+            )
+        except TorchpoolError as err:
+            self._reply_error(request_id, err)
+            return None
+        except Exception as exc:
+            self._reply_error(request_id, _internal("decoding the request", exc))
+            return None
+        return Job(request_id, fmt, tensor, deadline)
+
+    # --- compute and reply --------------------------------------------------------
+
+    def _run(self, jobs: list[Job]) -> None:
+        now = time.time()
+        live: list[Job] = []
+        for job in jobs:
+            if job.deadline is not None and now > job.deadline:
+                self._reply_error(job.request_id, DeadlineExceeded("the request's deadline passed"))
+            else:
+                live.append(job)
+        for grouped in batching.group(live):
+            try:
+                results = batching.run_group(self._model.run, [job.tensor for job in grouped])
+            except Exception as exc:
+                results = [_internal("running the batch", exc)] * len(grouped)
+            for job, result in zip(grouped, results, strict=True):
+                self._finish(job, result)
+
+    def _finish(self, job: Job, result: Any) -> None:
+        try:
+            if isinstance(result, TorchpoolError):
+                raise result
+            if self._model.postprocess is not None:
+                try:
+                    result = self._model.postprocess(result)
+                except Exception as exc:
+                    raise batching.model_failure(exc) from exc
+            body = codec.encode_reply(job.fmt, result)
+        except TorchpoolError as err:
+            self._reply_error(job.request_id, err)
+        except Exception as exc:
+            self._reply_error(job.request_id, _internal("encoding the reply", exc))
+        else:
+            header = {
+                "t": protocol.REPLY,
+                "id": job.request_id,
+                "code": protocol.OK,
+                "fmt": job.fmt,
+            }
+            self._send([protocol.pack(header), body])
+
+    def _reply_error(self, request_id: int, err: TorchpoolError) -> None:
+        header = {
+            "t": protocol.REPLY,
+            "id": request_id,
+            "code": err.code,
+            "message": err.message,
+            "details": err.details,
+        }
+        self._send([protocol.pack(header)])
+
+    def _send(self, frames: list[bytes]) -> None:
+        self._state.served += 1
+        try:
+            self._data.send_multipart(frames, zmq.NOBLOCK, copy=len(frames[-1]) < _ZERO_COPY_BYTES)
+        except zmq.Again:
+            # The gateway is not taking replies (gone, or flooded past the
+            # high-water mark): it settles this request by its deadline.
+            print("torchpool worker: a reply was dropped: gateway not reachable", file=sys.stderr)
+
+
+def _internal(doing: str, exc: Exception) -> TorchpoolError:
+    return TorchpoolError(f"internal error {doing}: {type(exc).__name__}: {exc}")
