@@ -122,7 +122,7 @@ def test_unparsable_value_names_its_source(
     [
         (["--workers", "-1"], "--workers"),
         (["--port", "70000"], "--port"),
-        (["--port", "0"], "--port"),
+        (["--port", "-1"], "--port"),
         (["--max-batch-size", "0"], "--max-batch-size"),
         (["--max-batch-delay-ms", "-1"], "--max-batch-delay-ms"),
         (["--max-body-mb", "0"], "--max-body-mb"),
