@@ -8,8 +8,9 @@ in exactly one place (``_torchpool_error``).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import orjson
@@ -18,11 +19,13 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 from starlette.responses import Response
 
+from gateway.dispatch import Reply
 from gateway.health import health_json
 from gateway.runtime import Runtime
 from shared import protocol
 from shared.config import ServeSettings
 from shared.errors import (
+    ClientClosed,
     PayloadTooLarge,
     RequestError,
     TorchpoolError,
@@ -31,6 +34,8 @@ from shared.errors import (
 )
 
 JSON = "application/json"
+# Shortens this request's deadline below --timeout-s, in seconds.
+TIMEOUT_HEADER = "x-request-timeout"
 MSGPACK = "application/msgpack"
 _BODY_FORMATS = {
     JSON: protocol.FMT_JSON,
@@ -106,8 +111,14 @@ def create_app(settings: ServeSettings, on_fatal: Callable[[str], None] | None =
     async def predict(request: Request) -> Response:
         """Run the model on ``{"input_tensor": [...]}``; answers ``{"prediction": ...}``."""
         fmt = _body_format(request.headers.get("content-type"))
+        timeout_s = _timeout_header(request.headers.get(TIMEOUT_HEADER))
         body = await _read_body(request, max_body)
-        reply = await runtime_of(request).dispatcher.submit(fmt, body)
+        dispatcher = runtime_of(request).dispatcher
+        pending = dispatcher.enqueue(fmt, body, timeout_s)
+        if dispatcher.is_queued(pending):
+            reply = await _unless_client_leaves(request, dispatcher.result(pending))
+        else:
+            reply = await dispatcher.result(pending)
         return Response(reply.body, media_type=_MEDIA_TYPES.get(reply.fmt, JSON))
 
     @app.get("/health")
@@ -147,6 +158,37 @@ def _body_format(content_type: str | None) -> str:
             f"(or application/msgpack)"
         )
     return fmt
+
+
+def _timeout_header(value: str | None) -> float | None:
+    if value is None:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = float("nan")
+    if not seconds > 0 or seconds == float("inf"):
+        raise RequestError(f"{TIMEOUT_HEADER} must be a positive number of seconds, got {value!r}")
+    return seconds
+
+
+async def _unless_client_leaves(request: Request, waiting: Awaitable[Reply]) -> Reply:
+    """Wait for a queued request's reply, dropping it if the client disconnects first."""
+    result = asyncio.ensure_future(waiting)
+    watcher = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({result, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if not result.done():
+        result.cancel()  # Dispatcher.result drops the request from the queue
+        raise ClientClosed("the client closed the connection before the answer")
+    return result.result()
+
+
+async def _disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 async def _read_body(request: Request, limit: int) -> bytes:

@@ -87,6 +87,13 @@ class Dispatcher:
 
     async def submit(self, fmt: str, body: bytes, timeout_s: float | None = None) -> Reply:
         """Run one request on some worker; raises a TorchpoolError on any failure."""
+        return await self.result(self.enqueue(fmt, body, timeout_s))
+
+    def enqueue(self, fmt: str, body: bytes, timeout_s: float | None = None) -> Pending:
+        """Hand a request to a worker, or queue it; 503 at once when neither can be done.
+
+        ``timeout_s`` can only shorten the server's deadline (--timeout-s).
+        """
         if self._pool.draining:
             raise Unavailable("the server is shutting down")
         if not self._pool.ready_workers():
@@ -97,26 +104,40 @@ class Dispatcher:
             next(self._ids), fmt, body, time.monotonic() + timeout, loop.create_future()
         )
         worker = self._pool.pick()
-        if worker is None:
-            if len(self._queue) >= self._queue_size:
-                raise Unavailable(
-                    f"all workers are busy and the queue is full ({self._queue_size} waiting)"
-                )
-            self._queue.append(pending)
+        if worker is not None and self._send(worker, pending):
+            pass
+        elif len(self._queue) >= self._queue_size:
+            raise Unavailable(
+                f"all workers are busy and the queue is full ({self._queue_size} waiting)"
+            )
         else:
-            self._send(worker, pending)
+            self._queue.append(pending)
         self._outstanding += 1
         self._idle.clear()
+        return pending
+
+    def is_queued(self, pending: Pending) -> bool:
+        return pending in self._queue
+
+    async def result(self, pending: Pending) -> Reply:
+        """Wait for ``pending`` until its deadline (504). Cancelling drops it if still queued."""
         try:
+            timeout = max(0.0, pending.deadline - time.monotonic())
             return await asyncio.wait_for(pending.future, timeout)
         except asyncio.TimeoutError:
-            if pending in self._queue:
-                self._queue.remove(pending)
-            raise DeadlineExceeded(f"no answer within the deadline of {timeout:g}s") from None
+            raise DeadlineExceeded(
+                f"no answer within the deadline of {self._deadline_text(pending)}"
+            ) from None
         finally:
+            if pending in self._queue:
+                # Not started: nobody will ever want it (deadline passed, or the client left).
+                self._queue.remove(pending)
             self._outstanding -= 1
             if self._outstanding == 0:
                 self._idle.set()
+
+    def _deadline_text(self, pending: Pending) -> str:
+        return f"{pending.deadline - pending.enqueued:.3g}s"
 
     def on_reply(
         self, worker: WorkerRecord, header: dict[str, object], frames: list[zmq.Frame]
@@ -148,10 +169,16 @@ class Dispatcher:
                 return
             pending = self._queue.popleft()
             if not pending.future.done() and not self._send(worker, pending):
+                self._queue.appendleft(pending)
                 return
 
     def worker_lost(self, worker: WorkerRecord, how: str) -> None:
-        """Settle every request ``worker`` held: retry once elsewhere, or answer 503."""
+        """Settle every request ``worker`` held: retry once elsewhere, or answer 503.
+
+        The caller has already taken ``worker`` out of rotation (its state is no
+        longer READY), so no retry can be sent back to it.
+        """
+        assert not worker.ready, "worker_lost() on a worker still in rotation"
         held = [p for p in worker.inflight.values() if not p.future.done()]
         worker.inflight.clear()
         others = [w for w in self._pool.ready_workers() if w is not worker]
@@ -180,7 +207,7 @@ class Dispatcher:
         return True
 
     def _send(self, worker: WorkerRecord, pending: Pending) -> bool:
-        """Hand ``pending`` to ``worker``; on failure it goes back to the queue's head."""
+        """Hand ``pending`` to ``worker``; False (and the worker is given up) if it is gone."""
         remaining_ms = max(0.0, pending.deadline - time.monotonic()) * 1000
         header = protocol.pack(
             {
@@ -194,8 +221,7 @@ class Dispatcher:
         try:
             self._transport.send(worker.data_identity, [header, pending.body])
         except zmq.ZMQError as exc:
-            log.warning("worker %d is unreachable (%s); requeueing", worker.slot, exc)
-            self._queue.appendleft(pending)
+            log.warning("worker %d is unreachable (%s)", worker.slot, exc)
             if self._on_unreachable is not None:
                 self._on_unreachable(worker)
             return False

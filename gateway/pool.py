@@ -8,6 +8,7 @@ reads them. Everything runs on the gateway's one event loop, so no locks.
 from __future__ import annotations
 
 import enum
+import itertools
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -18,6 +19,14 @@ from shared import protocol
 if TYPE_CHECKING:
     from gateway.dispatch import Pending
     from gateway.process import WorkerProcess
+
+
+class Role(str, enum.Enum):
+    """Where a record stands in its slot; only CURRENT records take new requests."""
+
+    CURRENT = "current"  # the slot's worker
+    SUCCESSOR = "successor"  # booting to replace a recycled worker; not yet serving
+    RETIRING = "retiring"  # replaced; finishing what it holds, then stopping
 
 
 class State(str, enum.Enum):
@@ -35,6 +44,7 @@ class WorkerRecord:
 
     placement: Placement
     generation: int = 0
+    role: Role = Role.CURRENT
     state: State = State.STARTING
     process: WorkerProcess | None = None
     pid: int | None = None
@@ -51,6 +61,9 @@ class WorkerRecord:
     # Boots in a row that ended before the worker became ready.
     boot_failures: int = 0
     last_seen: float | None = None  # time.monotonic() of the last control message
+    spawned_at: float | None = None  # time.monotonic() of the last spawn
+    recycling: bool = False  # a successor is on its way
+    recycle_not_before: float = 0.0  # after a failed recycle, when to try again
     exit_code: int | None = None
     last_error: str | None = None
     inflight: dict[int, Pending] = field(default_factory=dict)
@@ -77,7 +90,9 @@ class WorkerRecord:
 
     @property
     def free_credit(self) -> int:
-        return self.capacity - len(self.inflight) if self.ready else 0
+        if self.state is not State.READY or self.role is not Role.CURRENT:
+            return 0
+        return self.capacity - len(self.inflight)
 
     def shown_state(self) -> str:
         if self.state is State.READY and self.inflight:
@@ -95,9 +110,9 @@ class WorkerRecord:
         self.cuda_allocated_bytes = message.get("cuda_allocated_bytes")
         self.cuda_reserved_bytes = message.get("cuda_reserved_bytes")
 
-    def new_generation(self) -> None:
+    def new_generation(self, generation: int) -> None:
         """Forget the previous process; its messages no longer match ``uid``."""
-        self.generation += 1
+        self.generation = generation
         self.process = None
         self.pid = None
         self.state = State.STARTING
@@ -106,24 +121,36 @@ class WorkerRecord:
 
 
 class Pool:
-    """All worker records, looked up by slot or by wire identity."""
+    """All worker records: one current record per slot, plus any successors and
+    retiring workers of a recycle, all looked up by wire identity."""
 
     def __init__(self, placements: list[Placement]) -> None:
-        self.workers = [WorkerRecord(p) for p in placements]
+        self._generations = itertools.count()
+        self.workers = [WorkerRecord(p, next(self._generations)) for p in placements]
+        # Successors and retiring workers: alive, but not (or no longer) serving.
+        self.extra: list[WorkerRecord] = []
+        self._by_uid = {w.uid: w for w in self.workers}
         # True once any worker has been ready: from then on load failures are
         # replaced with backoff instead of stopping the server.
         self.ever_ready = False
         self.draining = False
 
+    def next_generation(self) -> int:
+        """Generations are unique across the pool, so a uid is never reused."""
+        return next(self._generations)
+
+    def register(self, worker: WorkerRecord) -> None:
+        self._by_uid[worker.uid] = worker
+
+    def forget(self, worker: WorkerRecord) -> None:
+        if self._by_uid.get(worker.uid) is worker:
+            del self._by_uid[worker.uid]
+
     def by_uid(self, uid: str) -> WorkerRecord | None:
-        slot_text, _, generation = uid.partition(".")
-        if not slot_text.isdigit() or not generation.isdigit():
-            return None
-        slot = int(slot_text)
-        if slot >= len(self.workers):
-            return None
-        record = self.workers[slot]
-        return record if record.generation == int(generation) else None
+        return self._by_uid.get(uid)
+
+    def all_records(self) -> list[WorkerRecord]:
+        return [*self.workers, *self.extra]
 
     def ready_workers(self) -> list[WorkerRecord]:
         return [w for w in self.workers if w.ready]

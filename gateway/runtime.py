@@ -6,6 +6,7 @@ runtime directory that holds the ``ipc://`` endpoint and removes it on exit.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import shutil
 import tempfile
@@ -39,8 +40,18 @@ class Runtime:
             on_unreachable=lambda w: self.supervisor.declare_lost(w, "became unreachable"),
         )
         self.supervisor = Supervisor(settings, self.pool, self.transport, self.dispatcher, on_fatal)
+        self._recycles = settings.max_requests_per_worker > 0
+
+    def begin_drain(self, hurry: bool = False) -> None:
+        """A stop signal arrived: readiness flips to 503 now; ``hurry`` shortens the drain."""
+        self.supervisor.begin_drain(hurry)
+
+    async def drain(self) -> None:
+        """Wait until in-flight work is done, the drain timeout passes, or a hurry."""
+        await self.supervisor.drain()
 
     async def start(self) -> None:
+        self.loop = asyncio.get_running_loop()
         self.transport.start(self._route)
         log.info("workers connect to %s", self.transport.endpoint)
         await self.supervisor.start()
@@ -62,6 +73,8 @@ class Runtime:
         kind = header["t"]
         if channel == protocol.DATA_SUFFIX and kind == protocol.REPLY:
             self.dispatcher.on_reply(worker, header, frames)
+            if self._recycles:
+                self.supervisor.check_recycle(worker)
         elif channel == protocol.CONTROL_SUFFIX and kind in protocol.CONTROL_TYPES:
             self.supervisor.on_control(worker, header)
         else:

@@ -13,11 +13,13 @@ import math
 import signal
 import socket
 import types
+from collections.abc import Callable
 
 import uvicorn
 
 from gateway.app import create_app
 from gateway.placement import plan
+from gateway.runtime import Runtime
 from shared.config import ConfigError, ServeSettings
 from shared.errors import ModelLoadError
 
@@ -25,18 +27,35 @@ log = logging.getLogger("torchpool.server")
 
 
 class _Server(uvicorn.Server):
-    """uvicorn's server, told to flip readiness the moment a stop signal lands."""
+    """uvicorn's server, with a drain before it stops listening.
 
-    def __init__(self, config: uvicorn.Config) -> None:
+    The first SIGTERM/SIGINT flips readiness to 503 and refuses new work while
+    the server keeps answering (so load balancers see the 503), lets in-flight
+    requests finish within --drain-timeout-s, then shuts down. A second signal
+    stops at once.
+    """
+
+    def __init__(self, config: uvicorn.Config, runtime_of: Callable[[], Runtime | None]) -> None:
         super().__init__(config)
-        self.on_signal: list[signal.Signals] = []
+        self._runtime_of = runtime_of
+        self._draining = False
 
     def handle_exit(self, sig: int, frame: types.FrameType | None) -> None:
-        app = self.config.loaded_app if self.config.loaded else None
-        runtime = getattr(getattr(getattr(app, "state", None), "runtime", None), "pool", None)
-        if runtime is not None:
-            runtime.draining = True  # /health/ready says 503 from this instant
-        super().handle_exit(sig, frame)
+        # This runs in a signal handler: only flag, and hand work to the loop.
+        runtime = self._runtime_of()
+        if runtime is None or self._draining or self.should_exit:
+            if runtime is not None:
+                runtime.begin_drain(hurry=True)
+            self.force_exit = self._draining or self.should_exit
+            self.should_exit = True
+            return
+        self._draining = True
+        runtime.begin_drain()
+        runtime.loop.call_soon_threadsafe(self._drain_then_exit, runtime)
+
+    def _drain_then_exit(self, runtime: Runtime) -> None:
+        task = runtime.loop.create_task(runtime.drain())
+        task.add_done_callback(lambda _: setattr(self, "should_exit", True))
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -77,7 +96,8 @@ def serve(settings: ServeSettings) -> int:
         timeout_graceful_shutdown=math.ceil(settings.drain_timeout_s),
         access_log=False,
     )
-    server = _Server(config)
+
+    server = _Server(config, lambda: getattr(app.state, "runtime", None))
     for sig in (signal.SIGTERM, signal.SIGINT):
         # uvicorn re-raises the signal it caught once it is done; let that pass.
         signal.signal(sig, lambda *_: None)

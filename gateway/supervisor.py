@@ -22,7 +22,7 @@ from typing import Any
 
 from gateway.dispatch import Dispatcher
 from gateway.placement import format_cores
-from gateway.pool import Pool, State, WorkerRecord
+from gateway.pool import Pool, Role, State, WorkerRecord
 from gateway.process import WorkerProcess, describe_exit
 from gateway.transport import Transport
 from shared import protocol
@@ -31,10 +31,13 @@ from shared.config import ServeSettings, worker_argv
 log = logging.getLogger("torchpool.supervisor")
 
 HELLO_TIMEOUT_S = 30.0  # a fresh interpreter must say hello within this
+BOOT_SLACK_S = 10.0  # least heartbeat silence tolerated from a booting worker
 STOP_GRACE_S = 5.0  # after STOP/SIGTERM, before SIGKILL
 MAX_BOOT_FAILURES = 5  # deaths before ready, in a row, before a slot is failed
 BACKOFF_BASE_S = 0.5
 BACKOFF_MAX_S = 30.0
+RECYCLE_RETRY_S = 30.0  # after a replacement failed to boot
+MIB = 1024 * 1024
 THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS")
 
 
@@ -54,7 +57,8 @@ class Supervisor:
         self._on_fatal = on_fatal
         self._stopping = False
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._spawned_at: dict[int, float] = {}
+        self._drain_started: float | None = None
+        self._hurry = asyncio.Event()
         self.fatal_reason: str | None = None
 
     # --- lifecycle ------------------------------------------------------------
@@ -67,18 +71,35 @@ class Supervisor:
     async def stop(self) -> None:
         """Drain in-flight requests, then stop every worker: ask, wait, kill, reap."""
         self._stopping = True
-        self._pool.draining = True
-        drained = await self._dispatcher.wait_idle(self._settings.drain_timeout_s)
-        if not drained:
-            log.warning("drain timeout: %d requests still in flight", self._dispatcher.outstanding)
-        for worker in self._pool.workers:
+        self.begin_drain()
+        await self.drain()
+        records = self._pool.all_records()
+        for worker in records:
             self._send_control(worker, {"t": protocol.STOP, "reason": "shutdown"})
-        await asyncio.gather(
-            *(self._stop_process(w) for w in self._pool.workers), return_exceptions=True
-        )
+        await asyncio.gather(*(self._stop_process(w) for w in records), return_exceptions=True)
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def begin_drain(self, hurry: bool = False) -> None:
+        """Refuse new work from now on; a second call with ``hurry`` cuts the drain short."""
+        self._pool.draining = True
+        if self._drain_started is None:
+            self._drain_started = time.monotonic()
+        if hurry:
+            self._hurry.set()
+
+    async def drain(self) -> None:
+        """Wait for in-flight work, at most what is left of --drain-timeout-s."""
+        started = self._drain_started or time.monotonic()
+        remaining = max(0.0, self._settings.drain_timeout_s - (time.monotonic() - started))
+        idle = asyncio.ensure_future(self._dispatcher.wait_idle(remaining))
+        hurry = asyncio.ensure_future(self._hurry.wait())
+        await asyncio.wait({idle, hurry}, return_when=asyncio.FIRST_COMPLETED)
+        hurry.cancel()
+        if not (idle.done() and idle.result()):
+            idle.cancel()
+            log.warning("stopping with %d requests still in flight", self._dispatcher.outstanding)
 
     # --- acts -------------------------------------------------------------------
 
@@ -102,10 +123,11 @@ class Supervisor:
             argv += ["--gpu", str(placement.gpu)]
             env["CUDA_VISIBLE_DEVICES"] = str(placement.gpu)
         worker.state = State.STARTING
+        self._pool.register(worker)
         process = await WorkerProcess.spawn(argv, env, label=f"worker {worker.slot}")
         worker.process = process
         worker.pid = process.pid
-        self._spawned_at[worker.slot] = time.monotonic()
+        worker.spawned_at = time.monotonic()
         log.info(
             "worker %d spawned: pid %d, %s, cores %s",
             worker.slot, process.pid, placement.label, format_cores(placement.cores),
@@ -118,10 +140,15 @@ class Supervisor:
             return  # a process we had already given up on
         worker.exit_code = code
         how = describe_exit(code)
+        if worker.role is not Role.CURRENT:
+            self._recycle_ended(worker, process, how)
+            return
         if self._stopping or worker.state is State.STOPPED:
             worker.state = State.STOPPED
             return
         was_ready = worker.state is State.READY
+        # Out of rotation first, so the retries below cannot land on it again.
+        worker.state = State.RESTARTING
         self._dispatcher.worker_lost(worker, how)
         if worker.last_error is None or was_ready:
             worker.last_error = self._death_note(worker, process, how)
@@ -157,7 +184,8 @@ class Supervisor:
         if self._stopping:
             return
         worker.restarts += 1
-        worker.new_generation()
+        self._pool.forget(worker)
+        worker.new_generation(self._pool.next_generation())
         await self.spawn(worker)
 
     def declare_lost(self, worker: WorkerRecord, how: str) -> None:
@@ -198,14 +226,17 @@ class Supervisor:
         allowed = interval * self._settings.heartbeat_liveness
         while not self._stopping:
             now = time.monotonic()
-            for worker in self._pool.workers:
+            for worker in self._pool.all_records():
                 if worker.state not in (State.STARTING, State.LOADING, State.READY):
                     continue
                 self._send_control(worker, {"t": protocol.BEAT})
                 age = worker.heartbeat_age(now)
-                if age is not None and age > allowed:
+                # Importing torch and loading a model can starve the heartbeat
+                # thread of the GIL for a while; booting workers get more slack.
+                limit = allowed if worker.state is State.READY else max(allowed, BOOT_SLACK_S)
+                if age is not None and age > limit:
                     self.declare_lost(worker, f"sent no heartbeat for {age:.1f}s")
-                elif age is None and now - self._spawned_at.get(worker.slot, now) > HELLO_TIMEOUT_S:
+                elif age is None and now - (worker.spawned_at or now) > HELLO_TIMEOUT_S:
                     self.declare_lost(worker, f"did not say hello within {HELLO_TIMEOUT_S:.0f}s")
             await asyncio.sleep(interval)
 
@@ -216,6 +247,7 @@ class Supervisor:
         worker.last_seen = time.monotonic()
         if kind == protocol.HEARTBEAT:
             worker.take_memory(message)
+            self.check_recycle(worker)
         elif kind == protocol.HELLO:
             worker.pid = message.get("pid", worker.pid)
             worker.host = message.get("host")
@@ -232,6 +264,8 @@ class Supervisor:
     def _on_ready(self, worker: WorkerRecord, message: dict[str, Any]) -> None:
         if worker.state not in (State.STARTING, State.LOADING):
             return
+        if worker.role is Role.SUCCESSOR:
+            self._take_over(worker)
         worker.state = State.READY
         worker.take_memory(message)
         worker.load_seconds = message.get("load_s")
@@ -243,6 +277,77 @@ class Supervisor:
         self._pool.ever_ready = True
         log.info("worker %d ready in %.2fs", worker.slot, worker.load_seconds or 0.0)
         self._dispatcher.pump()
+
+    # --- recycling ---------------------------------------------------------------
+
+    def check_recycle(self, worker: WorkerRecord) -> None:
+        """Start replacing ``worker`` if it passed its request count or memory ceiling."""
+        settings = self._settings
+        if (
+            worker.recycling
+            or worker.role is not Role.CURRENT
+            or worker.state is not State.READY
+            or self._stopping
+            or time.monotonic() < worker.recycle_not_before
+        ):
+            return
+        reason = None
+        limit = settings.max_requests_per_worker
+        if limit and worker.requests_served >= limit:
+            reason = f"served {worker.requests_served} requests (limit {limit})"
+        ceiling = settings.max_worker_rss_mb * MIB
+        if ceiling and worker.rss_bytes is not None and worker.rss_bytes > ceiling:
+            reason = (
+                f"RSS {worker.rss_bytes / MIB:.0f} MiB is over {settings.max_worker_rss_mb:g} MiB"
+            )
+        if reason is None:
+            return
+        log.info("recycling worker %d: %s", worker.slot, reason)
+        worker.recycling = True
+        successor = WorkerRecord(
+            worker.placement,
+            generation=self._pool.next_generation(),
+            role=Role.SUCCESSOR,
+            restarts=worker.restarts,
+        )
+        self._pool.extra.append(successor)
+        self._background(self.spawn(successor))
+
+    def _take_over(self, successor: WorkerRecord) -> None:
+        """A successor is ready: it takes the slot, the old worker drains and stops."""
+        slot = successor.slot
+        old = self._pool.workers[slot]
+        self._pool.extra.remove(successor)
+        successor.role = Role.CURRENT
+        self._pool.workers[slot] = successor
+        old.role = Role.RETIRING
+        self._pool.extra.append(old)
+        log.info("worker %d replaced by pid %s; draining pid %s", slot, successor.pid, old.pid)
+        # A worker answers all it holds before it acts on STOP; it gets no new work.
+        self._send_control(old, {"t": protocol.STOP, "reason": "recycled"})
+        if old.process is not None:
+            self._background(self._retire(old.process))
+
+    async def _retire(self, process: WorkerProcess) -> None:
+        try:
+            await asyncio.wait_for(asyncio.shield(process.wait()), self._settings.drain_timeout_s)
+        except asyncio.TimeoutError:
+            await process.stop(STOP_GRACE_S)
+
+    def _recycle_ended(self, worker: WorkerRecord, process: WorkerProcess, how: str) -> None:
+        """A retiring worker exited, or a successor died before it was ready."""
+        self._pool.extra.remove(worker)
+        self._pool.forget(worker)
+        worker.state = State.STOPPED
+        self._dispatcher.worker_lost(worker, how)  # normally holds nothing by now
+        if worker.role is Role.SUCCESSOR:
+            current = self._pool.workers[worker.slot]
+            current.recycling = False
+            current.recycle_not_before = time.monotonic() + RECYCLE_RETRY_S
+            log.error(
+                "replacement for worker %d %s before it was ready; keeping the old one: %s",
+                worker.slot, how, self._death_note(worker, process, how),
+            )  # fmt: skip
 
     # --- helpers ---------------------------------------------------------------
 

@@ -199,6 +199,15 @@ class ServeSettings(ModelSettings):
     drain_timeout_s: float = _opt(
         30.0, "On shutdown, how long in-flight requests may take to finish.", float
     )
+    max_requests_per_worker: int = _opt(
+        0,
+        "Replace a worker after it has served this many requests (0: never); the "
+        "replacement is ready before the old one is drained.",
+        int,
+    )
+    max_worker_rss_mb: float = _opt(
+        0.0, "Replace a worker whose RSS grows past this many MiB (0: never).", float
+    )
     log_level: str = _opt("info", "Log level: debug, info, warning or error.")
 
     def __post_init__(self) -> None:
@@ -219,6 +228,10 @@ class ServeSettings(ModelSettings):
             raise ConfigError("--heartbeat-liveness must be at least 1")
         if self.drain_timeout_s < 0:
             raise ConfigError("--drain-timeout-s cannot be negative")
+        if self.max_requests_per_worker < 0:
+            raise ConfigError("--max-requests-per-worker cannot be negative")
+        if self.max_worker_rss_mb < 0:
+            raise ConfigError("--max-worker-rss-mb cannot be negative")
         if self.log_level not in {"debug", "info", "warning", "error"}:
             raise ConfigError(f"--log-level {self.log_level!r} is not debug/info/warning/error")
         if self.model and not Path(self.model).is_file():

@@ -8,6 +8,7 @@
      ├── ModelFailure              500 model_error         the model raised on valid input
      ├── Unavailable               503 unavailable         no ready worker, or the queue is full
      ├── DeadlineExceeded          504 deadline_exceeded
+     ├── ClientClosed              499 client_closed       the client left; nobody reads this
      └── ModelLoadError            --- model_load_failed   the model cannot load (startup only)
 
 Workers send the ``code`` string of an error over the wire; the gateway turns it
@@ -76,6 +77,13 @@ class DeadlineExceeded(TorchpoolError):
     code = "deadline_exceeded"
 
 
+class ClientClosed(TorchpoolError):
+    """The client disconnected while its request waited (nginx's 499)."""
+
+    status = 499
+    code = "client_closed"
+
+
 class ModelLoadError(TorchpoolError):
     """The model cannot be loaded at all; raised at startup, never per request."""
 
@@ -93,6 +101,7 @@ _BY_CODE: dict[str, type[TorchpoolError]] = {
         ModelFailure,
         Unavailable,
         DeadlineExceeded,
+        ClientClosed,
         ModelLoadError,
     )
 }

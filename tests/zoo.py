@@ -6,6 +6,7 @@ Workers run with the repository root as their working directory, so
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -89,3 +90,28 @@ def build_all(folder: Path) -> dict[str, Any]:
         "pickled": pickled,
         "head_weights": head_weights,
     }
+
+
+class SlowHandler(ScaleHandler):
+    """Sleeps ``sleep_s`` per batch (releasing the GIL, as a long forward pass does)."""
+
+    def __init__(self, factor: float = 1.0, sleep_s: float = 1.0) -> None:
+        super().__init__(factor)
+        self.sleep_s = sleep_s
+
+    def predict(self, batch: torch.Tensor) -> torch.Tensor:
+        time.sleep(self.sleep_s)
+        return super().predict(batch)
+
+
+class PoisonableHandler(ScaleHandler):
+    """Refuses to load while the file ``poison`` exists: a model that stops loading."""
+
+    def __init__(self, poison: str, factor: float = 1.0) -> None:
+        super().__init__(factor)
+        self.poison = Path(poison)
+
+    def load(self, device: torch.device) -> None:
+        if self.poison.exists():
+            raise RuntimeError(f"poisoned by {self.poison}")
+        super().load(device)

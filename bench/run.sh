@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The whole benchmark in one command: prepares wrk and bench/.venv, then runs
+# bench/bench.py, which writes bench/RESULTS.md and raw JSON under bench/out/.
+# Arguments go to bench/bench.py (e.g. --models small --servers tp,lit).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if ! command -v wrk >/dev/null 2>&1; then
+    apt-get update
+    apt-get install -y wrk
+fi
+
+# A venv of its own, so the peers (LitServe) stay out of the project's .venv.
+PYTHON=${PYTHON:-$(command -v python3.11 || command -v python3)}
+if [ ! -x bench/.venv/bin/python ]; then
+    "$PYTHON" -m venv bench/.venv
+fi
+stamp=bench/.venv/.bench-installed
+want="$(cat constraints.txt pyproject.toml | sha256sum | cut -d' ' -f1) litserve==0.2.19"
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+    # torch is pinned by constraints.txt: the local CPU wheel, never a CUDA build.
+    bench/.venv/bin/pip install -q -c constraints.txt -e '.[worker]' 'litserve==0.2.19'
+    echo "$want" >"$stamp"
+fi
+
+exec bench/.venv/bin/python -m bench.bench "$@"

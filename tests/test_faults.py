@@ -1,0 +1,241 @@
+"""Real tier: workers crash, hang, recycle and drain; no request is lost or left hanging."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import Server, wait_for
+
+ROW = [0.25] * 16
+FAST_BEATS = ("--heartbeat-s", "0.2", "--heartbeat-liveness", "3")
+
+
+class Load:
+    """Bounded background load: ``threads`` clients posting until stopped or ``limit_s``."""
+
+    def __init__(self, server: Server, threads: int = 4, limit_s: float = 60.0) -> None:
+        self.url = server.url
+        self.statuses: Counter[int] = Counter()
+        self.errors: list[str] = []
+        self._stop = threading.Event()
+        self._deadline = time.monotonic() + limit_s
+        self._lock = threading.Lock()
+        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(threads)]
+
+    def __enter__(self) -> Load:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=60)
+
+    @property
+    def answered(self) -> int:
+        with self._lock:
+            return sum(self.statuses.values())
+
+    def _run(self) -> None:
+        with httpx.Client(base_url=self.url, timeout=30.0) as client:
+            while not self._stop.is_set() and time.monotonic() < self._deadline:
+                try:
+                    response = client.post("/predict", json={"input_tensor": [ROW]})
+                except httpx.HTTPError as exc:  # no HTTP answer at all: the worst outcome
+                    with self._lock:
+                        self.errors.append(repr(exc))
+                    continue
+                with self._lock:
+                    self.statuses[response.status_code] += 1
+
+
+def worker(server: Server, slot: int) -> dict[str, object]:
+    document: dict[str, object] = server.health()["workers"][slot]
+    return document
+
+
+def test_sigkilled_worker_is_replaced_and_its_requests_answered(
+    serve: Callable[..., Server],
+) -> None:
+    server = serve("--workers", "2", *FAST_BEATS, ready=2)
+    victim = int(str(worker(server, 0)["pid"]))
+    with Load(server) as load:
+        wait_for(lambda: load.answered > 20, 30, "load to flow")
+        os.kill(victim, signal.SIGKILL)
+        wait_for(lambda: worker(server, 0)["restarts"] == 1, 10, "the death to be noticed")
+        server.wait_ready(2, timeout_s=60)
+        before = load.answered
+        wait_for(lambda: load.answered > before + 20, 30, "load to flow again")
+    assert load.errors == []
+    assert set(load.statuses) == {200}, load.statuses
+    replaced = worker(server, 0)
+    assert replaced["pid"] != victim
+    assert replaced["exit_code"] == -signal.SIGKILL
+    assert "SIGKILL" in str(replaced["last_error"]) or replaced["last_error"] is None
+
+
+def test_sigkill_is_reported_as_possible_oom(serve: Callable[..., Server]) -> None:
+    server = serve("--workers", "1", *FAST_BEATS)
+    victim = int(str(worker(server, 0)["pid"]))
+    os.kill(victim, signal.SIGKILL)
+    state = wait_for(
+        lambda: (w := worker(server, 0))["exit_code"] == -signal.SIGKILL and w,
+        10,
+        "the kill to be recorded",
+    )
+    assert "possibly out of memory" in str(state["last_error"])
+    server.wait_ready(1, timeout_s=60)
+
+
+def test_stopped_worker_is_declared_dead_and_replaced(serve: Callable[..., Server]) -> None:
+    server = serve("--workers", "2", *FAST_BEATS, ready=2)
+    victim = int(str(worker(server, 1)["pid"]))
+    os.kill(victim, signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        with Load(server, threads=2) as load:
+            wait_for(lambda: worker(server, 1)["restarts"] == 1, 15, "the hang to be noticed")
+            detected = time.monotonic() - started
+            server.wait_ready(2, timeout_s=60)
+        assert (
+            "heartbeat" in str(worker(server, 1)["last_error"])
+            or worker(server, 1)["last_error"] is None
+        )
+        assert detected < 10
+        assert load.errors == []
+        assert set(load.statuses) <= {200}, load.statuses
+    finally:
+        if Path(f"/proc/{victim}").exists():
+            os.kill(victim, signal.SIGCONT)
+
+
+def test_long_forward_pass_is_not_a_hang(serve: Callable[..., Server]) -> None:
+    server = serve(
+        "--handler", "tests.zoo:SlowHandler", "--model-kwargs", '{"sleep_s": 2.0}',
+        "--workers", "1", *FAST_BEATS,
+    )  # fmt: skip
+    response = server.predict({"input_tensor": [ROW]})
+    assert response.status_code == 200
+    assert worker(server, 0)["restarts"] == 0
+
+
+def test_model_that_stops_loading_ends_failed_not_restarted_forever(
+    serve: Callable[..., Server], tmp_path: Path
+) -> None:
+    poison = tmp_path / "poison"
+    server = serve(
+        "--handler", "tests.zoo:PoisonableHandler",
+        "--model-kwargs", f'{{"poison": "{poison}"}}', "--workers", "2", *FAST_BEATS, ready=2,
+    )  # fmt: skip
+    poison.touch()
+    os.kill(int(str(worker(server, 0)["pid"])), signal.SIGKILL)
+    failed = wait_for(lambda: (w := worker(server, 0))["state"] == "failed" and w, 60, "failed")
+    assert "poisoned" in str(failed["last_error"])
+    health = server.get("/health")
+    assert health.status_code == 200
+    assert health.json()["status"] == "degraded"
+    assert server.predict({"input_tensor": [ROW]}).status_code == 200
+
+
+def test_recycling_swaps_workers_without_dropping_a_request(
+    serve: Callable[..., Server],
+) -> None:
+    server = serve("--workers", "1", "--max-requests-per-worker", "40", *FAST_BEATS)
+    first = worker(server, 0)["pid"]
+    with Load(server, threads=3) as load:
+        wait_for(lambda: worker(server, 0)["pid"] != first, 60, "a recycle")
+        second = worker(server, 0)["pid"]
+        wait_for(lambda: worker(server, 0)["pid"] != second, 60, "a second recycle")
+    assert load.errors == []
+    assert set(load.statuses) == {200}, load.statuses
+    assert worker(server, 0)["restarts"] == 0
+
+
+def test_deadline_gives_504(serve: Callable[..., Server]) -> None:
+    server = serve(
+        "--handler", "tests.zoo:SlowHandler", "--model-kwargs", '{"sleep_s": 3.0}',
+        "--workers", "1", "--timeout-s", "1",
+    )  # fmt: skip
+    started = time.monotonic()
+    response = server.predict({"input_tensor": [ROW]})
+    assert response.status_code == 504
+    assert response.json()["code"] == "deadline_exceeded"
+    assert time.monotonic() - started < 2.5
+    shorter = server.client.post(
+        "/predict", json={"input_tensor": [ROW]}, headers={"x-request-timeout": "0.2"}
+    )
+    assert shorter.status_code == 504
+    bad = server.client.post(
+        "/predict", json={"input_tensor": [ROW]}, headers={"x-request-timeout": "soon"}
+    )
+    assert bad.status_code == 400
+
+
+def test_full_queue_is_503_with_retry_after(serve: Callable[..., Server]) -> None:
+    server = serve(
+        "--handler", "tests.zoo:SlowHandler", "--model-kwargs", '{"sleep_s": 1.0}',
+        "--workers", "1", "--max-batch-size", "1", "--queue-size", "1",
+    )  # fmt: skip
+    results: list[httpx.Response] = []
+
+    def call() -> None:
+        with httpx.Client(base_url=server.url, timeout=30) as client:
+            results.append(client.post("/predict", json={"input_tensor": [ROW]}))
+
+    threads = [threading.Thread(target=call) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    statuses = Counter(r.status_code for r in results)
+    assert statuses[503] >= 1, statuses
+    assert statuses[200] >= 3, statuses  # two held by the worker, one queued
+    rejected = next(r for r in results if r.status_code == 503)
+    assert rejected.headers["retry-after"]
+    assert "queue is full" in rejected.json()["error"]
+
+
+@pytest.mark.parametrize("second_signal", [False, True])
+def test_sigterm_drains_in_flight_work(serve: Callable[..., Server], second_signal: bool) -> None:
+    server = serve(
+        "--handler", "tests.zoo:SlowHandler", "--model-kwargs", '{"sleep_s": 2.0}',
+        "--workers", "1", "--drain-timeout-s", "20",
+    )  # fmt: skip
+    results: list[httpx.Response | Exception] = []
+
+    def call() -> None:
+        try:
+            with httpx.Client(base_url=server.url, timeout=30) as client:
+                results.append(client.post("/predict", json={"input_tensor": [ROW]}))
+        except httpx.HTTPError as exc:
+            results.append(exc)
+
+    thread = threading.Thread(target=call)
+    thread.start()
+    wait_for(lambda: worker(server, 0)["inflight"] == 1, 10, "the request to be in flight")
+    started = time.monotonic()
+    server.proc.send_signal(signal.SIGTERM)
+    wait_for(
+        lambda: httpx.get(f"{server.url}/health/ready").status_code == 503,
+        5,
+        "readiness to flip",
+    )
+    if second_signal:
+        server.proc.send_signal(signal.SIGTERM)
+    code = server.proc.wait(30)
+    thread.join(30)
+    assert code == 0, server.log()
+    if second_signal:
+        assert time.monotonic() - started < 2.0 + 5.0
+    else:
+        assert isinstance(results[0], httpx.Response) and results[0].status_code == 200
