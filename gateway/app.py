@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
+from http import HTTPStatus
 from typing import Any
 
 import orjson
@@ -45,6 +46,24 @@ _BODY_FORMATS = {
 }
 _MEDIA_TYPES = {protocol.FMT_JSON: JSON, protocol.FMT_MSGPACK: MSGPACK}
 
+_ERROR_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["error", "code"],
+    "properties": {"error": {"type": "string"}, "code": {"type": "string"}},
+}
+
+
+def _error_responses(*statuses: int) -> dict[str, dict[str, Any]]:
+    """OpenAPI entries for the error statuses a route answers, so clients know them."""
+    return {
+        str(status): {
+            "description": HTTPStatus(status).phrase,
+            "content": {JSON: {"schema": _ERROR_SCHEMA}},
+        }
+        for status in statuses
+    }
+
+
 PREDICT_OPENAPI: dict[str, Any] = {
     "requestBody": {
         "required": True,
@@ -69,7 +88,14 @@ PREDICT_OPENAPI: dict[str, Any] = {
                 }
             },
         },
-    }
+    },
+    "responses": {
+        "200": {
+            "description": '{"prediction": ...} in the format of the request',
+            "content": {JSON: {"schema": {}}, MSGPACK: {"schema": {}}},
+        },
+        **_error_responses(400, 413, 415, 422, 500, 503, 504),
+    },
 }
 
 
@@ -121,7 +147,7 @@ def create_app(settings: ServeSettings, on_fatal: Callable[[str], None] | None =
             reply = await dispatcher.result(pending)
         return Response(reply.body, media_type=_MEDIA_TYPES.get(reply.fmt, JSON))
 
-    @app.get("/health")
+    @app.get("/health", responses={503: {"description": "No worker is ready"}})
     async def health(request: Request) -> Response:
         """Per-worker status; 200 when at least one worker is ready, else 503."""
         document = health_json(runtime_of(request).pool)
@@ -132,7 +158,7 @@ def create_app(settings: ServeSettings, on_fatal: Callable[[str], None] | None =
         """200 while the gateway process runs."""
         return json_response({"status": "alive"})
 
-    @app.get("/health/ready")
+    @app.get("/health/ready", responses={503: {"description": "Not ready, or draining"}})
     async def ready(request: Request) -> Response:
         """200 when at least --min-ready workers are ready and the server is not draining."""
         pool = runtime_of(request).pool

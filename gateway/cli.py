@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from shared.config import ConfigError, ServeSettings, add_arguments, from_namespace
 from shared.errors import ModelLoadError
@@ -30,6 +31,12 @@ def build_parser() -> argparse.ArgumentParser:
         "serve", help="run the HTTP gateway and its local worker pool", description=__doc__
     )
     add_arguments(serve, ServeSettings)
+    keys = commands.add_parser(
+        "keys",
+        help="write a CurveZMQ key pair NAME.key (public) and NAME.key_secret (secret)",
+    )
+    keys.add_argument("name", help="e.g. server, or a worker's name")
+    keys.add_argument("--dir", default=".", help="folder to write the pair into (default: .)")
     commands.add_parser(
         "worker",
         help="run one worker that joins a gateway (see: torchpool worker --help)",
@@ -45,6 +52,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         # never imports it, so hand the command line straight over.
         os.execv(sys.executable, [sys.executable, "-m", "worker", *args[1:]])
     namespace = build_parser().parse_args(args)
+    if namespace.command == "keys":
+        return write_keys(namespace.name, Path(namespace.dir))
     try:
         settings = from_namespace(ServeSettings, namespace)
         logging.basicConfig(
@@ -60,6 +69,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ModelLoadError as exc:
         print(f"torchpool: error: cannot serve: {exc}", file=sys.stderr)
         return EXIT_MODEL
+
+
+def write_keys(name: str, folder: Path) -> int:
+    """``torchpool keys``: one key pair in ZeroMQ's certificate format."""
+    import zmq.auth
+
+    if not name or "/" in name or name.startswith("."):
+        print(f"torchpool: error: {name!r} is not a plain key name", file=sys.stderr)
+        return EXIT_CONFIG
+    public = folder / f"{name}.key"
+    secret = folder / f"{name}.key_secret"
+    if public.exists() or secret.exists():
+        print(f"torchpool: error: {public} or {secret} exists already", file=sys.stderr)
+        return EXIT_CONFIG
+    folder.mkdir(parents=True, exist_ok=True)
+    zmq.auth.create_certificates(str(folder), name)
+    secret.chmod(0o600)
+    print(f"wrote {public} (give to the other side) and {secret} (keep private)")
+    return 0
 
 
 def serve_main() -> int:

@@ -17,8 +17,9 @@ import collections
 import itertools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import zmq
 
@@ -32,10 +33,16 @@ log = logging.getLogger("torchpool.dispatch")
 MAX_ATTEMPTS = 2  # the first try and one retry after a worker death
 
 
+# REPLY header keys that are not passed on in Reply.extra.
+_REPLY_KEYS = frozenset({"t", "id", "code", "message", "details", "fmt"})
+
+
 @dataclass(frozen=True, slots=True)
 class Reply:
     fmt: str
     body: bytes
+    # The REPLY header's other fields, e.g. json_len of a v2binary body.
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(eq=False, slots=True)
@@ -47,6 +54,8 @@ class Pending:
     future: asyncio.Future[Reply]
     attempts: int = 0
     enqueued: float = field(default_factory=time.monotonic)
+    # More REQUEST header fields for the worker, e.g. a v2 body's json_len.
+    extra: Mapping[str, Any] | None = None
 
     def settle(self, result: Reply | TorchpoolError) -> None:
         if self.future.done():
@@ -76,6 +85,9 @@ class Dispatcher:
         self._outstanding = 0
         self._idle = asyncio.Event()
         self._idle.set()
+        # Observer for metrics: called with the seconds a request waited in the
+        # gateway (queued or not) before its first send to a worker.
+        self.on_first_send: Callable[[float], None] | None = None
 
     @property
     def queued(self) -> int:
@@ -89,10 +101,17 @@ class Dispatcher:
         """Run one request on some worker; raises a TorchpoolError on any failure."""
         return await self.result(self.enqueue(fmt, body, timeout_s))
 
-    def enqueue(self, fmt: str, body: bytes, timeout_s: float | None = None) -> Pending:
+    def enqueue(
+        self,
+        fmt: str,
+        body: bytes,
+        timeout_s: float | None = None,
+        extra: Mapping[str, Any] | None = None,
+    ) -> Pending:
         """Hand a request to a worker, or queue it; 503 at once when neither can be done.
 
-        ``timeout_s`` can only shorten the server's deadline (--timeout-s).
+        ``timeout_s`` can only shorten the server's deadline (--timeout-s);
+        ``extra`` adds fields to the REQUEST header.
         """
         if self._pool.draining:
             raise Unavailable("the server is shutting down")
@@ -101,7 +120,7 @@ class Dispatcher:
         timeout = self._timeout_s if timeout_s is None else min(timeout_s, self._timeout_s)
         loop = asyncio.get_running_loop()
         pending = Pending(
-            next(self._ids), fmt, body, time.monotonic() + timeout, loop.create_future()
+            next(self._ids), fmt, body, time.monotonic() + timeout, loop.create_future(), extra=extra
         )
         worker = self._pool.pick()
         if worker is not None and self._send(worker, pending):
@@ -149,7 +168,8 @@ class Dispatcher:
         worker.requests_served += 1
         code = header.get("code")
         if code == protocol.OK:
-            pending.settle(Reply(str(header.get("fmt", protocol.FMT_JSON)), frames[0].bytes))
+            extra = {k: v for k, v in header.items() if k not in _REPLY_KEYS}
+            pending.settle(Reply(str(header.get("fmt", protocol.FMT_JSON)), frames[0].bytes, extra))
         else:
             details = header.get("details")
             pending.settle(
@@ -208,9 +228,11 @@ class Dispatcher:
 
     def _send(self, worker: WorkerRecord, pending: Pending) -> bool:
         """Hand ``pending`` to ``worker``; False (and the worker is given up) if it is gone."""
-        remaining_ms = max(0.0, pending.deadline - time.monotonic()) * 1000
+        now = time.monotonic()
+        remaining_ms = max(0.0, pending.deadline - now) * 1000
         header = protocol.pack(
             {
+                **(pending.extra or {}),  # first, so it cannot shadow the fields below
                 "t": protocol.REQUEST,
                 "v": protocol.VERSION,
                 "id": pending.id,
@@ -219,17 +241,19 @@ class Dispatcher:
             }
         )
         try:
-            self._transport.send(worker.data_identity, [header, pending.body])
+            self._transport.send(worker.data_identity, [header, pending.body], worker.link)
         except zmq.ZMQError as exc:
             log.warning("worker %d is unreachable (%s)", worker.slot, exc)
             if self._on_unreachable is not None:
                 self._on_unreachable(worker)
             return False
         worker.inflight[pending.id] = pending
+        if self.on_first_send is not None and pending.attempts == 0:
+            self.on_first_send(now - pending.enqueued)
         return True
 
     def _not_ready_message(self) -> str:
-        states = collections.Counter(w.shown_state() for w in self._pool.workers)
+        states = collections.Counter(w.shown_state() for w in self._pool.serving())
         if not states:
             return "no worker is connected"
         summary = ", ".join(f"{n} {state}" for state, n in sorted(states.items()))

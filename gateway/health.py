@@ -21,7 +21,7 @@ def pool_status(pool: Pool) -> str:
     ready = len(pool.ready_workers())
     if ready == 0:
         return "unavailable"
-    return "ok" if ready == len(pool.workers) else "degraded"
+    return "ok" if ready == len(pool.serving()) else "degraded"
 
 
 def worker_json(worker: WorkerRecord, now: float) -> dict[str, Any]:
@@ -30,7 +30,7 @@ def worker_json(worker: WorkerRecord, now: float) -> dict[str, Any]:
         "id": worker.slot,
         "pid": worker.pid,
         "state": worker.shown_state(),
-        "device": worker.placement.label,
+        "device": worker.device,
         "cores": list(worker.placement.cores),
         "rss_bytes": worker.rss_bytes,
         "cuda_allocated_bytes": worker.cuda_allocated_bytes,
@@ -53,7 +53,7 @@ def health_json(pool: Pool) -> dict[str, Any]:
     return {
         "status": pool_status(pool),
         "ready_workers": len(pool.ready_workers()),
-        "total_workers": len(pool.workers),
+        "total_workers": len(pool.serving()),
         "gateway": {"pid": os.getpid(), "rss_bytes": _SELF.memory_info().rss},
-        "workers": [worker_json(w, now) for w in pool.workers],
+        "workers": [worker_json(w, now) for w in pool.serving()],
     }

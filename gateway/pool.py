@@ -45,6 +45,10 @@ class WorkerRecord:
     placement: Placement
     generation: int = 0
     role: Role = Role.CURRENT
+    # A remote worker names itself; it reaches us over the remote link.
+    remote_uid: str | None = None
+    link: int = 0
+    device_label: str | None = None
     state: State = State.STARTING
     process: WorkerProcess | None = None
     pid: int | None = None
@@ -56,6 +60,8 @@ class WorkerRecord:
     load_seconds: float | None = None
     input_shape: list[int] | None = None
     input_dtype: str | None = None
+    # READY's model description (source, outputs) for /v2/models/{name}.
+    signature: dict[str, Any] | None = None
     requests_served: int = 0
     restarts: int = 0
     # Boots in a row that ended before the worker became ready.
@@ -67,6 +73,8 @@ class WorkerRecord:
     exit_code: int | None = None
     last_error: str | None = None
     inflight: dict[int, Pending] = field(default_factory=dict)
+    # Forward passes by batch rows, as this process last reported (cumulative).
+    batches_seen: dict[int, int] = field(default_factory=dict)
 
     @property
     def slot(self) -> int:
@@ -74,7 +82,15 @@ class WorkerRecord:
 
     @property
     def uid(self) -> str:
-        return f"{self.slot}.{self.generation}"
+        return self.remote_uid or f"{self.slot}.{self.generation}"
+
+    @property
+    def remote(self) -> bool:
+        return self.remote_uid is not None
+
+    @property
+    def device(self) -> str:
+        return self.device_label or self.placement.label
 
     @property
     def data_identity(self) -> bytes:
@@ -118,26 +134,61 @@ class WorkerRecord:
         self.state = State.STARTING
         self.last_seen = None
         self.rss_bytes = self.cuda_allocated_bytes = self.cuda_reserved_bytes = None
+        self.batches_seen = {}
 
 
 class Pool:
-    """All worker records: one current record per slot, plus any successors and
-    retiring workers of a recycle, all looked up by wire identity."""
+    """All worker records, looked up by wire identity.
+
+    ``workers`` holds the local slots (index == slot), ``remote`` the workers that
+    joined over --bind; both serve. ``extra`` holds the successors and retiring
+    workers of a recycle or a scale-down: alive, but not (or no longer) serving.
+    """
+
+    REMOTE_IDS_FROM = 1000
 
     def __init__(self, placements: list[Placement]) -> None:
         self._generations = itertools.count()
         self.workers = [WorkerRecord(p, next(self._generations)) for p in placements]
-        # Successors and retiring workers: alive, but not (or no longer) serving.
+        self.remote: list[WorkerRecord] = []
         self.extra: list[WorkerRecord] = []
         self._by_uid = {w.uid: w for w in self.workers}
+        self._remote_ids = itertools.count(self.REMOTE_IDS_FROM)
         # True once any worker has been ready: from then on load failures are
         # replaced with backoff instead of stopping the server.
         self.ever_ready = False
         self.draining = False
+        # Forward passes by batch rows, pool-wide since the gateway started:
+        # the workers' cumulative HEARTBEAT ``batches``, summed across restarts.
+        self.batch_rows: dict[int, int] = {}
+
+    def take_batches(self, worker: WorkerRecord, reported: Any) -> None:
+        """Add what ``worker`` ran since its last heartbeat to ``batch_rows``.
+
+        ``reported`` is a HEARTBEAT's ``batches``: ``[[rows, count], ...]``,
+        cumulative for the worker's process. A count that went down means the
+        process started over (a remote worker that came back), so it counts whole.
+        """
+        if not isinstance(reported, list):
+            return
+        for pair in reported:
+            if not (isinstance(pair, list) and len(pair) == 2):
+                continue
+            rows, count = pair
+            if not (isinstance(rows, int) and isinstance(count, int)) or rows < 1 or count < 0:
+                continue
+            seen = worker.batches_seen.get(rows, 0)
+            added = count - seen if count >= seen else count
+            if added:
+                self.batch_rows[rows] = self.batch_rows.get(rows, 0) + added
+            worker.batches_seen[rows] = count
 
     def next_generation(self) -> int:
         """Generations are unique across the pool, so a uid is never reused."""
         return next(self._generations)
+
+    def next_remote_id(self) -> int:
+        return next(self._remote_ids)
 
     def register(self, worker: WorkerRecord) -> None:
         self._by_uid[worker.uid] = worker
@@ -149,16 +200,20 @@ class Pool:
     def by_uid(self, uid: str) -> WorkerRecord | None:
         return self._by_uid.get(uid)
 
+    def serving(self) -> list[WorkerRecord]:
+        """Every record that takes requests when ready: local slots, then remote workers."""
+        return [*self.workers, *self.remote] if self.remote else self.workers
+
     def all_records(self) -> list[WorkerRecord]:
-        return [*self.workers, *self.extra]
+        return [*self.workers, *self.remote, *self.extra]
 
     def ready_workers(self) -> list[WorkerRecord]:
-        return [w for w in self.workers if w.ready]
+        return [w for w in self.serving() if w.ready]
 
     def pick(self) -> WorkerRecord | None:
         """The ready worker with the least outstanding work that still has credit."""
         best: WorkerRecord | None = None
-        for worker in self.workers:
+        for worker in self.serving():
             if worker.free_credit > 0 and (
                 best is None or len(worker.inflight) < len(best.inflight)
             ):

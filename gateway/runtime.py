@@ -18,7 +18,7 @@ from gateway.dispatch import Dispatcher
 from gateway.placement import plan
 from gateway.pool import Pool, WorkerRecord
 from gateway.supervisor import Supervisor
-from gateway.transport import Transport
+from gateway.transport import REMOTE, Curve, Transport
 from shared import protocol
 from shared.config import ServeSettings
 
@@ -30,14 +30,19 @@ class Runtime:
         self.settings = settings
         placements = plan(settings.workers, settings.device, settings.cores_per_worker)
         self.rundir = Path(tempfile.mkdtemp(prefix="torchpool-"))
-        self.transport = Transport(f"ipc://{self.rundir / 'gateway.sock'}")
+        curve = None
+        if settings.curve_secret and settings.curve_allow:
+            curve = Curve(settings.curve_secret, settings.curve_allow)
+        self.transport = Transport(f"ipc://{self.rundir / 'gateway.sock'}", settings.bind, curve)
         self.pool = Pool(placements)
         self.dispatcher = Dispatcher(
             self.pool,
             self.transport,
             queue_size=settings.queue_size,
             timeout_s=settings.timeout_s,
-            on_unreachable=lambda w: self.supervisor.declare_lost(w, "became unreachable"),
+            on_unreachable=lambda w: self.supervisor.declare_lost(
+                w, "became unreachable", "unreachable"
+            ),
         )
         self.supervisor = Supervisor(settings, self.pool, self.transport, self.dispatcher, on_fatal)
         self._recycles = settings.max_requests_per_worker > 0
@@ -54,6 +59,8 @@ class Runtime:
         self.loop = asyncio.get_running_loop()
         self.transport.start(self._route)
         log.info("workers connect to %s", self.transport.endpoint)
+        if self.transport.remote_endpoint:
+            log.info("remote workers connect to %s", self.transport.remote_endpoint)
         await self.supervisor.start()
 
     async def stop(self) -> None:
@@ -63,14 +70,17 @@ class Runtime:
             self.transport.close()
             shutil.rmtree(self.rundir, ignore_errors=True)
 
-    def _route(self, identity: bytes, header: dict[str, Any], frames: list[Any]) -> None:
+    def _route(self, link: int, identity: bytes, header: dict[str, Any], frames: list[Any]) -> None:
         """Send each message to whoever handles its kind; drop strangers' messages."""
         uid, channel = protocol.split_identity(identity)
-        worker: WorkerRecord | None = self.pool.by_uid(uid)
-        if worker is None:
-            log.debug("message %s from unknown worker %r", header.get("t"), uid)
-            return
         kind = header["t"]
+        worker: WorkerRecord | None = self.pool.by_uid(uid)
+        if worker is None and link == REMOTE and kind == protocol.HELLO:
+            worker = self.supervisor.admit_remote(uid, header)
+        if worker is None or worker.link != link:
+            # Unknown, or a remote peer using a local worker's name: ignore it.
+            log.debug("message %s from unknown worker %r", kind, uid)
+            return
         if channel == protocol.DATA_SUFFIX and kind == protocol.REPLY:
             self.dispatcher.on_reply(worker, header, frames)
             if self._recycles:

@@ -20,11 +20,13 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import zmq
+
 from gateway.dispatch import Dispatcher
-from gateway.placement import format_cores
+from gateway.placement import Placement, format_cores
 from gateway.pool import Pool, Role, State, WorkerRecord
 from gateway.process import WorkerProcess, describe_exit
-from gateway.transport import Transport
+from gateway.transport import REMOTE, Transport
 from shared import protocol
 from shared.config import ServeSettings, worker_argv
 
@@ -60,6 +62,9 @@ class Supervisor:
         self._drain_started: float | None = None
         self._hurry = asyncio.Event()
         self.fatal_reason: str | None = None
+        # Observer for metrics: called once per unplanned worker death with its
+        # cause (see death_cause(); "heartbeat", "hello_timeout", "unreachable").
+        self.on_death: Callable[[str], None] | None = None
 
     # --- lifecycle ------------------------------------------------------------
 
@@ -73,7 +78,9 @@ class Supervisor:
         self._stopping = True
         self.begin_drain()
         await self.drain()
-        records = self._pool.all_records()
+        # Remote workers are services of their own: they outlive this gateway and
+        # re-announce themselves to the next one, so only our children are stopped.
+        records = [w for w in self._pool.all_records() if not w.remote]
         for worker in records:
             self._send_control(worker, {"t": protocol.STOP, "reason": "shutdown"})
         await asyncio.gather(*(self._stop_process(w) for w in records), return_exceptions=True)
@@ -147,6 +154,8 @@ class Supervisor:
             worker.state = State.STOPPED
             return
         was_ready = worker.state is State.READY
+        if worker.state is not State.RESTARTING:  # else declare_lost() counted it
+            self._count_death(death_cause(code))
         # Out of rotation first, so the retries below cannot land on it again.
         worker.state = State.RESTARTING
         self._dispatcher.worker_lost(worker, how)
@@ -188,16 +197,24 @@ class Supervisor:
         worker.new_generation(self._pool.next_generation())
         await self.spawn(worker)
 
-    def declare_lost(self, worker: WorkerRecord, how: str) -> None:
-        """Give up on a live but silent or unreachable worker: settle, stop, reap."""
+    def declare_lost(self, worker: WorkerRecord, how: str, cause: str) -> None:
+        """Give up on a live but silent or unreachable worker: settle, stop, reap.
+
+        ``cause`` is a short word for metrics: heartbeat, hello_timeout, unreachable.
+        """
         if worker.state in (State.RESTARTING, State.FAILED, State.STOPPED):
             return
+        self._count_death(cause)
         log.error("worker %d %s; replacing it", worker.slot, how)
         worker.state = State.RESTARTING
         worker.last_error = f"worker {worker.slot} {how}"
         self._dispatcher.worker_lost(worker, how)
         process = worker.process
-        if process is not None:
+        if worker.remote:
+            # Nothing to reap or respawn here: the worker re-announces itself
+            # (hello, ready) if it comes back, and then serves again.
+            worker.state = State.STOPPED
+        elif process is not None:
             # Reaping (in _reap) then refills the slot.
             self._background(process.stop(STOP_GRACE_S))
 
@@ -235,9 +252,11 @@ class Supervisor:
                 # thread of the GIL for a while; booting workers get more slack.
                 limit = allowed if worker.state is State.READY else max(allowed, BOOT_SLACK_S)
                 if age is not None and age > limit:
-                    self.declare_lost(worker, f"sent no heartbeat for {age:.1f}s")
+                    self.declare_lost(worker, f"sent no heartbeat for {age:.1f}s", "heartbeat")
                 elif age is None and now - (worker.spawned_at or now) > HELLO_TIMEOUT_S:
-                    self.declare_lost(worker, f"did not say hello within {HELLO_TIMEOUT_S:.0f}s")
+                    self.declare_lost(
+                        worker, f"did not say hello within {HELLO_TIMEOUT_S:.0f}s", "hello_timeout"
+                    )
             await asyncio.sleep(interval)
 
     # --- messages from workers ---------------------------------------------------
@@ -247,10 +266,14 @@ class Supervisor:
         worker.last_seen = time.monotonic()
         if kind == protocol.HEARTBEAT:
             worker.take_memory(message)
+            self._pool.take_batches(worker, message.get("batches"))
             self.check_recycle(worker)
         elif kind == protocol.HELLO:
             worker.pid = message.get("pid", worker.pid)
             worker.host = message.get("host")
+            if worker.remote and worker.state in (State.STOPPED, State.RESTARTING):
+                log.info("remote worker %d (%s) is back", worker.slot, worker.uid)
+                worker.state = State.STARTING
         elif kind == protocol.LOADING:
             worker.state = State.LOADING
         elif kind == protocol.READY:
@@ -272,11 +295,31 @@ class Supervisor:
         worker.capacity = max(1, int(message.get("capacity", 1)))
         worker.input_shape = message.get("input_shape")
         worker.input_dtype = message.get("input_dtype")
+        worker.signature = message.get("signature")
         worker.boot_failures = 0
         worker.last_error = None
         self._pool.ever_ready = True
         log.info("worker %d ready in %.2fs", worker.slot, worker.load_seconds or 0.0)
         self._dispatcher.pump()
+
+    def admit_remote(self, uid: str, hello: dict[str, Any]) -> WorkerRecord | None:
+        """A worker we did not spawn says hello over --bind (CURVE already checked it)."""
+        if self._stopping or hello.get("v") != protocol.VERSION:
+            log.warning("refusing remote worker %r: protocol %r", uid, hello.get("v"))
+            return None
+        cores = tuple(int(c) for c in hello.get("cores") or ())
+        worker = WorkerRecord(
+            Placement(self._pool.next_remote_id(), "remote", None, cores),
+            remote_uid=uid,
+            link=REMOTE,
+            device_label=str(hello.get("device", "cpu")),
+            last_seen=time.monotonic(),
+            spawned_at=time.monotonic(),
+        )
+        self._pool.remote.append(worker)
+        self._pool.register(worker)
+        log.info("remote worker %d joined: %s from %s", worker.slot, uid, hello.get("host"))
+        return worker
 
     # --- recycling ---------------------------------------------------------------
 
@@ -285,6 +328,7 @@ class Supervisor:
         settings = self._settings
         if (
             worker.recycling
+            or worker.remote
             or worker.role is not Role.CURRENT
             or worker.state is not State.READY
             or self._stopping
@@ -341,6 +385,7 @@ class Supervisor:
         worker.state = State.STOPPED
         self._dispatcher.worker_lost(worker, how)  # normally holds nothing by now
         if worker.role is Role.SUCCESSOR:
+            self._count_death(death_cause(worker.exit_code))
             current = self._pool.workers[worker.slot]
             current.recycling = False
             current.recycle_not_before = time.monotonic() + RECYCLE_RETRY_S
@@ -351,10 +396,14 @@ class Supervisor:
 
     # --- helpers ---------------------------------------------------------------
 
+    def _count_death(self, cause: str) -> None:
+        if self.on_death is not None:
+            self.on_death(cause)
+
     def _send_control(self, worker: WorkerRecord, message: dict[str, Any]) -> None:
         # An unconnected control socket (still booting, or gone) is not an error here.
-        with contextlib.suppress(Exception):
-            self._transport.send(worker.control_identity, [protocol.pack(message)])
+        with contextlib.suppress(zmq.ZMQError):
+            self._transport.send(worker.control_identity, [protocol.pack(message)], worker.link)
 
     @staticmethod
     def _death_note(worker: WorkerRecord, process: WorkerProcess, how: str) -> str:
@@ -366,3 +415,12 @@ class Supervisor:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+
+def death_cause(code: int | None) -> str:
+    """A worker's exit, as a metrics label: killed by a signal, failed to load, or exited."""
+    if code is not None and code < 0:
+        return "signal"
+    if code == protocol.EXIT_LOAD_FAILED:
+        return "load_failed"
+    return "exit"

@@ -1,6 +1,12 @@
-"""The gateway's end of the wire: one ZeroMQ ROUTER socket on the event loop.
+"""The gateway's end of the wire: ZeroMQ ROUTER sockets on the event loop.
 
-Reads are driven by the socket's file descriptor through ``loop.add_reader``
+One socket per link: ``local`` (``ipc://`` in the private runtime directory,
+for the workers this gateway spawns) and, with ``--bind``, ``remote`` (TCP, for
+``torchpool worker`` processes elsewhere, CurveZMQ-authenticated unless it is
+loopback or the operator opted out). CURVE is set per socket, which is why the
+two links are separate: local workers pay no encryption.
+
+Reads are driven by each socket's file descriptor through ``loop.add_reader``
 rather than a future per message. ZeroMQ's descriptor is edge-triggered and
 any send may consume the edge, so every send schedules one more drain; the
 drain reads until ``EVENTS`` says nothing is left.
@@ -11,46 +17,95 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import cast
 
 import zmq
+import zmq.auth
+from zmq.auth.thread import ThreadAuthenticator
 
 from shared import protocol
 
 log = logging.getLogger("torchpool.transport")
 
-# (identity, header, payload frames) -> None
-Handler = Callable[[bytes, dict[str, object], list[zmq.Frame]], None]
+LOCAL = 0
+REMOTE = 1
+
+# (link, identity, header, payload frames) -> None
+Handler = Callable[[int, bytes, dict[str, object], list[zmq.Frame]], None]
+
+
+@dataclass(frozen=True)
+class Curve:
+    """CURVE server settings: our secret key file, and the folder of admitted public keys."""
+
+    secret_file: str
+    allow_dir: str
+
+
+class _Link:
+    def __init__(self, ctx: zmq.Context[zmq.Socket[bytes]], endpoint: str, curve: Curve | None):
+        self.sock = ctx.socket(zmq.ROUTER)
+        # Fail a send to a peer that is gone instead of dropping it silently.
+        self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        # A remote worker that reconnects takes its identity back.
+        self.sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.SNDHWM, 0)
+        self.sock.setsockopt(zmq.RCVHWM, 0)
+        if curve is not None:
+            public, secret = zmq.auth.load_certificate(curve.secret_file)
+            if secret is None:
+                raise ValueError(f"{curve.secret_file} holds no secret key")
+            self.sock.curve_publickey = public
+            self.sock.curve_secretkey = secret
+            self.sock.curve_server = True
+        self.sock.bind(endpoint)
+        self.endpoint = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.fd = cast(int, self.sock.getsockopt(zmq.FD))
 
 
 class Transport:
-    def __init__(self, endpoint: str) -> None:
-        self.endpoint = endpoint
-        self._ctx = zmq.Context()
-        self._sock = self._ctx.socket(zmq.ROUTER)
-        # Fail a send to a peer that is gone instead of dropping it silently.
-        self._sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        # A restarted worker process reuses no identity, but a reconnecting one may.
-        self._sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
-        self._sock.setsockopt(zmq.LINGER, 0)
-        self._sock.setsockopt(zmq.SNDHWM, 0)
-        self._sock.setsockopt(zmq.RCVHWM, 0)
-        self._sock.bind(endpoint)
-        self._fd = cast(int, self._sock.getsockopt(zmq.FD))
+    def __init__(self, endpoint: str, remote: str | None = None, curve: Curve | None = None):
+        self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+        self._auth: ThreadAuthenticator | None = None
+        if curve is not None:
+            # The ZAP handler admits exactly the workers whose public keys are in allow_dir.
+            self._auth = ThreadAuthenticator(self._ctx)
+            self._auth.start()
+            self._auth.configure_curve(domain="*", location=curve.allow_dir)
+        self._links = [_Link(self._ctx, endpoint, None)]
+        if remote is not None:
+            self._links.append(_Link(self._ctx, remote, curve))
         self._handler: Handler | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._drain_scheduled = False
 
+    @property
+    def endpoint(self) -> str:
+        """Where local workers connect."""
+        return self._links[LOCAL].endpoint
+
+    @property
+    def remote_endpoint(self) -> str | None:
+        """Where remote workers connect (the port resolved if --bind asked for 0)."""
+        return self._links[REMOTE].endpoint if len(self._links) > REMOTE else None
+
     def start(self, handler: Handler) -> None:
         self._handler = handler
         self._loop = asyncio.get_running_loop()
-        self._loop.add_reader(self._fd, self._drain)
+        for link in self._links:
+            self._loop.add_reader(link.fd, self._drain)
         self._schedule_drain()
 
-    def send(self, identity: bytes, frames: Sequence[bytes | memoryview | zmq.Frame]) -> None:
+    def send(
+        self, identity: bytes, frames: Sequence[bytes | memoryview | zmq.Frame], link: int = LOCAL
+    ) -> None:
         """Send without blocking; raises zmq.ZMQError (EHOSTUNREACH) if the peer is gone."""
         try:
-            self._sock.send_multipart([identity, *frames], flags=zmq.NOBLOCK, copy=False)
+            self._links[link].sock.send_multipart(
+                [identity, *frames], flags=zmq.NOBLOCK, copy=False
+            )
         finally:
             self._schedule_drain()
 
@@ -62,26 +117,31 @@ class Transport:
     def _drain(self) -> None:
         self._drain_scheduled = False
         handler = self._handler
-        if handler is None or self._sock.closed:
+        if handler is None:
             return
-        while cast(int, self._sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
-            frames = self._sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
-            if len(frames) < 2:
-                continue
-            identity = frames[0].bytes
-            try:
-                header = protocol.unpack_header(frames[1].buffer)
-            except ValueError as exc:
-                log.warning("dropping a malformed message from %r: %s", identity, exc)
-                continue
-            try:
-                handler(identity, header, frames[2:])
-            except Exception:
-                # One bad message must not stop the reader: log it with its cause.
-                log.exception("error handling %s from %r", header.get("t"), identity)
+        for index, link in enumerate(self._links):
+            sock = link.sock
+            while not sock.closed and cast(int, sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
+                frames = sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+                if len(frames) < 2:
+                    continue
+                identity = frames[0].bytes
+                try:
+                    header = protocol.unpack_header(frames[1].buffer)
+                except ValueError as exc:
+                    log.warning("dropping a malformed message from %r: %s", identity, exc)
+                    continue
+                try:
+                    handler(index, identity, header, frames[2:])
+                except Exception:
+                    # One bad message must not stop the reader: log it with its cause.
+                    log.exception("error handling %s from %r", header.get("t"), identity)
 
     def close(self) -> None:
-        if self._loop is not None and not self._sock.closed:
-            self._loop.remove_reader(self._fd)
-        self._sock.close(linger=0)
+        for link in self._links:
+            if self._loop is not None and not link.sock.closed:
+                self._loop.remove_reader(link.fd)
+            link.sock.close(linger=0)
+        if self._auth is not None:
+            self._auth.stop()
         self._ctx.term()

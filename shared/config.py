@@ -208,6 +208,28 @@ class ServeSettings(ModelSettings):
     max_worker_rss_mb: float = _opt(
         0.0, "Replace a worker whose RSS grows past this many MiB (0: never).", float
     )
+    api_key: str | None = _opt(
+        None,
+        "Bearer token(s), comma-separated, required on /predict and /v2 (401 without); "
+        "health probes stay open. Prefer the environment variable to the flag.",
+    )
+    admin_token: str | None = _opt(
+        None, "Bearer token for /admin endpoints (runtime scaling); they are off without it."
+    )
+    bind: str | None = _opt(
+        None, "Endpoint remote workers join, e.g. tcp://0.0.0.0:5555 (local workers use ipc)."
+    )
+    curve_secret: str | None = _opt(
+        None, "The gateway's CurveZMQ secret key file (server.key_secret) for --bind."
+    )
+    curve_allow: str | None = _opt(
+        None, "Folder of admitted workers' public keys (*.key) for --bind with CURVE."
+    )
+    insecure_tcp: bool = _opt(
+        False,
+        "Allow --bind on a non-loopback address without CURVE (unauthenticated!).",
+        parse_bool,
+    )
     log_level: str = _opt("info", "Log level: debug, info, warning or error.")
 
     def __post_init__(self) -> None:
@@ -232,6 +254,7 @@ class ServeSettings(ModelSettings):
             raise ConfigError("--max-requests-per-worker cannot be negative")
         if self.max_worker_rss_mb < 0:
             raise ConfigError("--max-worker-rss-mb cannot be negative")
+        _check_bind(self)
         if self.log_level not in {"debug", "info", "warning", "error"}:
             raise ConfigError(f"--log-level {self.log_level!r} is not debug/info/warning/error")
         if self.model and not Path(self.model).is_file():
@@ -251,13 +274,50 @@ class WorkerSettings(ModelSettings):
     gpu: int | None = _opt(
         None, "Physical GPU index this worker owns (CUDA_VISIBLE_DEVICES holds just it).", int
     )
+    curve_secret: str | None = _opt(
+        None, "This worker's CurveZMQ secret key file (NAME.key_secret), for a CURVE gateway."
+    )
+    curve_server_key: str | None = _opt(
+        None, "The gateway's CurveZMQ public key file (server.key), for a CURVE gateway."
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if not self.connect:
             raise ConfigError("--connect is required: the gateway endpoint to join")
+        if bool(self.curve_secret) != bool(self.curve_server_key):
+            raise ConfigError("--curve-secret and --curve-server-key go together")
+        for path in (self.curve_secret, self.curve_server_key):
+            if path and not Path(path).is_file():
+                raise ConfigError(f"key file {path!r} does not exist")
         if self.cores is not None and not self.cores:
             raise ConfigError("--cores is empty")
+
+
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1", "[::1]"})
+
+
+def _check_bind(settings: ServeSettings) -> None:
+    """Remote workers over TCP: CURVE keys, or loopback, or an explicit opt-out."""
+    if not settings.bind:
+        if settings.curve_secret or settings.curve_allow:
+            raise ConfigError("--curve-secret/--curve-allow only apply with --bind")
+        return
+    scheme, _, rest = settings.bind.partition("://")
+    host = rest.rpartition(":")[0]
+    if scheme != "tcp" or not host or not rest.rpartition(":")[2].isdigit():
+        raise ConfigError(f"--bind {settings.bind!r} must look like tcp://HOST:PORT")
+    if bool(settings.curve_secret) != bool(settings.curve_allow):
+        raise ConfigError("--curve-secret and --curve-allow go together")
+    if settings.curve_secret and not Path(settings.curve_secret).is_file():
+        raise ConfigError(f"key file {settings.curve_secret!r} does not exist")
+    if settings.curve_allow and not Path(settings.curve_allow).is_dir():
+        raise ConfigError(f"--curve-allow {settings.curve_allow!r} is not a folder")
+    if not settings.curve_secret and host not in LOOPBACK_HOSTS and not settings.insecure_tcp:
+        raise ConfigError(
+            f"--bind {settings.bind} is reachable beyond this machine: give --curve-secret "
+            "and --curve-allow (see `torchpool keys`), or --insecure-tcp to accept anyone"
+        )
 
 
 @dataclass(frozen=True)

@@ -14,22 +14,41 @@ workers ``<slot>.<generation>``; a remote worker makes one up).
 Every message is a multipart ZeroMQ message whose first frame is a msgpack map,
 the header; its ``t`` key names the message type. Payload frames follow raw:
 
-    REQUEST   gateway -> data     [ {t, v, id, fmt, deadline_ms} | body ]
-    REPLY     data -> gateway     [ {t, id, code, message?, details?, fmt?} | body? ]
+    REQUEST   gateway -> data     [ {t, v, id, fmt, deadline_ms, + v2 fields} | body ]
+    REPLY     data -> gateway     [ {t, id, code, message?, details?, fmt?, json_len?} | body? ]
     HELLO     control -> gateway  [ {t, v, uid, slot, pid, host, device, cores, threads} ]
     LOADING   control -> gateway  [ {t, uid} ]
     READY     control -> gateway  [ {t, uid, load_s, capacity, input_shape?, input_dtype?,
-                                     model_name, + memory fields} ]
-    HEARTBEAT control -> gateway  [ {t, uid, busy, served, + memory fields} ]
+                                     model_name, signature?, + memory fields} ]
+    HEARTBEAT control -> gateway  [ {t, uid, busy, served, batches, + memory fields} ]
     ERROR     control -> gateway  [ {t, uid, code, message, fatal} ]
     BYE       control -> gateway  [ {t, uid, reason} ]
     BEAT      gateway -> control  [ {t} ]       the gateway is alive
     STOP      gateway -> control  [ {t, reason} ] finish what you hold, then exit
 
+``batches`` in a HEARTBEAT counts the forward passes the worker has run since
+it started, by rows in the batch: ``[[rows, count], ...]`` (a list of pairs,
+since map keys are strings only), cumulative, so a lost heartbeat loses
+nothing. The gateway sums the increases into its batch-size histogram.
+
 ``fmt`` says what a body frame holds: ``json`` (an HTTP JSON body, passed through
 untouched so the gateway never parses tensors) or ``msgpack`` (the binary body
 format below). A REPLY with ``code == "ok"`` carries the encoded result; any
 other code is an error code from :mod:`shared.errors` with a message.
+
+Two more formats carry the Open Inference Protocol (KServe v2) ``/infer`` body,
+again passed through untouched: ``v2json`` (the whole body is the JSON request)
+and ``v2binary`` (the binary tensor extension: the first ``json_len`` bytes are
+the JSON request, raw little-endian tensor bytes follow). Their REQUEST adds
+``model`` and ``version`` (echoed in the answer), ``json_len`` for ``v2binary``,
+and ``encoding`` (``gzip`` or ``deflate``) when the HTTP body was compressed.
+Their REPLY is ``v2json`` (a JSON response) or ``v2binary`` with ``json_len``:
+the JSON response, then the binary outputs' raw bytes.
+
+READY's ``signature`` describes the model for ``/v2/models/{name}``:
+``{"source": "demo" | "torchscript" | ..., "outputs": [{"name", "dtype",
+"shape"}] | null}``; output shapes put ``-1`` for the batch and are known
+only when the worker ran a warm-up forward.
 
 Tensors are never pickled. A tensor travels as a map
 
@@ -70,6 +89,8 @@ CONTROL_TYPES: Final = frozenset({HELLO, LOADING, READY, HEARTBEAT, ERROR, BYE})
 # Body formats.
 FMT_JSON: Final = "json"
 FMT_MSGPACK: Final = "msgpack"
+FMT_V2_JSON: Final = "v2json"
+FMT_V2_BINARY: Final = "v2binary"
 
 # Reply code for success.
 OK: Final = "ok"
@@ -103,6 +124,25 @@ DTYPE_SIZES: Final[Mapping[str, int]] = {
     "float32": 4,
     "float64": 8,
 }
+
+
+# Open Inference Protocol datatype -> dtype name (BYTES has no tensor dtype).
+V2_DATATYPES: Final[Mapping[str, str]] = {
+    "BOOL": "bool",
+    "UINT8": "uint8",
+    "UINT16": "uint16",
+    "UINT32": "uint32",
+    "UINT64": "uint64",
+    "INT8": "int8",
+    "INT16": "int16",
+    "INT32": "int32",
+    "INT64": "int64",
+    "FP16": "float16",
+    "BF16": "bfloat16",
+    "FP32": "float32",
+    "FP64": "float64",
+}
+V2_NAMES: Final[Mapping[str, str]] = {dtype: name for name, dtype in V2_DATATYPES.items()}
 
 
 def data_identity(uid: str) -> bytes:

@@ -20,6 +20,7 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Any, Final
 
 import zmq
@@ -46,6 +47,17 @@ class WorkerState:
     def __init__(self) -> None:
         self.busy = False
         self.served = 0
+        # Forward passes run, by rows in the batch; only the serving loop writes it.
+        self.batches: dict[int, int] = {}
+
+    def count_batch(self, rows: int) -> None:
+        self.batches[rows] = self.batches.get(rows, 0) + 1
+
+    def batches_report(self) -> list[list[int]]:
+        """``[[rows, count], ...]`` for a heartbeat (msgpack map keys must be strings)."""
+        # dict.copy() runs without releasing the GIL, so it cannot see the
+        # serving loop's dict mid-update, as iterating the dict itself could.
+        return [[rows, count] for rows, count in self.batches.copy().items()]
 
 
 class ControlThread(threading.Thread):
@@ -60,8 +72,14 @@ class ControlThread(threading.Thread):
         state: WorkerState,
         sampler: MemorySampler,
         parent_pid: int | None,
+        secure: Callable[[zmq.Socket[bytes]], None] = lambda sock: None,
     ) -> None:
         super().__init__(name="torchpool-control", daemon=True)
+        self._secure = secure
+        # A remote worker re-sends these when the gateway falls silent, so a
+        # gateway that restarted (or gave up on us) learns of it again.
+        self._announcements: dict[str, bytes] = {}
+        self._announce_after_s = max(3 * heartbeat_s, 3.0)
         self._ctx = ctx
         self._endpoint = endpoint
         self._uid = uid
@@ -117,6 +135,7 @@ class ControlThread(threading.Thread):
         control: zmq.Socket[bytes] = self._ctx.socket(zmq.DEALER)
         control.setsockopt(zmq.IDENTITY, protocol.control_identity(self._uid))
         control.setsockopt(zmq.LINGER, LINGER_MS)
+        self._secure(control)
         control.connect(self._endpoint)
         pair: zmq.Socket[bytes] = self._ctx.socket(zmq.PAIR)
         pair.connect(self._pair_addr)
@@ -124,6 +143,7 @@ class ControlThread(threading.Thread):
         poller.register(pair, zmq.POLLIN)
         poller.register(control, zmq.POLLIN)
         next_beat = time.monotonic() + self._heartbeat_s
+        self._born = self._announced = time.monotonic()
         orphaned_at: float | None = None
         try:
             while True:
@@ -138,6 +158,8 @@ class ControlThread(threading.Thread):
                 if now >= next_beat:
                     control.send(protocol.pack(self._heartbeat()))
                     next_beat = now + self._heartbeat_s
+                if self._parent_pid is None:
+                    self._announce_if_unheard(control, now)
                 if orphaned_at is None and self._parent_gone():
                     orphaned_at = now
                     pair.send_multipart([b"orphan", b"the parent process exited"])
@@ -156,7 +178,20 @@ class ControlThread(threading.Thread):
                 return False
             if frames[0] == b"close":
                 return True
+            kind = protocol.unpack_header(frames[1])["t"]
+            if kind in (protocol.HELLO, protocol.READY):
+                self._announcements[kind] = frames[1]
             control.send(frames[1])
+
+    def _announce_if_unheard(self, control: zmq.Socket[bytes], now: float) -> None:
+        """Say hello (and ready) again when the gateway has not beaten for a while."""
+        heard = self.last_beat if self.last_beat is not None else self._born
+        if now - max(heard, self._announced) < self._announce_after_s:
+            return
+        self._announced = now
+        for kind in (protocol.HELLO, protocol.READY):
+            if kind in self._announcements:
+                control.send(self._announcements[kind])
 
     def _handle_incoming(self, control: zmq.Socket[bytes], pair: zmq.Socket[bytes]) -> None:
         while True:
@@ -182,6 +217,7 @@ class ControlThread(threading.Thread):
             "uid": self._uid,
             "busy": self._state.busy,
             "served": self._state.served,
+            "batches": self._state.batches_report(),
             **self._sampler.sample(),
         }
 

@@ -22,10 +22,11 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Final
 
 import zmq
+import zmq.auth
 
 from shared import protocol
 from shared.config import ConfigError, WorkerSettings, parse_settings
@@ -52,6 +53,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return protocol.EXIT_BAD_CONFIG
+    try:
+        secure = curve_client(settings)
+    except (OSError, ValueError) as exc:
+        print(f"{PROG}: error: cannot read CURVE keys: {exc}", file=sys.stderr)
+        return protocol.EXIT_BAD_CONFIG
     pin = pinning.apply(settings.cores, settings.device, settings.gpu)
     parent = os.getppid() if settings.slot >= 0 else None
     if parent is not None and not die_with_parent(parent):
@@ -64,13 +70,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     state = WorkerState()
     sampler = MemorySampler()
     control = ControlThread(
-        ctx, settings.connect, uid, settings.heartbeat_s, state, sampler, parent
+        ctx, settings.connect, uid, settings.heartbeat_s, state, sampler, parent, secure
     )
     control.start()
     data: zmq.Socket[bytes] = ctx.socket(zmq.DEALER)
     data.setsockopt(zmq.IDENTITY, protocol.data_identity(uid))
     data.setsockopt(zmq.LINGER, LINGER_MS)
     data.setsockopt(zmq.SNDTIMEO, _SEND_TIMEOUT_MS)
+    secure(data)
     data.connect(settings.connect)
     try:
         return run(settings, pin, uid, data, control, state, sampler, signals)
@@ -82,6 +89,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         # would wait for it forever.
         if not control.is_alive():
             ctx.term()
+
+
+def curve_client(settings: WorkerSettings) -> Callable[[zmq.Socket[bytes]], None]:
+    """How to make a socket a CurveZMQ client of the gateway (a no-op without keys)."""
+    if not (settings.curve_secret and settings.curve_server_key):
+        return lambda sock: None
+    public, secret = zmq.auth.load_certificate(settings.curve_secret)
+    server_public, _ = zmq.auth.load_certificate(settings.curve_server_key)
+    if secret is None:
+        raise ConfigError(f"{settings.curve_secret} holds no secret key")
+
+    def secure(sock: zmq.Socket[bytes]) -> None:
+        sock.curve_publickey = public
+        sock.curve_secretkey = secret
+        sock.curve_serverkey = server_public
+
+    return secure
 
 
 def die_with_parent(parent: int) -> bool:

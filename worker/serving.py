@@ -167,6 +167,7 @@ class Server:
             else:
                 live.append(job)
         for grouped in batching.group(live):
+            self._state.count_batch(sum(job.rows for job in grouped))
             try:
                 results = batching.run_group(self._model.run, [job.tensor for job in grouped])
             except Exception as exc:
