@@ -81,6 +81,17 @@ class Server:
         document: dict[str, Any] = self.get("/health").json()
         return document
 
+    def live(self) -> bool:
+        """True once the HTTP server answers /health/live (False while it starts)."""
+        if self.proc.poll() is not None:
+            raise AssertionError(
+                f"torchpool serve exited with {self.proc.returncode}:\n{self.log()}"
+            )
+        try:
+            return self.get("/health/live").status_code == 200
+        except httpx.HTTPError:
+            return False
+
     def _ready(self, count: int) -> bool:
         if self.proc.poll() is not None:
             raise AssertionError(
