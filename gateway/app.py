@@ -20,9 +20,14 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 from starlette.responses import Response
 
+from gateway import admin
+from gateway.auth import ApiKeyMiddleware, parse_tokens
 from gateway.dispatch import Reply
 from gateway.health import health_json
+from gateway.metrics import Metrics
+from gateway.metrics import install as install_metrics
 from gateway.runtime import Runtime
+from gateway.status import install as install_status_page
 from shared import protocol
 from shared.config import ServeSettings
 from shared.errors import (
@@ -63,6 +68,8 @@ def _error_responses(*statuses: int) -> dict[str, dict[str, Any]]:
         for status in statuses
     }
 
+
+_ANY_JSON: dict[str, Any] = {"content": {JSON: {"schema": {}}}}
 
 PREDICT_OPENAPI: dict[str, Any] = {
     "requestBody": {
@@ -107,11 +114,13 @@ def json_response(
 
 def create_app(settings: ServeSettings, on_fatal: Callable[[str], None] | None = None) -> FastAPI:
     """The app; its lifespan starts the worker pool and stops it on shutdown."""
+    metrics = Metrics()  # this app's own registry
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         runtime = Runtime(settings, on_fatal or (lambda reason: None))
         app.state.runtime = runtime
+        metrics.attach(runtime)
         await runtime.start()
         try:
             yield
@@ -124,6 +133,9 @@ def create_app(settings: ServeSettings, on_fatal: Callable[[str], None] | None =
         version="0.1.0",
         lifespan=lifespan,
     )
+    if keys := parse_tokens(settings.api_key):
+        app.add_middleware(ApiKeyMiddleware, keys=keys)
+    admin.install(app, settings.admin_token)
     app.add_exception_handler(TorchpoolError, _torchpool_error)  # type: ignore[arg-type]
     app.add_exception_handler(HTTPException, _http_error)  # type: ignore[arg-type]
     app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
@@ -147,7 +159,7 @@ def create_app(settings: ServeSettings, on_fatal: Callable[[str], None] | None =
             reply = await dispatcher.result(pending)
         return Response(reply.body, media_type=_MEDIA_TYPES.get(reply.fmt, JSON))
 
-    @app.get("/health", responses={503: {"description": "No worker is ready"}})
+    @app.get("/health", responses={503: {"description": "No worker is ready", **_ANY_JSON}})
     async def health(request: Request) -> Response:
         """Per-worker status; 200 when at least one worker is ready, else 503."""
         document = health_json(runtime_of(request).pool)
@@ -158,7 +170,9 @@ def create_app(settings: ServeSettings, on_fatal: Callable[[str], None] | None =
         """200 while the gateway process runs."""
         return json_response({"status": "alive"})
 
-    @app.get("/health/ready", responses={503: {"description": "Not ready, or draining"}})
+    @app.get(
+        "/health/ready", responses={503: {"description": "Not ready, or draining", **_ANY_JSON}}
+    )
     async def ready(request: Request) -> Response:
         """200 when at least --min-ready workers are ready and the server is not draining."""
         pool = runtime_of(request).pool
@@ -169,6 +183,11 @@ def create_app(settings: ServeSettings, on_fatal: Callable[[str], None] | None =
             200 if is_ready else 503,
         )
 
+    install_metrics(app, metrics)
+    install_status_page(app, metrics)
+    from gateway import v2  # imported here: it builds on this module's helpers
+
+    v2.install(app)
     return app
 
 

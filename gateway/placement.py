@@ -91,6 +91,57 @@ def split_cores(
     return [tuple(cores[i * size : (i + 1) * size]) for i in range(workers)]
 
 
+def choose_gpus(device: str, gpus: Sequence[int] | None = None) -> list[int]:
+    """The physical GPUs workers go to under ``--device`` (empty: CPU workers)."""
+    spec = parse_device(device)
+    available = visible_gpus() if gpus is None else list(gpus)
+    if spec.kind == "cpu" or (spec.kind == "auto" and not available):
+        return []
+    chosen = available
+    if spec.gpus is not None:
+        # cuda:N means the Nth GPU this process sees, as in torch; map it to
+        # the physical index that CUDA_VISIBLE_DEVICES will name for the worker.
+        missing = [i for i in spec.gpus if i >= len(available)]
+        if missing:
+            raise ConfigError(
+                f"--device {device}: only {len(available)} GPUs are visible, "
+                f"so cuda:{missing[0]} does not exist"
+            )
+        chosen = [available[i] for i in spec.gpus]
+    if not chosen:
+        raise ConfigError(f"--device {device} but no GPU is visible to this process")
+    return chosen
+
+
+def place_another(
+    existing: Sequence[Placement],
+    slot: int,
+    gpus: Sequence[int],
+    per_worker: int | None = None,
+    cores: Sequence[int] | None = None,
+) -> Placement:
+    """Place one more worker beside ``existing`` ones (scaling up at run time).
+
+    It gets free cores when enough are left, as many as its peers have;
+    otherwise it shares the cores of an existing slot, and a warning says so.
+    """
+    cores = usable_cores() if cores is None else list(cores)
+    size = per_worker or (len(existing[0].cores) if existing else len(cores))
+    used = {core for placement in existing for core in placement.cores}
+    free = [core for core in cores if core not in used]
+    if len(free) >= size:
+        chosen = tuple(free[:size])
+    else:
+        chosen = existing[slot % len(existing)].cores if existing else tuple(cores[:size])
+        log.warning("no free cores for worker %d: it shares cores %s", slot, format_cores(chosen))
+    return Placement(
+        slot=slot,
+        device="cuda" if gpus else "cpu",
+        gpu=gpus[slot % len(gpus)] if gpus else None,
+        cores=chosen,
+    )
+
+
 def plan(
     workers: int,
     device: str,
@@ -99,32 +150,13 @@ def plan(
     gpus: Sequence[int] | None = None,
 ) -> list[Placement]:
     """Place ``workers`` local workers: disjoint core sets, GPUs round-robin."""
-    spec = parse_device(device)
     cores = usable_cores() if cores is None else list(cores)
-    available = visible_gpus() if gpus is None else list(gpus)
-    kind = spec.kind
-    if kind == "auto":
-        kind = "cuda" if available else "cpu"
-    chosen: list[int] = []
-    if kind == "cuda":
-        chosen = available
-        if spec.gpus is not None:
-            # cuda:N means the Nth GPU this process sees, as in torch; map it to
-            # the physical index that CUDA_VISIBLE_DEVICES will name for the worker.
-            missing = [i for i in spec.gpus if i >= len(available)]
-            if missing:
-                raise ConfigError(
-                    f"--device {device}: only {len(available)} GPUs are visible, "
-                    f"so cuda:{missing[0]} does not exist"
-                )
-            chosen = [available[i] for i in spec.gpus]
-        if not chosen:
-            raise ConfigError(f"--device {device} but no GPU is visible to this process")
+    chosen = choose_gpus(device, gpus)
     core_sets = split_cores(cores, workers, per_worker)
     return [
         Placement(
             slot=i,
-            device=kind,
+            device="cuda" if chosen else "cpu",
             gpu=chosen[i % len(chosen)] if chosen else None,
             cores=core_sets[i],
         )

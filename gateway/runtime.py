@@ -7,8 +7,10 @@ runtime directory that holds the ``ipc://`` endpoint and removes it on exit.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import shutil
+import signal
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -57,6 +59,10 @@ class Runtime:
 
     async def start(self) -> None:
         self.loop = asyncio.get_running_loop()
+        with contextlib.suppress(ValueError, RuntimeError, NotImplementedError):
+            # Signals reach only the main thread's loop; elsewhere (tests) skip.
+            self.loop.add_signal_handler(signal.SIGTTIN, self.supervisor.scale_by, 1)
+            self.loop.add_signal_handler(signal.SIGTTOU, self.supervisor.scale_by, -1)
         self.transport.start(self._route)
         log.info("workers connect to %s", self.transport.endpoint)
         if self.transport.remote_endpoint:

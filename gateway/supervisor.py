@@ -23,7 +23,7 @@ from typing import Any
 import zmq
 
 from gateway.dispatch import Dispatcher
-from gateway.placement import Placement, format_cores
+from gateway.placement import Placement, choose_gpus, format_cores, place_another
 from gateway.pool import Pool, Role, State, WorkerRecord
 from gateway.process import WorkerProcess, describe_exit
 from gateway.transport import REMOTE, Transport
@@ -59,6 +59,7 @@ class Supervisor:
         self._on_fatal = on_fatal
         self._stopping = False
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._gpus = choose_gpus(settings.device)
         self._drain_started: float | None = None
         self._hurry = asyncio.Event()
         self.fatal_reason: str | None = None
@@ -321,6 +322,52 @@ class Supervisor:
         log.info("remote worker %d joined: %s from %s", worker.slot, uid, hello.get("host"))
         return worker
 
+    # --- scaling -----------------------------------------------------------------
+
+    @property
+    def target_workers(self) -> int:
+        return len(self._pool.workers)
+
+    async def scale_to(self, count: int) -> None:
+        """Resize the local pool: new slots boot in the background; removed ones drain."""
+        if self._stopping:
+            return
+        workers = self._pool.workers
+        while len(workers) < count:
+            slot = len(workers)
+            placement = place_another(
+                [w.placement for w in workers], slot, self._gpus, self._settings.cores_per_worker
+            )
+            worker = WorkerRecord(placement, generation=self._pool.next_generation())
+            workers.append(worker)
+            log.info("scaling up: worker %d", slot)
+            await self.spawn(worker)
+        while len(workers) > count:
+            worker = workers.pop()
+            log.info("scaling down: draining worker %d", worker.slot)
+            self._retire_record(worker)
+        for extra in list(self._pool.extra):
+            if extra.role is Role.SUCCESSOR and extra.slot >= count:
+                self._retire_record(extra)
+
+    def scale_by(self, delta: int) -> None:
+        """SIGTTIN (+1) / SIGTTOU (-1), as gunicorn does."""
+        self._background(self.scale_to(max(0, len(self._pool.workers) + delta)))
+
+    def _retire_record(self, worker: WorkerRecord) -> None:
+        """Take ``worker`` out of service; it finishes what it holds, then stops."""
+        if worker in self._pool.extra:
+            self._pool.extra.remove(worker)
+        process = worker.process
+        if process is None or not process.is_alive():
+            self._pool.forget(worker)
+            worker.state = State.STOPPED
+            return
+        worker.role = Role.RETIRING
+        self._pool.extra.append(worker)
+        self._send_control(worker, {"t": protocol.STOP, "reason": "scaled down"})
+        self._background(self._retire(process))
+
     # --- recycling ---------------------------------------------------------------
 
     def check_recycle(self, worker: WorkerRecord) -> None:
@@ -360,17 +407,16 @@ class Supervisor:
     def _take_over(self, successor: WorkerRecord) -> None:
         """A successor is ready: it takes the slot, the old worker drains and stops."""
         slot = successor.slot
+        if slot >= len(self._pool.workers):
+            self._retire_record(successor)  # its slot was scaled away meanwhile
+            return
         old = self._pool.workers[slot]
         self._pool.extra.remove(successor)
         successor.role = Role.CURRENT
         self._pool.workers[slot] = successor
-        old.role = Role.RETIRING
-        self._pool.extra.append(old)
         log.info("worker %d replaced by pid %s; draining pid %s", slot, successor.pid, old.pid)
         # A worker answers all it holds before it acts on STOP; it gets no new work.
-        self._send_control(old, {"t": protocol.STOP, "reason": "recycled"})
-        if old.process is not None:
-            self._background(self._retire(old.process))
+        self._retire_record(old)
 
     async def _retire(self, process: WorkerProcess) -> None:
         try:
@@ -380,11 +426,12 @@ class Supervisor:
 
     def _recycle_ended(self, worker: WorkerRecord, process: WorkerProcess, how: str) -> None:
         """A retiring worker exited, or a successor died before it was ready."""
-        self._pool.extra.remove(worker)
+        if worker in self._pool.extra:
+            self._pool.extra.remove(worker)
         self._pool.forget(worker)
         worker.state = State.STOPPED
         self._dispatcher.worker_lost(worker, how)  # normally holds nothing by now
-        if worker.role is Role.SUCCESSOR:
+        if worker.role is Role.SUCCESSOR and worker.slot < len(self._pool.workers):
             self._count_death(death_cause(worker.exit_code))
             current = self._pool.workers[worker.slot]
             current.recycling = False

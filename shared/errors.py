@@ -4,7 +4,9 @@
      ├── RequestError              400 bad_request         the client sent something unusable
      │    ├── ShapeMismatch        422 shape_mismatch      well-formed, not what the model takes
      │    ├── PayloadTooLarge      413 payload_too_large
+     │    ├── ModelNotFound        404 model_not_found     /v2: no such model or version
      │    └── UnsupportedMediaType 415 unsupported_media_type
+     ├── Unauthorized              401 unauthorized        missing or wrong bearer token
      ├── ModelFailure              500 model_error         the model raised on valid input
      ├── Unavailable               503 unavailable         no ready worker, or the queue is full
      ├── DeadlineExceeded          504 deadline_exceeded
@@ -13,7 +15,8 @@
 
 Workers send the ``code`` string of an error over the wire; the gateway turns it
 back into the class with :func:`error_from_code` and into a status with
-``.status``. Nothing else in the project decides a status code.
+``.status``. Nothing else in the project decides a status code; the Open
+Inference Protocol's routes (/v2) take theirs from :func:`v2_status`.
 """
 
 from __future__ import annotations
@@ -53,9 +56,19 @@ class PayloadTooLarge(RequestError):
     code = "payload_too_large"
 
 
+class ModelNotFound(RequestError):
+    status = 404
+    code = "model_not_found"
+
+
 class UnsupportedMediaType(RequestError):
     status = 415
     code = "unsupported_media_type"
+
+
+class Unauthorized(TorchpoolError):
+    status = 401
+    code = "unauthorized"
 
 
 class ModelFailure(TorchpoolError):
@@ -97,7 +110,9 @@ _BY_CODE: dict[str, type[TorchpoolError]] = {
         RequestError,
         ShapeMismatch,
         PayloadTooLarge,
+        ModelNotFound,
         UnsupportedMediaType,
+        Unauthorized,
         ModelFailure,
         Unavailable,
         DeadlineExceeded,
@@ -110,3 +125,14 @@ _BY_CODE: dict[str, type[TorchpoolError]] = {
 def error_from_code(code: str, message: str, **details: Any) -> TorchpoolError:
     """Rebuild an error that crossed the wire; an unknown code is an internal error."""
     return _BY_CODE.get(code, TorchpoolError)(message, **details)
+
+
+def v2_status(error: TorchpoolError) -> int:
+    """The status of ``error`` on the Open Inference Protocol routes (/v2).
+
+    That protocol answers bad input with 400, a shape that does not fit included
+    (422 elsewhere); an unknown model is 404, an oversized body still 413.
+    """
+    if isinstance(error, RequestError) and not isinstance(error, PayloadTooLarge | ModelNotFound):
+        return 400
+    return error.status
