@@ -5,7 +5,15 @@
 
 from __future__ import annotations
 
-from shared.config import ServeSettings, env_name, flag, parse_bool, settings_fields
+from shared.config import (
+    ModelSettings,
+    ServeSettings,
+    WorkerSettings,
+    env_name,
+    flag,
+    parse_bool,
+    settings_fields,
+)
 
 
 def _default(value: object, is_switch: bool) -> str:
@@ -16,9 +24,13 @@ def _default(value: object, is_switch: bool) -> str:
     return f"`{value}`"
 
 
-def table() -> str:
+def table(cls: type[ModelSettings] = ServeSettings, only_own: bool = False) -> str:
+    """The markdown table of ``cls``'s flags; ``only_own`` leaves out the model flags."""
     lines = ["| Flag | Environment variable | Default | Meaning |", "|---|---|---|---|"]
-    for f in settings_fields(ServeSettings):
+    inherited = {f.name for f in settings_fields(ModelSettings)} if only_own else set()
+    for f in settings_fields(cls):
+        if f.name in inherited:
+            continue
         shown = f"`{flag(f.name)}`"
         help_text = " ".join(str(f.metadata["help"]).split()).replace("|", "\\|")
         default = _default(f.default, f.metadata["parse"] is parse_bool)
@@ -26,5 +38,12 @@ def table() -> str:
     return "\n".join(lines)
 
 
+def worker_table() -> str:
+    """``torchpool worker``'s own flags (it also takes every model flag)."""
+    return table(WorkerSettings, only_own=True)
+
+
 if __name__ == "__main__":
     print(table())
+    print()
+    print(worker_table())
