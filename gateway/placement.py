@@ -36,9 +36,30 @@ class Placement:
         return "cpu" if self.gpu is None else f"cuda:{self.gpu}"
 
 
-def usable_cores() -> list[int]:
-    """The cores this process may run on (cgroup/taskset limits included)."""
-    return sorted(os.sched_getaffinity(0))
+CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
+
+
+def usable_cores(cpu_max: Path = CGROUP_CPU_MAX) -> list[int]:
+    """The cores this process may run on: its affinity (taskset, cpuset), cut
+    down to its CPU quota when a cgroup sets one (Kubernetes limits without the
+    static CPU manager), so workers are never given more threads than CPU time.
+    """
+    cores = sorted(os.sched_getaffinity(0))
+    quota = cgroup_cpu_quota(cpu_max)
+    if quota is not None and quota < len(cores):
+        cores = cores[: max(1, quota)]
+    return cores
+
+
+def cgroup_cpu_quota(cpu_max: Path = CGROUP_CPU_MAX) -> int | None:
+    """Whole CPUs allowed by cgroup v2's cpu.max (``"200000 100000"`` -> 2), if limited."""
+    try:
+        quota, _, period = cpu_max.read_text().strip().partition(" ")
+    except OSError:
+        return None
+    if quota == "max" or not quota.isdigit() or not period.isdigit() or int(period) == 0:
+        return None
+    return int(quota) // int(period)
 
 
 def visible_gpus(environ: Mapping[str, str] | None = None, proc: Path = NVIDIA_PROC) -> list[int]:

@@ -130,3 +130,15 @@ def test_format_cores() -> None:
     assert format_cores([5]) == "5"
     assert format_cores([]) == ""
     assert format_cores(range(16)) == "0-15"
+
+
+def test_cgroup_quota_caps_usable_cores(tmp_path: Path) -> None:
+    from gateway.placement import cgroup_cpu_quota, usable_cores
+
+    cpu_max = tmp_path / "cpu.max"
+    cpu_max.write_text("max 100000\n")
+    assert cgroup_cpu_quota(cpu_max) is None
+    cpu_max.write_text("150000 100000\n")
+    assert cgroup_cpu_quota(cpu_max) == 1
+    assert len(usable_cores(cpu_max)) == 1
+    assert cgroup_cpu_quota(tmp_path / "missing") is None
