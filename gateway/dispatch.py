@@ -120,7 +120,12 @@ class Dispatcher:
         timeout = self._timeout_s if timeout_s is None else min(timeout_s, self._timeout_s)
         loop = asyncio.get_running_loop()
         pending = Pending(
-            next(self._ids), fmt, body, time.monotonic() + timeout, loop.create_future(), extra=extra
+            next(self._ids),
+            fmt,
+            body,
+            time.monotonic() + timeout,
+            loop.create_future(),
+            extra=extra,
         )
         worker = self._pool.pick()
         if worker is not None and self._send(worker, pending):

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import array
 import time
-from collections.abc import Awaitable, Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
@@ -43,6 +43,7 @@ from prometheus_client.metrics_core import (
     Metric,
 )
 from starlette.responses import Response
+from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.health import pool_status
@@ -222,9 +223,10 @@ class Metrics:
 class MetricsMiddleware:
     """Times and counts every HTTP request; pure ASGI, so streaming is untouched."""
 
-    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+    def __init__(self, app: ASGIApp, metrics: Metrics, routes: list[BaseRoute]) -> None:
         self.app = app
         self.metrics = metrics
+        self.routes = routes  # the app's own list, so routes added later count too
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -243,8 +245,15 @@ class MetricsMiddleware:
             await self.app(scope, receive, send_and_note_status)
         finally:
             # The router leaves the matched route in the scope; its path is the template.
-            route = getattr(scope.get("route"), "path", None) or OTHER_ROUTE
+            route = getattr(scope.get("route"), "path", None) or self._template(scope)
             self.metrics.observe_request(route, status, time.perf_counter() - started)
+
+    def _template(self, scope: Scope) -> str:
+        """The route of a request answered before routing (a 401, say), or "other"."""
+        for route in self.routes:
+            if route.matches(scope)[0] is not Match.NONE:
+                return getattr(route, "path", None) or OTHER_ROUTE
+        return OTHER_ROUTE
 
 
 class PoolCollector:
@@ -351,7 +360,8 @@ def _batch_histogram(counts: dict[int, int], max_batch_size: int) -> HistogramMe
     bounds = sorted({*BATCH_BUCKETS, max_batch_size})
     buckets: list[tuple[str, float]] = []
     for bound in bounds:
-        buckets.append((str(bound), sum(n for rows, n in counts.items() if rows <= bound)))
+        below = sum(n for rows, n in counts.items() if rows <= bound)
+        buckets.append((str(float(bound)), below))  # le="8.0", as Histogram writes it
     buckets.append(("+Inf", sum(counts.values())))
     family = HistogramMetricFamily(
         f"{NAMESPACE}_batch_rows",
@@ -363,12 +373,11 @@ def _batch_histogram(counts: dict[int, int], max_batch_size: int) -> HistogramMe
 
 def install(app: FastAPI, metrics: Metrics) -> None:
     """Add the timing middleware and ``GET /metrics`` to ``app``."""
-    app.add_middleware(MetricsMiddleware, metrics=metrics)
+    app.add_middleware(MetricsMiddleware, metrics=metrics, routes=app.router.routes)
 
     async def scrape(request: Request) -> Response:
         """Prometheus metrics (text format; OpenMetrics when the scraper asks for it)."""
         body, content_type = metrics.exposition(request.headers.get("accept"))
         return Response(body, headers={"content-type": content_type})
 
-    endpoint: Callable[[Request], Awaitable[Response]] = scrape
-    app.add_api_route("/metrics", endpoint, methods=["GET"], response_class=Response)
+    app.add_api_route("/metrics", scrape, methods=["GET"], response_class=Response)

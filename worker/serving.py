@@ -6,7 +6,7 @@ the signal pipe; it wakes for work or for a reason to stop, never on a timer.
 
 Replies (see :mod:`shared.protocol`):
 
-    ok      [ {t: reply, id, code: "ok", fmt} | body ]
+    ok      [ {t: reply, id, code: "ok", fmt, json_len?} | body ]
     error   [ {t: reply, id, code, message, details} ]
 
 Whatever goes wrong with one request becomes that request's error reply
@@ -25,7 +25,7 @@ import zmq
 
 from shared import protocol
 from shared.errors import DeadlineExceeded, RequestError, TorchpoolError
-from worker import batching, codec
+from worker import batching, codec, v2codec
 from worker.batching import Job
 from worker.control import ControlThread, WorkerState
 from worker.loading import LoadedModel
@@ -140,21 +140,32 @@ class Server:
                 raise DeadlineExceeded("the request's deadline passed before it was read")
             if len(frames) < 2:
                 raise RequestError("the request has no body")
-            tensor = codec.decode_request(
-                fmt,
-                frames[1].buffer,
-                dtype=self._dtype,
-                input_shape=self._model.input_shape,
-                max_bytes=self._max_body,
-                preprocess=self._model.preprocess,
-            )
+            context: v2codec.V2Context | None = None
+            if fmt in v2codec.FORMATS:
+                tensor, context = v2codec.decode_request(
+                    header,
+                    frames[1].buffer,
+                    dtype=self._dtype,
+                    input_shape=self._model.input_shape,
+                    max_bytes=self._max_body,
+                    preprocess=self._model.preprocess,
+                )
+            else:
+                tensor = codec.decode_request(
+                    fmt,
+                    frames[1].buffer,
+                    dtype=self._dtype,
+                    input_shape=self._model.input_shape,
+                    max_bytes=self._max_body,
+                    preprocess=self._model.preprocess,
+                )
         except TorchpoolError as err:
             self._reply_error(request_id, err)
             return None
         except Exception as exc:
             self._reply_error(request_id, _internal("decoding the request", exc))
             return None
-        return Job(request_id, fmt, tensor, deadline)
+        return Job(request_id, fmt, tensor, deadline, context)
 
     # --- compute and reply --------------------------------------------------------
 
@@ -184,7 +195,11 @@ class Server:
                     result = self._model.postprocess(result)
                 except Exception as exc:
                     raise batching.model_failure(exc) from exc
-            body = codec.encode_reply(job.fmt, result)
+            fmt, extra = job.fmt, dict[str, Any]()
+            if isinstance(job.context, v2codec.V2Context):
+                body, fmt, extra = v2codec.encode_reply(job.context, result)
+            else:
+                body = codec.encode_reply(job.fmt, result)
         except TorchpoolError as err:
             self._reply_error(job.request_id, err)
         except Exception as exc:
@@ -194,7 +209,8 @@ class Server:
                 "t": protocol.REPLY,
                 "id": job.request_id,
                 "code": protocol.OK,
-                "fmt": job.fmt,
+                "fmt": fmt,
+                **extra,
             }
             self._send([protocol.pack(header), body])
 
