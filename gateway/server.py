@@ -68,7 +68,6 @@ def bind(host: str, port: int) -> socket.socket:
         sock.close()
         raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror}") from exc
     sock.listen(2048)
-    sock.set_inheritable(True)
     return sock
 
 

@@ -216,8 +216,10 @@ class Supervisor:
             # (hello, ready) if it comes back, and then serves again.
             worker.state = State.STOPPED
         elif process is not None:
-            # Reaping (in _reap) then refills the slot.
-            self._background(process.stop(STOP_GRACE_S))
+            # A silent worker cannot be asked (a stopped or GIL-bound process never
+            # acts on SIGTERM) and its requests are settled already: kill it, as
+            # gunicorn does. Reaping (in _reap) then refills the slot.
+            process.kill()
 
     def _check_fatal(self) -> None:
         workers = self._pool.workers
