@@ -107,12 +107,12 @@ def noticed(worker: dict[str, Any], restarts: int) -> bool:
     ``restarting`` (its requests are settled then), while the restart count
     only moves once the stopped process has been made to exit.
     """
-    return worker["restarts"] > restarts or worker["state"] == "restarting"
+    return bool(worker["restarts"] > restarts or worker["state"] == "restarting")
 
 
 def pool_recovered(server: Server, index: int, victim: int) -> bool:
     health = server.health()
-    return health["ready_workers"] == 2 and health["workers"][index]["pid"] != victim
+    return bool(health["ready_workers"] == 2 and health["workers"][index]["pid"] != victim)
 
 
 def test_pool_rides_out_kills_and_stops_under_load(serve: Callable[..., Server]) -> None:

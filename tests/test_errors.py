@@ -46,9 +46,20 @@ def test_codes_are_unique() -> None:
 
 
 def test_client_errors_are_request_errors() -> None:
-    for cls in (ShapeMismatch, PayloadTooLarge, UnsupportedMediaType):
+    client: tuple[type[TorchpoolError], ...] = (
+        ShapeMismatch,
+        PayloadTooLarge,
+        UnsupportedMediaType,
+    )
+    other: tuple[type[TorchpoolError], ...] = (
+        ModelFailure,
+        Unavailable,
+        DeadlineExceeded,
+        ModelLoadError,
+    )
+    for cls in client:
         assert issubclass(cls, RequestError)
-    for cls in (ModelFailure, Unavailable, DeadlineExceeded, ModelLoadError):
+    for cls in other:
         assert not issubclass(cls, RequestError)
         assert issubclass(cls, TorchpoolError)
 

@@ -74,7 +74,9 @@ def test_served_schema_is_the_one_fuzzed(demo_server: Server, pool_pids: list[in
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
 )
 def test_schema_fuzzing_finds_no_server_error(
-    case: schemathesis.Case, demo_server: Server, pool_pids: list[int]
+    case: schemathesis.Case,  # type: ignore[type-arg]
+    demo_server: Server,
+    pool_pids: list[int],
 ) -> None:
     # The demo model never fails on validated input, so any 5xx is a torchpool bug.
     response = case.call(base_url=demo_server.url, timeout=CLIENT_TIMEOUT_S)

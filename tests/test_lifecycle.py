@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 import signal
 import subprocess
@@ -63,7 +64,7 @@ def test_gateway_sigkill_leaves_no_orphans(serve: Callable[..., Server]) -> None
     server.proc.send_signal(signal.SIGKILL)
     server.proc.wait(10)
     for pid in workers:
-        wait_for(lambda pid=pid: gone(pid), 10.0, f"orphaned worker {pid} to exit")
+        wait_for(functools.partial(gone, pid), 10.0, f"orphaned worker {pid} to exit")
 
 
 def test_missing_model_file_is_refused_before_spawning() -> None:

@@ -8,6 +8,7 @@ only here; remote workers have their own tests.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import re
 import signal
@@ -129,7 +130,7 @@ def test_honcho_web_serves_and_stops_cleanly(tmp_path: Path) -> None:
             log_path.read_text()
         )
         for pid in [*seen, *workers]:
-            wait_for(lambda pid=pid: gone(pid), 10.0, f"process {pid} to exit")
+            wait_for(functools.partial(gone, pid), 10.0, f"process {pid} to exit")
     finally:
         if honcho.poll() is None:
             with contextlib.suppress(ProcessLookupError):

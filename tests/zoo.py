@@ -68,7 +68,7 @@ def build_all(folder: Path) -> dict[str, Any]:
     model = seeded(TinyMLP())
     example = torch.randn(3, ROW)
     torchscript = folder / "scripted.pt"
-    torch.jit.trace(model, example).save(str(torchscript))
+    torch.jit.trace(model, example).save(str(torchscript))  # type: ignore[no-untyped-call]
     exported = folder / "exported.pt2"
     batch = torch.export.Dim("batch", min=1, max=1024)
     torch.export.save(
