@@ -38,6 +38,8 @@ class Job:
     tensor: torch.Tensor
     # Unix time in seconds past which the gateway no longer wants the answer.
     deadline: float | None = None
+    # What the reply's encoder needs beyond the result (a v2 request's outputs, id).
+    context: Any = None
 
     @property
     def rows(self) -> int:

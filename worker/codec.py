@@ -6,6 +6,9 @@ Two body formats (see :mod:`shared.protocol`):
   (NaN and Infinity are refused);
 - ``msgpack``: ``{"input_tensor": {"dtype", "shape", "data"}}`` with raw bytes.
 
+The Open Inference Protocol formats (``v2json``, ``v2binary``) live in
+:mod:`worker.v2codec`, which ends in :func:`prepare_input` like these two.
+
 Every decoding failure is a :class:`shared.errors.RequestError` (400) whose
 message says what was wrong, or :class:`ShapeMismatch` (422) when the tensor is
 well formed but not the shape the model takes. Nothing here runs the model.
@@ -105,6 +108,12 @@ def tensor_from_list(value: Any, dtype: torch.dtype) -> torch.Tensor:
     if array.ndim > protocol.MAX_NDIM:
         raise RequestError(f"{INPUT_KEY} has {array.ndim} dimensions; at most {protocol.MAX_NDIM}")
     _check_not_empty(array.shape)
+    if array.dtype == np.uint64:
+        # numpy infers uint64 for integers in [2**63, 2**64), which torch.from_numpy
+        # cannot take; only a float model can hold them.
+        if not dtype.is_floating_point:
+            raise RequestError(f"{INPUT_KEY} holds integers too large for {dtype_name(dtype)}")
+        array = array.astype(np.float64)
     integral = not dtype.is_floating_point and dtype != torch.bool
     if integral and array.dtype.kind == "f" and not np.array_equal(array, np.trunc(array)):
         raise RequestError(f"{INPUT_KEY} holds fractions but the model takes {dtype_name(dtype)}")
@@ -183,6 +192,21 @@ def decode_request(
         value = parse_msgpack_body(body, max_bytes)
     else:
         raise RequestError(f"unknown body format {fmt!r}")
+    return prepare_input(value, dtype=dtype, input_shape=input_shape, preprocess=preprocess)
+
+
+def prepare_input(
+    value: Any,
+    *,
+    dtype: torch.dtype,
+    input_shape: tuple[int, ...] | None,
+    preprocess: Preprocess | None = None,
+) -> torch.Tensor:
+    """A decoded input value (tensor or nested list) through the handler's
+    ``preprocess``, converted to ``dtype`` and checked against ``input_shape``.
+
+    Shared by every body format, so they all refuse the same things alike.
+    """
     if preprocess is not None:
         try:
             value = preprocess(value)

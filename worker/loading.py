@@ -32,7 +32,7 @@ from torch import nn
 from shared import protocol
 from shared.config import ModelSettings
 from shared.errors import ModelLoadError
-from worker import demo
+from worker import demo, v2codec
 from worker.codec import dtype_name
 from worker.handler import optional_hook
 
@@ -54,6 +54,8 @@ class LoadedModel:
     source: str
     preprocess: Callable[[Any], torch.Tensor] | None = None
     postprocess: Callable[[Any], Any] | None = None
+    # The v2 outputs (name, dtype, shape) seen at warm-up; None: not known.
+    outputs: list[dict[str, Any]] | None = None
 
     def run(self, batch: torch.Tensor) -> Any:
         """Forward one batch, moving it to the model's device first."""
@@ -358,6 +360,8 @@ def warm_up(model: LoadedModel) -> bool:
 
     Returns whether it ran. A model that fails on the very shape it declares
     would fail every request, so that is a load failure, said once at boot.
+    The output it gives (after ``postprocess``, when that takes zeros) tells
+    ``model.outputs``.
     """
     shape = model.input_shape
     if shape is None or any(dim < 0 for dim in shape):
@@ -365,10 +369,16 @@ def warm_up(model: LoadedModel) -> bool:
     zeros = torch.zeros((1, *shape), dtype=getattr(torch, model.input_dtype))
     try:
         with torch.inference_mode():
-            model.run(zeros)
+            output = model.run(zeros)
     except Exception as exc:
         reason = f"{type(exc).__name__}: {exc}"
         raise ModelLoadError(
             one_line(f"warm-up forward on zeros of shape {[1, *shape]} failed: {reason}")
         ) from exc
+    try:
+        if model.postprocess is not None:
+            output = model.postprocess(output)
+        model.outputs = v2codec.describe_outputs(output)
+    except Exception:
+        model.outputs = None  # a postprocess may need real data; the outputs stay unknown
     return True

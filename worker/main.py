@@ -166,6 +166,7 @@ def run(
             "input_shape": None if model.input_shape is None else list(model.input_shape),
             "input_dtype": model.input_dtype,
             "model_name": settings.served_name,
+            "signature": {"source": model.source, "outputs": model.outputs},
             "device": str(model.device) if pin.gpu is None else pin.label,
             **sampler.sample(),
         }

@@ -1,0 +1,352 @@
+"""The Open Inference Protocol (KServe v2) over REST, so stock Triton and KServe clients work.
+
+    GET  /v2                                         server metadata
+    GET  /v2/health/live   /v2/health/ready          probes (ready: the /health/ready rule)
+    GET  /v2/models/{name}[/versions/{v}]            model metadata: inputs, outputs
+    GET  /v2/models/{name}[/versions/{v}]/ready      200 when a worker serves it, else 503
+    GET  /v2/models/{name}[/versions/{v}]/config     Triton's model configuration, the gist
+    POST /v2/models/{name}[/versions/{v}]/infer      inference, JSON or binary tensor data
+
+One model, named ``--model-name`` (default: the file's stem, or ``demo``), at
+version ``1``. As with /predict, the gateway never looks inside tensors: an
+infer body goes to a worker as it came, ``v2json``, or ``v2binary`` with the
+``Inference-Header-Content-Length`` (the binary tensor extension), and the
+worker's answer comes back as it was made (see :mod:`worker.v2codec`).
+
+Every error on these routes is ``{"error": "<message>"}``, with the status
+:func:`shared.errors.v2_status` gives: 400 bad input, 404 unknown model or
+version, 413 too large, 503 unavailable (with Retry-After), 500 model failure,
+504 past the deadline.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Coroutine
+from http import HTTPStatus
+from typing import Any, Final
+
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.routing import APIRoute
+from starlette.responses import Response
+
+from gateway.app import (
+    TIMEOUT_HEADER,
+    _read_body,
+    _timeout_header,
+    _unless_client_leaves,
+    json_response,
+)
+from gateway.pool import Pool, WorkerRecord
+from gateway.runtime import Runtime
+from shared import protocol
+from shared.config import ServeSettings
+from shared.errors import (
+    ModelNotFound,
+    RequestError,
+    TorchpoolError,
+    Unavailable,
+    v2_status,
+)
+
+VERSION: Final = "1"
+INPUT_NAME: Final = "input__0"
+HEADER_LENGTH: Final = "inference-header-content-length"
+OCTET_STREAM: Final = "application/octet-stream"
+EXTENSIONS: Final = ["binary_tensor_data"]
+# The compressions a worker can undo; identity is no compression.
+_ENCODINGS: Final = frozenset({"gzip", "deflate"})
+# Triton's platform names by how the model was loaded; everything else is "pytorch".
+_PLATFORMS: Final = {"torchscript": "pytorch_libtorch"}
+
+
+class _V2Route(APIRoute):
+    """A route whose TorchpoolErrors become the protocol's ``{"error": ...}`` answers."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def guarded(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except TorchpoolError as exc:
+                return error_response(exc)
+
+        return guarded
+
+
+def error_response(exc: TorchpoolError) -> Response:
+    headers = {"Retry-After": str(exc.retry_after_s)} if isinstance(exc, Unavailable) else None
+    return json_response({"error": exc.message}, v2_status(exc), headers)
+
+
+router = APIRouter(prefix="/v2", tags=["Open Inference Protocol"], route_class=_V2Route)
+
+_ERROR_SCHEMA: Final[dict[str, Any]] = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {"error": {"type": "string"}},
+}
+
+
+def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI entries for the error statuses a route answers."""
+    return {
+        status: {
+            "description": HTTPStatus(status).phrase,
+            "content": {"application/json": {"schema": _ERROR_SCHEMA}},
+        }
+        for status in statuses
+    }
+
+
+def _runtime(request: Request) -> Runtime:
+    runtime: Runtime = request.app.state.runtime
+    return runtime
+
+
+def _check_model(settings: ServeSettings, name: str, version: str | None) -> None:
+    if name != settings.served_name:
+        raise ModelNotFound(f"unknown model {name!r}; this server serves {settings.served_name!r}")
+    if version is not None and version != VERSION:
+        raise ModelNotFound(f"model {name!r} has no version {version!r}; it has {VERSION!r}")
+
+
+def _model_ready(pool: Pool) -> bool:
+    return bool(pool.ready_workers()) and not pool.draining
+
+
+# --- server -------------------------------------------------------------------
+
+
+@router.get("")
+async def server_metadata(request: Request) -> Response:
+    """Server name, version and the protocol extensions it supports."""
+    return json_response(
+        {"name": "torchpool", "version": request.app.version, "extensions": EXTENSIONS}
+    )
+
+
+@router.get("/health/live")
+async def server_live() -> Response:
+    """200 while the gateway process runs."""
+    return json_response({"live": True})
+
+
+@router.get(
+    "/health/ready",
+    responses={503: {"description": "Not ready, or draining", **_errors(503)[503]}},
+)
+async def server_ready(request: Request) -> Response:
+    """200 when at least --min-ready workers are ready and the server is not draining."""
+    runtime = _runtime(request)
+    pool = runtime.pool
+    count, wanted = len(pool.ready_workers()), runtime.settings.min_ready
+    if pool.draining:
+        return json_response({"error": "the server is shutting down", "ready": False}, 503)
+    if count < wanted:
+        message = f"{count} workers ready, fewer than --min-ready {wanted}"
+        return json_response({"error": message, "ready": False}, 503)
+    return json_response({"ready": True})
+
+
+# --- model --------------------------------------------------------------------
+
+
+def _described(pool: Pool) -> WorkerRecord | None:
+    """A worker that has loaded the model and said what it takes (ready ones first)."""
+    loaded = [w for w in pool.serving() if w.input_dtype is not None]
+    loaded.sort(key=lambda w: not w.ready)
+    return loaded[0] if loaded else None
+
+
+def _signature(runtime: Runtime, name: str) -> dict[str, Any]:
+    """The model's inputs and outputs as its workers reported them at READY."""
+    worker = _described(runtime.pool)
+    if worker is None:
+        raise Unavailable(f"model {name!r} is not loaded yet: no worker has loaded it")
+    row = worker.input_shape
+    dtype = worker.input_dtype or "float32"
+    signature = worker.signature or {}
+    outputs = signature.get("outputs") or []
+    return {
+        "platform": _PLATFORMS.get(str(signature.get("source")), "pytorch"),
+        # Dimension 0 is the batch; a row shape nobody declared is one variable dimension.
+        "inputs": [
+            {
+                "name": INPUT_NAME,
+                "datatype": protocol.V2_NAMES.get(dtype, dtype.upper()),
+                "shape": [-1, *row] if row is not None else [-1],
+            }
+        ],
+        "outputs": [
+            {
+                "name": output["name"],
+                "datatype": protocol.V2_NAMES.get(output["dtype"], str(output["dtype"]).upper()),
+                "shape": output["shape"],
+            }
+            for output in outputs
+        ],
+    }
+
+
+async def model_metadata(request: Request, name: str, version: str | None = None) -> Response:
+    """Name, versions, platform, and the inputs and outputs with -1 for variable dims."""
+    runtime = _runtime(request)
+    _check_model(runtime.settings, name, version)
+    signature = _signature(runtime, name)
+    return json_response(
+        {
+            "name": name,
+            "versions": [VERSION],
+            "platform": signature["platform"],
+            "inputs": signature["inputs"],
+            "outputs": signature["outputs"],
+        }
+    )
+
+
+async def model_ready(request: Request, name: str, version: str | None = None) -> Response:
+    """200 while at least one worker serves the model, else 503."""
+    runtime = _runtime(request)
+    _check_model(runtime.settings, name, version)
+    if not _model_ready(runtime.pool):
+        message = f"model {name!r} is not ready: no worker serves it now"
+        return json_response({"error": message, "name": name, "ready": False}, 503)
+    return json_response({"name": name, "ready": True})
+
+
+async def model_config(request: Request, name: str, version: str | None = None) -> Response:
+    """The parts of a Triton model configuration that describe this model."""
+    runtime = _runtime(request)
+    settings = runtime.settings
+    _check_model(settings, name, version)
+    signature = _signature(runtime, name)
+
+    def tensors(specs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [
+            {"name": s["name"], "data_type": f"TYPE_{s['datatype']}", "dims": s["shape"][1:]}
+            for s in specs
+        ]
+
+    return json_response(
+        {
+            "name": name,
+            "platform": signature["platform"],
+            "backend": "pytorch",
+            "max_batch_size": settings.max_batch_size,
+            "input": tensors(signature["inputs"]),
+            "output": tensors(signature["outputs"]),
+            "dynamic_batching": {
+                "max_queue_delay_microseconds": int(settings.max_batch_delay_ms * 1000)
+            },
+        }
+    )
+
+
+async def infer(request: Request, name: str, version: str | None = None) -> Response:
+    """Run the model on a v2 inference request; the worker parses and answers it."""
+    runtime = _runtime(request)
+    settings = runtime.settings
+    _check_model(settings, name, version)
+    extra: dict[str, Any] = {"model": name, "version": VERSION}
+    encoding = (request.headers.get("content-encoding") or "identity").strip().lower()
+    if encoding in _ENCODINGS:
+        extra["encoding"] = encoding
+    elif encoding != "identity":
+        raise RequestError(f"Content-Encoding {encoding!r} is not supported; use gzip or deflate")
+    header_length = request.headers.get(HEADER_LENGTH)
+    if header_length is not None:
+        if not header_length.isdigit() or int(header_length) == 0:
+            raise RequestError(
+                f"Inference-Header-Content-Length must be a positive byte count, "
+                f"got {header_length!r}"
+            )
+        extra["json_len"] = int(header_length)
+    timeout_s = _timeout_header(request.headers.get(TIMEOUT_HEADER))
+    try:
+        body = await _read_body(request, settings.max_body_bytes)
+    except RequestError as exc:
+        if type(exc) is not RequestError:
+            raise
+        raise RequestError('empty body; send an inference request {"inputs": [...]}') from exc
+    if "json_len" in extra and "encoding" not in extra and extra["json_len"] > len(body):
+        raise RequestError(
+            f"Inference-Header-Content-Length {extra['json_len']} exceeds the body of "
+            f"{len(body)} bytes"
+        )
+    fmt = protocol.FMT_V2_BINARY if "json_len" in extra else protocol.FMT_V2_JSON
+    dispatcher = runtime.dispatcher
+    pending = dispatcher.enqueue(fmt, body, timeout_s, extra)
+    if dispatcher.is_queued(pending):
+        reply = await _unless_client_leaves(request, dispatcher.result(pending))
+    else:
+        reply = await dispatcher.result(pending)
+    json_len = reply.extra.get("json_len")
+    if reply.fmt == protocol.FMT_V2_BINARY and isinstance(json_len, int):
+        return Response(
+            reply.body,
+            media_type=OCTET_STREAM,
+            headers={"Inference-Header-Content-Length": str(json_len)},
+        )
+    return Response(reply.body, media_type="application/json")
+
+
+INFER_OPENAPI: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "required": ["inputs"],
+                    "properties": {
+                        "id": {"type": "string"},
+                        "parameters": {"type": "object"},
+                        "inputs": {
+                            "type": "array",
+                            "description": "One tensor: {name, shape, datatype, data}",
+                            "items": {"type": "object"},
+                        },
+                        "outputs": {"type": "array", "items": {"type": "object"}},
+                    },
+                }
+            },
+            OCTET_STREAM: {
+                "schema": {
+                    "description": "Binary tensor extension: Inference-Header-Content-Length "
+                    "bytes of JSON request, then the inputs' raw little-endian bytes",
+                    "type": "string",
+                    "format": "binary",
+                }
+            },
+        },
+    },
+}
+_INFER_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "The outputs: JSON, or with binary outputs the binary tensor extension",
+        "content": {"application/json": {"schema": {}}, OCTET_STREAM: {"schema": {}}},
+    },
+    **_errors(400, 404, 413, 500, 503, 504),
+}
+
+# Each model route also under /versions/{version}, as the protocol has it.
+for _suffix, _endpoint, _method, _openapi, _responses in (
+    ("", model_metadata, "GET", None, _errors(404, 503)),
+    ("/ready", model_ready, "GET", None, _errors(404, 503)),
+    ("/config", model_config, "GET", None, _errors(404, 503)),
+    ("/infer", infer, "POST", INFER_OPENAPI, _INFER_RESPONSES),
+):
+    for _base in ("/models/{name}", "/models/{name}/versions/{version}"):
+        router.add_api_route(
+            _base + _suffix,
+            _endpoint,
+            methods=[_method],
+            openapi_extra=_openapi,
+            responses=_responses,
+        )
+
+
+def install(app: FastAPI) -> None:
+    """Serve the /v2 routes on ``app``."""
+    app.include_router(router)
