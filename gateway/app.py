@@ -1,14 +1,14 @@
-"""The HTTP surface: /predict and the health probes, with JSON errors everywhere.
+"""The HTTP surface: the app, its probes, and JSON errors everywhere.
 
 The gateway does not look inside tensors: it checks the content type and the
 size of a body and passes the bytes to a worker, which parses, validates, runs
-and encodes. Errors from any layer are TorchpoolErrors, turned into responses
-in exactly one place (``_torchpool_error``).
+and encodes. ``/predict`` itself is answered by :mod:`gateway.fastpath` ahead
+of FastAPI; the other routes are FastAPI's. Errors from any layer are
+TorchpoolErrors, whose status and JSON body come from :mod:`shared.errors`.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from http import HTTPStatus
@@ -19,37 +19,32 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
 
-from gateway import admin
+from gateway import admin, fastpath
 from gateway.auth import ApiKeyMiddleware, parse_tokens
 from gateway.dispatch import Reply
+from gateway.fastpath import (
+    PREDICT_PATH,
+    PredictHandler,
+    read_body,
+    timeout_header,
+    unless_client_leaves,
+)
 from gateway.health import health_json
 from gateway.metrics import Metrics
 from gateway.metrics import install as install_metrics
 from gateway.runtime import Runtime
 from gateway.status import install as install_status_page
-from shared import protocol
 from shared.config import ServeSettings
 from shared.errors import (
-    ClientClosed,
-    PayloadTooLarge,
-    RequestError,
     TorchpoolError,
     Unavailable,
-    UnsupportedMediaType,
 )
 
 JSON = "application/json"
-# Shortens this request's deadline below --timeout-s, in seconds.
-TIMEOUT_HEADER = "x-request-timeout"
 MSGPACK = "application/msgpack"
-_BODY_FORMATS = {
-    JSON: protocol.FMT_JSON,
-    MSGPACK: protocol.FMT_MSGPACK,
-    "application/x-msgpack": protocol.FMT_MSGPACK,
-    "application/vnd.msgpack": protocol.FMT_MSGPACK,
-}
-_MEDIA_TYPES = {protocol.FMT_JSON: JSON, protocol.FMT_MSGPACK: MSGPACK}
+TIMEOUT_HEADER = fastpath.TIMEOUT_HEADER.decode()
 
 _ERROR_SCHEMA: dict[str, Any] = {
     "type": "object",
@@ -112,7 +107,38 @@ def json_response(
     return Response(orjson.dumps(document), status_code=status, media_type=JSON, headers=headers)
 
 
-def create_app(settings: ServeSettings, on_fatal: Callable[[str], None] | None = None) -> FastAPI:
+class TorchpoolApp(FastAPI):
+    """FastAPI for every route but the hot one: ``/predict`` goes straight to
+    :class:`gateway.fastpath.PredictHandler`, past routing and middleware."""
+
+    predict: PredictHandler | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] == PREDICT_PATH and self.predict:
+            await self.predict(scope, receive, send)
+            return
+        await super().__call__(scope, receive, send)
+
+    def openapi(self) -> dict[str, Any]:
+        """FastAPI's schema, plus /predict, which no FastAPI route serves."""
+        if self.openapi_schema is None:
+            schema = super().openapi()
+            schema["paths"][PREDICT_PATH] = {
+                "post": {
+                    "summary": "Predict",
+                    "description": 'Run the model on ``{"input_tensor": [...]}``; answers '
+                    '``{"prediction": ...}``.',
+                    "operationId": "predict",
+                    **PREDICT_OPENAPI,
+                }
+            }
+            self.openapi_schema = schema
+        return self.openapi_schema
+
+
+def create_app(
+    settings: ServeSettings, on_fatal: Callable[[str], None] | None = None
+) -> TorchpoolApp:
     """The app; its lifespan starts the worker pool and stops it on shutdown."""
     metrics = Metrics()  # this app's own registry
 
@@ -127,37 +153,27 @@ def create_app(settings: ServeSettings, on_fatal: Callable[[str], None] | None =
         finally:
             await runtime.stop()
 
-    app = FastAPI(
+    app = TorchpoolApp(
         title="torchpool",
         description="A PyTorch model served from a pool of pinned worker processes.",
         version="0.1.0",
         lifespan=lifespan,
     )
-    if keys := parse_tokens(settings.api_key):
+    keys = parse_tokens(settings.api_key)
+    if keys:
         app.add_middleware(ApiKeyMiddleware, keys=keys)
     admin.install(app, settings.admin_token)
     app.add_exception_handler(TorchpoolError, _torchpool_error)  # type: ignore[arg-type]
     app.add_exception_handler(HTTPException, _http_error)  # type: ignore[arg-type]
     app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
-    max_body = settings.max_body_bytes
 
     def runtime_of(request: Request) -> Runtime:
         runtime: Runtime = request.app.state.runtime
         return runtime
 
-    @app.post("/predict", openapi_extra=PREDICT_OPENAPI)
-    async def predict(request: Request) -> Response:
-        """Run the model on ``{"input_tensor": [...]}``; answers ``{"prediction": ...}``."""
-        fmt = _body_format(request.headers.get("content-type"))
-        timeout_s = _timeout_header(request.headers.get(TIMEOUT_HEADER))
-        body = await _read_body(request, max_body)
-        dispatcher = runtime_of(request).dispatcher
-        pending = dispatcher.enqueue(fmt, body, timeout_s)
-        if dispatcher.is_queued(pending):
-            reply = await _unless_client_leaves(request, dispatcher.result(pending))
-        else:
-            reply = await dispatcher.result(pending)
-        return Response(reply.body, media_type=_MEDIA_TYPES.get(reply.fmt, JSON))
+    app.predict = PredictHandler(
+        lambda: app.state.runtime, settings.max_body_bytes, keys, metrics.observe_request
+    )
 
     @app.get("/health", responses={503: {"description": "No worker is ready", **_ANY_JSON}})
     async def health(request: Request) -> Response:
@@ -191,66 +207,19 @@ def create_app(settings: ServeSettings, on_fatal: Callable[[str], None] | None =
     return app
 
 
-def _body_format(content_type: str | None) -> str:
-    media = (content_type or "").split(";", 1)[0].strip().lower()
-    fmt = _BODY_FORMATS.get(media)
-    if fmt is None and media.endswith("+json"):
-        fmt = protocol.FMT_JSON
-    if fmt is None:
-        shown = media or "none"
-        raise UnsupportedMediaType(
-            f"content type {shown!r} is not supported; send application/json "
-            f"(or application/msgpack)"
-        )
-    return fmt
-
-
 def _timeout_header(value: str | None) -> float | None:
-    if value is None:
-        return None
-    try:
-        seconds = float(value)
-    except ValueError:
-        seconds = float("nan")
-    if not seconds > 0 or seconds == float("inf"):
-        raise RequestError(f"{TIMEOUT_HEADER} must be a positive number of seconds, got {value!r}")
-    return seconds
+    return timeout_header(None if value is None else value.encode())
 
 
 async def _unless_client_leaves(request: Request, waiting: Awaitable[Reply]) -> Reply:
     """Wait for a queued request's reply, dropping it if the client disconnects first."""
-    result = asyncio.ensure_future(waiting)
-    watcher = asyncio.ensure_future(_disconnected(request))
-    try:
-        await asyncio.wait({result, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watcher.cancel()
-    if not result.done():
-        result.cancel()  # Dispatcher.result drops the request from the queue
-        raise ClientClosed("the client closed the connection before the answer")
-    return result.result()
-
-
-async def _disconnected(request: Request) -> None:
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
+    return await unless_client_leaves(request.receive, waiting)
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
     """Read the body, refusing it (413) as soon as it is known to exceed ``limit``."""
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(f"body of {declared} bytes exceeds the limit of {limit} bytes")
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"body exceeds the limit of {limit} bytes")
-        chunks.append(chunk)
-    if size == 0:
-        raise RequestError('empty body; send {"input_tensor": [[...], ...]}')
-    return b"".join(chunks)
+    return await read_body(request.receive, None if declared is None else declared.encode(), limit)
 
 
 async def _torchpool_error(request: Request, exc: TorchpoolError) -> Response:

@@ -164,7 +164,7 @@ class Dispatcher:
         return f"{pending.deadline - pending.enqueued:.3g}s"
 
     def on_reply(
-        self, worker: WorkerRecord, header: dict[str, object], frames: list[zmq.Frame]
+        self, worker: WorkerRecord, header: dict[str, object], frames: list[bytes]
     ) -> None:
         request_id = header.get("id")
         pending = worker.inflight.pop(request_id, None) if isinstance(request_id, int) else None
@@ -174,7 +174,7 @@ class Dispatcher:
         code = header.get("code")
         if code == protocol.OK:
             extra = {k: v for k, v in header.items() if k not in _REPLY_KEYS}
-            pending.settle(Reply(str(header.get("fmt", protocol.FMT_JSON)), frames[0].bytes, extra))
+            pending.settle(Reply(str(header.get("fmt", protocol.FMT_JSON)), frames[0], extra))
         else:
             details = header.get("details")
             pending.settle(

@@ -32,7 +32,11 @@ LOCAL = 0
 REMOTE = 1
 
 # (link, identity, header, payload frames) -> None
-Handler = Callable[[int, bytes, dict[str, object], list[zmq.Frame]], None]
+Handler = Callable[[int, bytes, dict[str, object], list[bytes]], None]
+
+# Frames up to this size are copied into the socket: cheaper than tracking a
+# zero-copy frame. Bigger bodies (large tensors) go zero-copy.
+ZERO_COPY_BYTES = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -98,13 +102,13 @@ class Transport:
             self._loop.add_reader(link.fd, self._drain)
         self._schedule_drain()
 
-    def send(
-        self, identity: bytes, frames: Sequence[bytes | memoryview | zmq.Frame], link: int = LOCAL
-    ) -> None:
+    def send(self, identity: bytes, frames: Sequence[bytes], link: int = LOCAL) -> None:
         """Send without blocking; raises zmq.ZMQError (EHOSTUNREACH) if the peer is gone."""
         try:
             self._links[link].sock.send_multipart(
-                [identity, *frames], flags=zmq.NOBLOCK, copy=False
+                [identity, *frames],
+                flags=zmq.NOBLOCK,
+                copy=len(frames[-1]) < ZERO_COPY_BYTES,
             )
         finally:
             self._schedule_drain()
@@ -122,12 +126,12 @@ class Transport:
         for index, link in enumerate(self._links):
             sock = link.sock
             while not sock.closed and cast(int, sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
-                frames = sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+                frames = sock.recv_multipart(flags=zmq.NOBLOCK)
                 if len(frames) < 2:
                     continue
-                identity = frames[0].bytes
+                identity = frames[0]
                 try:
-                    header = protocol.unpack_header(frames[1].buffer)
+                    header = protocol.unpack_header(frames[1])
                 except ValueError as exc:
                     log.warning("dropping a malformed message from %r: %s", identity, exc)
                     continue
