@@ -182,7 +182,7 @@ def _load_torchscript(path: Path, device: torch.device) -> LoadedModel:
 
 def _load_saved(path: Path, trust_pickle: bool, device: torch.device) -> LoadedModel:
     try:
-        obj = torch.load(path, weights_only=True, map_location=device)
+        obj = _load_weights(path, device)
     except pickle.UnpicklingError as exc:
         if not trust_pickle:
             found = _PICKLE_GLOBAL.search(str(exc))
@@ -220,7 +220,7 @@ def _load_state_dict(
             f"--model-class {class_path} built a {type(model).__name__}, not an nn.Module"
         )
     try:
-        obj = torch.load(path, weights_only=True, map_location=device)
+        obj = _load_weights(path, device)
     except pickle.UnpicklingError as exc:
         raise ModelLoadError(
             f"{path} is not a plain state_dict (it holds pickled objects); save "
@@ -234,9 +234,25 @@ def _load_state_dict(
     problem = state_dict_mismatch(model, state)
     if problem:
         raise ModelLoadError(f"{path} does not fit {class_path}: {problem}")
-    model.load_state_dict(state)
+    # Memory-mapped CPU weights whose dtypes match are assigned, not copied: the
+    # pages then come from the page cache, shared by every worker of the pool.
+    current = model.state_dict()
+    assign = device.type == "cpu" and all(
+        current[key].dtype == value.dtype for key, value in state.items() if key in current
+    )
+    model.load_state_dict(state, assign=assign)
     model.to(device).eval()
     return LoadedModel(model, device, None, "float32", "state_dict")
+
+
+def _load_weights(path: Path, device: torch.device) -> Any:
+    """``torch.load`` with weights only; memory-mapped on CPU when the format allows."""
+    if device.type == "cpu":
+        try:
+            return torch.load(path, weights_only=True, map_location=device, mmap=True)
+        except RuntimeError:
+            pass  # the legacy (non-zip) format cannot be mapped; read it instead
+    return torch.load(path, weights_only=True, map_location=device)
 
 
 def _state_dict_of(obj: Any) -> Mapping[str, torch.Tensor] | None:
