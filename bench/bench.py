@@ -77,6 +77,10 @@ class Run:
     # Cores kept busy by processes other than this server, wrk and the driver,
     # on average during the measured run (other jobs sharing the machine).
     other_load: float = 0.0
+    # CPU time the server's whole process tree, and its parent (torchpool's gateway)
+    # alone, spent per answered request: robust to other load, unlike req/s.
+    cpu_ms_per_request: float = 0.0
+    parent_cpu_ms_per_request: float = 0.0
     raw: str = field(repr=False, default="")
 
     @property
@@ -206,6 +210,7 @@ class Server:
     argv: list[str]
     env: dict[str, str]
     ready: Callable[[Server], bool]
+    source: Path = ROOT  # the working directory: where gateway/, worker/, bench/ are imported from
     port: int = 0
     log: Path | None = None
     proc: subprocess.Popen[bytes] | None = None
@@ -244,16 +249,24 @@ def ready_uvicorn(workers: int) -> Callable[[Server], bool]:
     return ready
 
 
-def server_specs(name: str, weights: Path, keys: Sequence[str]) -> list[Server]:
+class ServerFailed(Exception):
+    """A server could not start; the run goes on without it and the report says so."""
+
+
+def server_specs(
+    name: str, weights: Path, keys: Sequence[str], source: Path = ROOT
+) -> list[Server]:
     python = str(VENV_BIN / "python")
     model_env = {"BENCH_MODEL": name, "BENCH_WEIGHTS": str(weights)}
     # One torch thread per worker process everywhere.
     threads = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     uvicorn = [python, "-m", "uvicorn", "bench.peers.recipe:app", "--host", HOST]
     uvicorn_tail = ["--no-access-log", "--log-level", "info"]
+    # From another source tree, ``python -m gateway`` (which is ``torchpool serve``) run
+    # there imports that tree's code instead of the editable install's.
+    head = [python, "-m", "gateway"] if source != ROOT else [str(VENV_BIN / "torchpool"), "serve"]
     torchpool = [
-        str(VENV_BIN / "torchpool"),
-        "serve",
+        *head,
         "--workers",
         "2",
         "--model",
@@ -308,6 +321,8 @@ def server_specs(name: str, weights: Path, keys: Sequence[str]) -> list[Server]:
             ready_torchpool,
         ),
     }
+    for spec in specs.values():
+        spec.source = source
     return [specs[key] for key in keys]
 
 
@@ -318,7 +333,7 @@ def start(server: Server, logs: Path, model: str) -> None:
     with server.log.open("wb") as log:
         server.proc = subprocess.Popen(
             argv,
-            cwd=ROOT,
+            cwd=server.source,
             env={**os.environ, "PYTHONUNBUFFERED": "1", **server.env},
             stdin=subprocess.DEVNULL,
             stdout=log,
@@ -328,7 +343,7 @@ def start(server: Server, logs: Path, model: str) -> None:
     deadline = time.monotonic() + READY_DEADLINE_S
     while time.monotonic() < deadline:
         if server.proc.poll() is not None:
-            raise SystemExit(
+            raise ServerFailed(
                 f"{server.label} exited with {server.proc.returncode} while starting:\n"
                 + server.log_text()[-3000:]
             )
@@ -336,7 +351,7 @@ def start(server: Server, logs: Path, model: str) -> None:
             return
         time.sleep(0.1)
     stop(server)
-    raise SystemExit(
+    raise ServerFailed(
         f"{server.label} was not ready within {READY_DEADLINE_S:g}s:\n" + server.log_text()[-3000:]
     )
 
@@ -480,6 +495,18 @@ def busy_cpu_seconds() -> float:
     return float(sum(times)) - times.idle - getattr(times, "iowait", 0.0)
 
 
+def tree_cpu_seconds(server: Server) -> tuple[float, float]:
+    """CPU seconds used so far by the server's whole tree, and by its parent process alone."""
+    total = parent = 0.0
+    for proc in tree(server):
+        with contextlib.suppress(psutil.Error):
+            cpu = proc.cpu_times()
+            total += cpu.user + cpu.system
+            if server.proc is not None and proc.pid == server.proc.pid:
+                parent = cpu.user + cpu.system
+    return total, parent
+
+
 def own_cpu_seconds(server: Server) -> float:
     """CPU seconds used by the server's tree, this driver and its reaped children (wrk)."""
     total = 0.0
@@ -621,6 +648,23 @@ def targets(results: Results) -> list[Target]:
                     f"{mem.pss_mb:.0f} MB vs {uv2m.pss_mb:.0f} MB",
                 )
             )
+    expected = [
+        "heavy c=64: torchpool req/s >= 2x LitServe",
+        "heavy c=64: torchpool req/s >= 3x uvicorn --workers 2",
+        "heavy c=64: torchpool p99 lower than LitServe's and uvicorn --workers 2's",
+        "small c=64: torchpool req/s >= one-process recipe",
+        "small c=64: torchpool req/s >= 2.4x LitServe",
+        "heavy c=1: torchpool p50 <= recipe p50 + 0.3 ms",
+        "small c=1: torchpool p50 <= recipe p50 + 0.3 ms",
+        "heavy: torchpool gateway RSS < 80 MB",
+        "heavy: torchpool total PSS <= uvicorn --workers 2's",
+        "small: torchpool gateway RSS < 80 MB",
+        "small: torchpool total PSS <= uvicorn --workers 2's",
+    ]
+    have = {target.name for target in out}
+    out += [
+        Target(name, False, "no data (a run is missing)") for name in expected if name not in have
+    ]
     return out
 
 
@@ -671,11 +715,13 @@ def report(results: Results, concurrencies: Sequence[int]) -> str:
             "Ratios: torchpool (batch 16, 2 ms) at the same concurrency against the row's "
             "server (req/s: higher is better for torchpool; p99: lower is better). "
             "other load: cores used by processes outside the benchmark during the run "
-            "(0 on a quiet machine).",
+            "(0 on a quiet machine). CPU ms/req: CPU time of the server's whole process "
+            "tree per answered request (in brackets: its parent process alone, which for "
+            "torchpool is the gateway); unlike req/s it barely moves with other load.",
             "",
             "| server | c | req/s | p50 ms | p99 ms | errors | tp req/s ratio | tp p99 ratio "
-            "| other load |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "| CPU ms/req (parent) | other load |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for concurrency in concurrencies:
             tp = results.run(model, TP, concurrency)
@@ -692,7 +738,8 @@ def report(results: Results, concurrencies: Sequence[int]) -> str:
                 lines.append(
                     f"| {label} | {concurrency} | {run.requests_per_s:,.0f} | "
                     f"{run.p50_ms:.2f} | {run.p99_ms:.2f} | {run.errors} | "
-                    f"{ratios[0]} | {ratios[1]} | {run.other_load:.2f} |"
+                    f"{ratios[0]} | {ratios[1]} | {run.cpu_ms_per_request:.3f} "
+                    f"({run.parent_cpu_ms_per_request:.3f}) | {run.other_load:.2f} |"
                 )
     lines += [
         "",
@@ -735,6 +782,62 @@ def report(results: Results, concurrencies: Sequence[int]) -> str:
 # --- main -----------------------------------------------------------------------------
 
 
+def measure(
+    server: Server,
+    name: str,
+    body: bytes,
+    expected: list[list[float]],
+    body_file: Path,
+    concurrencies: Sequence[int],
+    args: argparse.Namespace,
+    gate: QuietGate,
+    results: Results,
+) -> None:
+    """Start ``server``, check its numbers, run wrk at each concurrency, take its memory."""
+    out: Path = args.out
+    logs = out / "logs"
+    with running(server, logs, name):
+        check_answer(server, body, expected)
+        url = server.url + "/predict"
+        for concurrency in concurrencies:
+            gate.wait(server)
+            wrk(concurrency, args.warmup, url, body_file)
+            busy0, own0, t0 = busy_cpu_seconds(), own_cpu_seconds(server), time.monotonic()
+            tree0, parent0 = tree_cpu_seconds(server)
+            output = wrk(concurrency, args.duration, url, body_file)
+            tree1, parent1 = tree_cpu_seconds(server)
+            busy1, own1, t1 = busy_cpu_seconds(), own_cpu_seconds(server), time.monotonic()
+            other = max(0.0, ((busy1 - busy0) - (own1 - own0)) / (t1 - t0))
+            (out / f"wrk-{name}-{server.key}-c{concurrency}.txt").write_text(output)
+            parsed = parse_wrk(output)
+            run = Run(
+                name,
+                server.label,
+                concurrency,
+                parsed["requests_per_s"],
+                parsed["p50_ms"],
+                parsed["p99_ms"],
+                int(parsed["requests"]),
+                int(parsed["non_2xx"]),
+                int(parsed["socket_errors"]),
+                round(other, 2),
+                1000 * (tree1 - tree0) / max(1, parsed["requests"]),
+                1000 * (parent1 - parent0) / max(1, parsed["requests"]),
+                output,
+            )
+            results.runs.append(run)
+            print(
+                f"   c={concurrency:<3} {run.requests_per_s:9.0f} req/s  "
+                f"p50 {run.p50_ms:7.2f} ms  p99 {run.p99_ms:7.2f} ms  "
+                f"errors {run.errors}  other load {run.other_load:.2f} cores  "
+                f"cpu/req {run.cpu_ms_per_request:.3f} ms "
+                f"(parent {run.parent_cpu_ms_per_request:.3f})",
+                flush=True,
+            )
+        results.memory.append(memory(server, name))
+        print(f"   memory {results.memory[-1]}", flush=True)
+
+
 def _raise_on_term(signum: int, frame: FrameType | None) -> None:
     raise SystemExit(f"stopped by signal {signum}")
 
@@ -755,6 +858,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--quiet-budget", type=float, default=150.0, help="most seconds spent waiting in all"
     )
+    parser.add_argument(
+        "--source",
+        type=Path,
+        default=ROOT,
+        help="run the servers from this copy of the tree (e.g. an export of git HEAD)",
+    )
+    parser.add_argument("--source-label", default="", help="what --source is, for the report")
     parser.add_argument("--results", type=Path, default=BENCH / "RESULTS.md")
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args(argv)
@@ -781,6 +891,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         "`TransportConfig(transport_config=...)` with a misspelt keyword (the field is "
         "`transport_type`), so replies still travel over its multiprocessing Manager queues."
     )
+    label = args.source_label
+    if not label:
+        described = subprocess.run(
+            ["git", "-C", str(args.source), "describe", "--always", "--dirty"],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        label = f"git {described.stdout.strip() or '?'} at {args.source}"
+    results.machine["torchpool source"] = label
     print(f"machine: {results.machine}", flush=True)
     for name in model_names:
         weights = models.save(name, out / "weights")
@@ -797,7 +917,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         body_file = out / f"body-{name}.json"
         body = json.dumps({"input_tensor": row}).encode()
         body_file.write_bytes(body)
-        for server in server_specs(name, weights, keys):
+        for server in server_specs(name, weights, keys, args.source):
             command = (
                 shlex.join(server.argv).replace(str(weights), "W").replace(str(ROOT) + "/", "")
             )
@@ -805,40 +925,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                 server.label, command.replace("'{port}'", "PORT").replace("{port}", "PORT")
             )
             print(f"== {name} / {server.label}", flush=True)
-            with running(server, logs, name):
-                check_answer(server, body, expected)
-                url = server.url + "/predict"
-                for concurrency in concurrencies:
-                    gate.wait(server)
-                    wrk(concurrency, args.warmup, url, body_file)
-                    busy0, own0, t0 = busy_cpu_seconds(), own_cpu_seconds(server), time.monotonic()
-                    output = wrk(concurrency, args.duration, url, body_file)
-                    busy1, own1, t1 = busy_cpu_seconds(), own_cpu_seconds(server), time.monotonic()
-                    other = max(0.0, ((busy1 - busy0) - (own1 - own0)) / (t1 - t0))
-                    (out / f"wrk-{name}-{server.key}-c{concurrency}.txt").write_text(output)
-                    parsed = parse_wrk(output)
-                    run = Run(
-                        name,
-                        server.label,
-                        concurrency,
-                        parsed["requests_per_s"],
-                        parsed["p50_ms"],
-                        parsed["p99_ms"],
-                        int(parsed["requests"]),
-                        int(parsed["non_2xx"]),
-                        int(parsed["socket_errors"]),
-                        round(other, 2),
-                        output,
-                    )
-                    results.runs.append(run)
-                    print(
-                        f"   c={concurrency:<3} {run.requests_per_s:9.0f} req/s  "
-                        f"p50 {run.p50_ms:7.2f} ms  p99 {run.p99_ms:7.2f} ms  "
-                        f"errors {run.errors}  other load {run.other_load:.2f} cores",
-                        flush=True,
-                    )
-                results.memory.append(memory(server, name))
-                print(f"   memory {results.memory[-1]}", flush=True)
+            try:
+                measure(server, name, body, expected, body_file, concurrencies, args, gate, results)
+            except ServerFailed as exc:
+                print(f"   FAILED: {exc}", flush=True)
+                results.notes.append(
+                    f"{name} / {server.label} could not be measured: "
+                    + str(exc).splitlines()[0]
+                    + f" (log: bench/out/logs/{name}-{server.key}.log)"
+                )
             results.seconds = time.monotonic() - began
             (out / "results.json").write_text(json.dumps(results.to_json(), indent=1))
     results.commands["wrk"] = (

@@ -115,3 +115,29 @@ class PoisonableHandler(ScaleHandler):
         if self.poison.exists():
             raise RuntimeError(f"poisoned by {self.poison}")
         super().load(device)
+
+
+class BatchProbe:
+    """Echoes each row's first value beside the number of rows in its batch.
+
+    Output row ``i`` is ``[batch[i, 0], len(batch)]``, so a client sees both
+    that it got its own rows back (order and split) and how big the forward
+    pass was. A row whose first value is ``POISON`` makes the batch raise.
+    Rows of any width are accepted (no declared input shape).
+    """
+
+    POISON = -999.0
+
+    def __init__(self, sleep_s: float = 0.0) -> None:
+        self.sleep_s = sleep_s
+
+    def load(self, device: torch.device) -> None:
+        self.device = device
+
+    def predict(self, batch: torch.Tensor) -> torch.Tensor:
+        if bool((batch[:, 0] == self.POISON).any()):
+            raise ValueError("poisoned row in the batch")
+        if self.sleep_s:
+            time.sleep(self.sleep_s)
+        sizes = torch.full((batch.shape[0],), float(batch.shape[0]))
+        return torch.stack([batch[:, 0], sizes], dim=1)
