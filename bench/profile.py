@@ -20,7 +20,9 @@ import time
 from pathlib import Path
 
 from bench import models
-from bench.bench import OUT, VENV_BIN, running, server_specs, tree, wrk_argv
+from bench.common import OUT, VENV_BIN
+from bench.load import wrk_argv
+from bench.servers import running, server_specs, tree
 
 
 def summarize(path: Path, top: int) -> str:
