@@ -125,7 +125,11 @@ class ModelSettings:
         "(-1 for a variable size). Requests that do not match get 422.",
         parse_shape,
     )
-    input_dtype: str = _opt("float32", "dtype the input is converted to, e.g. float32 or int64.")
+    input_dtype: str | None = _opt(
+        None,
+        "dtype the input is converted to, e.g. float32 or int64; default: what the model "
+        "declares (a torch.export program, a handler), else float32.",
+    )
     device: str = _opt(
         "cpu", "cpu, cuda (all visible GPUs), a list such as cuda:0,2, or auto (cuda if present)."
     )
@@ -149,7 +153,7 @@ class ModelSettings:
             raise ConfigError("--model-class needs --model, the state_dict file to load")
         if self.model_kwargs and not (self.model_class or self.handler):
             raise ConfigError("--model-kwargs only applies with --model-class or --handler")
-        if self.input_dtype not in DTYPE_SIZES:
+        if self.input_dtype is not None and self.input_dtype not in DTYPE_SIZES:
             raise ConfigError(
                 f"--input-dtype {self.input_dtype!r} is not one of {', '.join(DTYPE_SIZES)}"
             )

@@ -187,3 +187,21 @@ def test_warm_up_failure_is_a_load_error(tmp_path: Path) -> None:
     model = load(model=str(path), input_shape=(5,))
     with pytest.raises(ModelLoadError, match=r"warm-up forward .* \[1, 5\]"):
         warm_up(model)
+
+
+def test_an_explicit_input_dtype_wins_over_the_models_own() -> None:
+    from shared.config import WorkerSettings
+    from worker.loading import load_model
+
+    declared = load_model(
+        WorkerSettings(connect="ipc:///unused", handler="tests.zoo:CountHandler"),
+        torch.device("cpu"),
+    )
+    assert declared.input_dtype == "int64"
+    explicit = load_model(
+        WorkerSettings(
+            connect="ipc:///unused", handler="tests.zoo:CountHandler", input_dtype="float32"
+        ),
+        torch.device("cpu"),
+    )
+    assert explicit.input_dtype == "float32"

@@ -141,3 +141,9 @@ class BatchProbe:
             time.sleep(self.sleep_s)
         sizes = torch.full((batch.shape[0],), float(batch.shape[0]))
         return torch.stack([batch[:, 0], sizes], dim=1)
+
+
+class CountHandler(ScaleHandler):
+    """Declares int64 rows (token ids, say)."""
+
+    input_dtype = "int64"

@@ -85,7 +85,7 @@ def load_model(settings: ModelSettings, device: torch.device) -> LoadedModel:
         ) from exc
     if settings.input_shape is not None:
         model.input_shape = settings.input_shape
-    if settings.input_dtype != "float32":
+    if settings.input_dtype is not None:
         model.input_dtype = settings.input_dtype
     return model
 
