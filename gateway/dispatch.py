@@ -219,6 +219,17 @@ class Dispatcher:
             self.fail_queued(Unavailable(f"no worker is ready: worker {worker.slot} {how}"))
         self.pump()
 
+    def abandon_all(self, error: TorchpoolError) -> None:
+        """Answer every outstanding request with ``error`` now (a hurried shutdown).
+
+        Work already on a worker may still finish there; its reply is dropped.
+        """
+        self.fail_queued(error)
+        for worker in self._pool.all_records():
+            for pending in worker.inflight.values():
+                pending.settle(error)
+            worker.inflight.clear()
+
     def fail_queued(self, error: TorchpoolError) -> None:
         while self._queue:
             self._queue.popleft().settle(error)

@@ -39,14 +39,18 @@ class _Server(uvicorn.Server):
         super().__init__(config)
         self._runtime_of = runtime_of
         self._draining = False
+        self._hurried = False
 
     def handle_exit(self, sig: int, frame: types.FrameType | None) -> None:
         # This runs in a signal handler: only flag, and hand work to the loop.
         runtime = self._runtime_of()
         if runtime is None or self._draining or self.should_exit:
+            # A second signal: every open request is answered 503 and the server
+            # stops without waiting out the drain. A third stops without even that.
             if runtime is not None:
                 runtime.begin_drain(hurry=True)
-            self.force_exit = self._draining or self.should_exit
+            self.force_exit = self._hurried
+            self._hurried = True
             self.should_exit = True
             return
         self._draining = True

@@ -29,6 +29,7 @@ from gateway.process import WorkerProcess, describe_exit
 from gateway.transport import REMOTE, Transport
 from shared import protocol
 from shared.config import ServeSettings, worker_argv
+from shared.errors import Unavailable
 
 log = logging.getLogger("torchpool.supervisor")
 
@@ -94,8 +95,11 @@ class Supervisor:
         self._pool.draining = True
         if self._drain_started is None:
             self._drain_started = time.monotonic()
-        if hurry:
+        if hurry and not self._hurry.is_set():
             self._hurry.set()
+            # Nobody is left waiting: every open request is answered now, so the
+            # HTTP server has no connection to wait for and shuts down at once.
+            self._dispatcher.abandon_all(Unavailable("the server is shutting down now"))
 
     async def drain(self) -> None:
         """Wait for in-flight work, at most what is left of --drain-timeout-s."""
@@ -107,7 +111,10 @@ class Supervisor:
         hurry.cancel()
         if not (idle.done() and idle.result()):
             idle.cancel()
-            log.warning("stopping with %d requests still in flight", self._dispatcher.outstanding)
+            if self._dispatcher.outstanding:
+                log.warning(
+                    "stopping with %d requests still in flight", self._dispatcher.outstanding
+                )
 
     # --- acts -------------------------------------------------------------------
 

@@ -236,6 +236,10 @@ def test_sigterm_drains_in_flight_work(serve: Callable[..., Server], second_sign
     thread.join(30)
     assert code == 0, server.log()
     if second_signal:
+        # The second signal answers what was still in flight, and stops at once.
         assert time.monotonic() - started < 2.0 + 5.0
+        assert isinstance(results[0], httpx.Response), results
+        assert results[0].status_code == 503
+        assert "shutting down" in results[0].json()["error"]
     else:
         assert isinstance(results[0], httpx.Response) and results[0].status_code == 200
