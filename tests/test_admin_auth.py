@@ -8,7 +8,7 @@ from collections.abc import Callable
 import psutil
 
 from tests.conftest import Server, wait_for
-from tests.test_faults import Load
+from tests.load import Load
 
 ROW = [0.1] * 16
 KEYS = {"TORCHPOOL_API_KEY": "first-key,second-key"}
@@ -44,7 +44,7 @@ def test_scaling_up_and_down_while_serving(serve: Callable[..., Server]) -> None
     assert server.client.put("/admin/workers", json={"workers": 2}).status_code == 401
     bad = server.client.put("/admin/workers", json={"workers": -1}, headers=admin)
     assert bad.status_code == 400
-    with Load(server, threads=3) as load:
+    with Load(server.url, threads=3) as load:
         grown = server.client.put("/admin/workers", json={"workers": 2}, headers=admin)
         assert grown.status_code == 200, grown.text
         assert grown.json()["target_workers"] == 2

@@ -14,18 +14,15 @@ import contextlib
 import os
 import signal
 import statistics
-import threading
 import time
-from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
-import httpx
 import psutil
 
 from tests.conftest import Server, wait_for
+from tests.load import Load
 
-ROW = [0.25] * 16
 BEATS = ("--heartbeat-s", "0.2", "--heartbeat-liveness", "3")
 # (signal, slot) in order: kills and stops alternate over both slots.
 HITS = [
@@ -40,58 +37,9 @@ HITS = [
 # (a kill, a stop, a kill); each waits for the pool to boot a replacement.
 CHAOS_BUDGET_S = 30.0
 MIN_HITS = 3
-LOAD_LIMIT_S = 120.0  # a backstop: the hits end the load long before
 # Generous: two cores shared with other test runs; a replacement imports torch.
 DETECT_TIMEOUT_S = 15.0
 RECOVER_TIMEOUT_S = 60.0
-
-
-class Load:
-    """``threads`` clients posting until stopped; records every outcome and the slowest."""
-
-    def __init__(self, url: str, threads: int = 4) -> None:
-        self.url = url
-        self.statuses: Counter[int] = Counter()
-        self.errors: list[str] = []
-        self.sent = 0
-        self.slowest_s = 0.0
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._deadline = time.monotonic() + LOAD_LIMIT_S
-        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(threads)]
-
-    def __enter__(self) -> Load:
-        for thread in self._threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        for thread in self._threads:
-            thread.join(timeout=60)
-        assert not any(thread.is_alive() for thread in self._threads), "a client hung"
-
-    @property
-    def answered(self) -> int:
-        with self._lock:
-            return sum(self.statuses.values())
-
-    def _run(self) -> None:
-        # The client timeout turns a hang into a recorded error instead of a stuck test.
-        with httpx.Client(base_url=self.url, timeout=30.0) as client:
-            while not self._stop.is_set() and time.monotonic() < self._deadline:
-                with self._lock:
-                    self.sent += 1
-                started = time.monotonic()
-                try:
-                    response = client.post("/predict", json={"input_tensor": [ROW]})
-                except httpx.HTTPError as exc:
-                    with self._lock:
-                        self.errors.append(repr(exc))
-                    continue
-                with self._lock:
-                    self.statuses[response.status_code] += 1
-                    self.slowest_s = max(self.slowest_s, time.monotonic() - started)
 
 
 def slot(server: Server, index: int) -> dict[str, Any]:

@@ -14,49 +14,10 @@ import httpx
 import pytest
 
 from tests.conftest import Server, wait_for
+from tests.load import Load
 
 ROW = [0.25] * 16
 FAST_BEATS = ("--heartbeat-s", "0.2", "--heartbeat-liveness", "3")
-
-
-class Load:
-    """Bounded background load: ``threads`` clients posting until stopped or ``limit_s``."""
-
-    def __init__(self, server: Server, threads: int = 4, limit_s: float = 60.0) -> None:
-        self.url = server.url
-        self.statuses: Counter[int] = Counter()
-        self.errors: list[str] = []
-        self._stop = threading.Event()
-        self._deadline = time.monotonic() + limit_s
-        self._lock = threading.Lock()
-        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(threads)]
-
-    def __enter__(self) -> Load:
-        for thread in self._threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        for thread in self._threads:
-            thread.join(timeout=60)
-
-    @property
-    def answered(self) -> int:
-        with self._lock:
-            return sum(self.statuses.values())
-
-    def _run(self) -> None:
-        with httpx.Client(base_url=self.url, timeout=30.0) as client:
-            while not self._stop.is_set() and time.monotonic() < self._deadline:
-                try:
-                    response = client.post("/predict", json={"input_tensor": [ROW]})
-                except httpx.HTTPError as exc:  # no HTTP answer at all: the worst outcome
-                    with self._lock:
-                        self.errors.append(repr(exc))
-                    continue
-                with self._lock:
-                    self.statuses[response.status_code] += 1
 
 
 def worker(server: Server, slot: int) -> dict[str, object]:
@@ -69,7 +30,7 @@ def test_sigkilled_worker_is_replaced_and_its_requests_answered(
 ) -> None:
     server = serve("--workers", "2", *FAST_BEATS, ready=2)
     victim = int(str(worker(server, 0)["pid"]))
-    with Load(server) as load:
+    with Load(server.url) as load:
         wait_for(lambda: load.answered > 20, 30, "load to flow")
         os.kill(victim, signal.SIGKILL)
         wait_for(lambda: worker(server, 0)["restarts"] == 1, 10, "the death to be noticed")
@@ -103,7 +64,7 @@ def test_stopped_worker_is_declared_dead_and_replaced(serve: Callable[..., Serve
     os.kill(victim, signal.SIGSTOP)
     try:
         started = time.monotonic()
-        with Load(server, threads=2) as load:
+        with Load(server.url, threads=2) as load:
             wait_for(lambda: worker(server, 1)["restarts"] == 1, 15, "the hang to be noticed")
             detected = time.monotonic() - started
             server.wait_ready(2, timeout_s=60)
@@ -152,7 +113,7 @@ def test_recycling_swaps_workers_without_dropping_a_request(
 ) -> None:
     server = serve("--workers", "1", "--max-requests-per-worker", "40", *FAST_BEATS)
     first = worker(server, 0)["pid"]
-    with Load(server, threads=3) as load:
+    with Load(server.url, threads=3) as load:
         wait_for(lambda: worker(server, 0)["pid"] != first, 60, "a recycle")
         second = worker(server, 0)["pid"]
         wait_for(lambda: worker(server, 0)["pid"] != second, 60, "a second recycle")
