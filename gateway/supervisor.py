@@ -28,7 +28,7 @@ from gateway.pool import Pool, Role, State, WorkerRecord
 from gateway.process import WorkerProcess, describe_exit
 from gateway.transport import REMOTE, Transport
 from shared import protocol
-from shared.config import ServeSettings, worker_argv
+from shared.config import ENV_PREFIX, ServeSettings, worker_argv
 from shared.errors import Unavailable
 
 log = logging.getLogger("torchpool.supervisor")
@@ -132,7 +132,9 @@ class Supervisor:
             "--slot", str(worker.slot),
             "--cores", format_cores(placement.cores),
         ]  # fmt: skip
-        env = dict(os.environ)
+        # Everything a local worker needs is on its command line; the gateway's own
+        # TORCHPOOL_* settings (--curve-secret, say) must not leak into it.
+        env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
         env.update({name: str(len(placement.cores)) for name in THREAD_ENV})
         if placement.gpu is not None:
             argv += ["--gpu", str(placement.gpu)]

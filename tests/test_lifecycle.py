@@ -121,3 +121,23 @@ def test_clean_shutdown_exits_zero(serve: Callable[..., Server], sig: signal.Sig
     server = serve("--workers", "1")
     server.proc.send_signal(sig)
     assert server.proc.wait(30) == 0, server.log()
+
+
+def test_gateway_only_settings_in_the_environment_do_not_reach_workers(
+    serve: Callable[..., Server], tmp_path: Path
+) -> None:
+    # A gateway configured for remote workers through the environment: its CURVE
+    # secret must not leak into local workers (which would refuse to boot).
+    keys = tmp_path / "keys"
+    torchpool = str(Path(sys.executable).parent / "torchpool")
+    subprocess.run([torchpool, "keys", "server", "--dir", str(keys)], check=True)
+    (keys / "allow").mkdir()
+    env = {
+        "TORCHPOOL_BIND": "tcp://127.0.0.1:0",
+        "TORCHPOOL_CURVE_SECRET": str(keys / "server.key_secret"),
+        "TORCHPOOL_CURVE_ALLOW": str(keys / "allow"),
+        "TORCHPOOL_GPU": "0",
+    }
+    server = serve("--workers", "1", env=env)
+    assert server.health()["workers"][0]["device"] == "cpu"
+    assert server.predict({"input_tensor": [[0.0] * 16]}).status_code == 200
