@@ -53,6 +53,7 @@ class Pending:
     deadline: float  # time.monotonic()
     future: asyncio.Future[Reply]
     attempts: int = 0
+    queued: bool = False  # waiting in the dispatcher's queue (kept so nobody scans it)
     enqueued: float = field(default_factory=time.monotonic)
     # More REQUEST header fields for the worker, e.g. a v2 body's json_len.
     extra: Mapping[str, Any] | None = None
@@ -136,12 +137,13 @@ class Dispatcher:
             )
         else:
             self._queue.append(pending)
+            pending.queued = True
         self._outstanding += 1
         self._idle.clear()
         return pending
 
     def is_queued(self, pending: Pending) -> bool:
-        return pending in self._queue
+        return pending.queued
 
     async def result(self, pending: Pending) -> Reply:
         """Wait for ``pending`` until its deadline (504). Cancelling drops it if still queued."""
@@ -153,9 +155,10 @@ class Dispatcher:
                 f"no answer within the deadline of {self._deadline_text(pending)}"
             ) from None
         finally:
-            if pending in self._queue:
+            if pending.queued:
                 # Not started: nobody will ever want it (deadline passed, or the client left).
                 self._queue.remove(pending)
+                pending.queued = False
             self._outstanding -= 1
             if self._outstanding == 0:
                 self._idle.set()
@@ -193,8 +196,10 @@ class Dispatcher:
             if worker is None:
                 return
             pending = self._queue.popleft()
+            pending.queued = False
             if not pending.future.done() and not self._send(worker, pending):
                 self._queue.appendleft(pending)
+                pending.queued = True
                 return
 
     def worker_lost(self, worker: WorkerRecord, how: str) -> None:
@@ -211,6 +216,7 @@ class Dispatcher:
             pending.attempts += 1
             if pending.attempts < MAX_ATTEMPTS and others:
                 self._queue.appendleft(pending)
+                pending.queued = True
             else:
                 pending.settle(
                     Unavailable(f"worker {worker.slot} {how} before answering this request")
@@ -232,7 +238,9 @@ class Dispatcher:
 
     def fail_queued(self, error: TorchpoolError) -> None:
         while self._queue:
-            self._queue.popleft().settle(error)
+            pending = self._queue.popleft()
+            pending.queued = False
+            pending.settle(error)
 
     async def wait_idle(self, timeout_s: float) -> bool:
         """Wait until no request is outstanding; False if ``timeout_s`` ran out first."""
