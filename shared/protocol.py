@@ -14,13 +14,13 @@ workers ``<slot>.<generation>``; a remote worker makes one up).
 Every message is a multipart ZeroMQ message whose first frame is a msgpack map,
 the header; its ``t`` key names the message type. Payload frames follow raw:
 
-    REQUEST   gateway -> data     [ {t, v, id, fmt, deadline_ms, + v2 fields} | body ]
+    REQUEST   gateway -> data     [ {t, v, id, fmt, timeout_ms, ctype?, + v2 fields} | body ]
     REPLY     data -> gateway     [ {t, id, code, message?, details?, fmt?, json_len?} | body? ]
     HELLO     control -> gateway  [ {t, v, uid, slot, pid, host, device, cores, threads} ]
     LOADING   control -> gateway  [ {t, uid} ]
     READY     control -> gateway  [ {t, uid, load_s, capacity, input_shape?, input_dtype?,
                                      model_name, signature?, + memory fields} ]
-    HEARTBEAT control -> gateway  [ {t, uid, busy, served, batches, + memory fields} ]
+    HEARTBEAT control -> gateway  [ {t, uid, busy, batch_s, served, batches, + memory fields} ]
     ERROR     control -> gateway  [ {t, uid, code, message, fatal} ]
     BYE       control -> gateway  [ {t, uid, reason} ]
     BEAT      gateway -> control  [ {t} ]       the gateway is alive
@@ -31,9 +31,20 @@ it started, by rows in the batch: ``[[rows, count], ...]`` (a list of pairs,
 since map keys are strings only), cumulative, so a lost heartbeat loses
 nothing. The gateway sums the increases into its batch-size histogram.
 
+``timeout_ms`` in a REQUEST is the time the request has left when it is sent,
+in milliseconds; the worker counts it from the moment the request arrives, so
+no two clocks need to agree (a remote worker's may be off by seconds).
+
+``batch_s`` in a HEARTBEAT is how long the forward pass now running has run,
+in seconds, or null when the worker is idle: the gateway's way to tell a hung
+forward from a busy one, since heartbeats flow from another thread.
+
 ``fmt`` says what a body frame holds: ``json`` (an HTTP JSON body, passed through
 untouched so the gateway never parses tensors) or ``msgpack`` (the binary body
-format below). A REPLY with ``code == "ok"`` carries the encoded result; any
+format below) or ``raw`` (any other HTTP body, passed untouched: an image,
+audio, text, or a ``multipart/form-data`` upload; the REQUEST's ``ctype`` is
+the HTTP Content-Type, parameters included, and the worker hands the bytes to
+the handler's ``preprocess``). A REPLY with ``code == "ok"`` carries the encoded result; any
 other code is an error code from :mod:`shared.errors` with a message.
 
 Two more formats carry the Open Inference Protocol (KServe v2) ``/infer`` body,
@@ -91,6 +102,7 @@ FMT_JSON: Final = "json"
 FMT_MSGPACK: Final = "msgpack"
 FMT_V2_JSON: Final = "v2json"
 FMT_V2_BINARY: Final = "v2binary"
+FMT_RAW: Final = "raw"
 
 # Reply code for success.
 OK: Final = "ok"
