@@ -18,7 +18,7 @@ from shared import protocol
 
 if TYPE_CHECKING:
     from gateway.dispatch import Pending
-    from gateway.process import WorkerProcess
+    from gateway.process import ProcessHandle
 
 
 class Role(str, enum.Enum):
@@ -50,7 +50,7 @@ class WorkerRecord:
     link: int = 0
     device_label: str | None = None
     state: State = State.STARTING
-    process: WorkerProcess | None = None
+    process: ProcessHandle | None = None
     pid: int | None = None
     host: str | None = None
     capacity: int = 1

@@ -4,6 +4,9 @@ Workers are always fresh interpreters (``python -m worker``), never forks of
 the gateway, and run in their own session so that a Ctrl-C in the terminal
 reaches only the gateway, which then stops them in order. They die with the
 gateway through PR_SET_PDEATHSIG, set up on their side.
+
+The supervisor knows a worker only as a ``ProcessHandle`` made by a
+``Spawner``; ``WorkerProcess.spawn`` is the real one, and tests give it fakes.
 """
 
 from __future__ import annotations
@@ -15,10 +18,43 @@ import logging
 import signal
 import sys
 from collections.abc import Mapping, Sequence
+from typing import Protocol
 
 log = logging.getLogger("torchpool.worker")
 
 STDERR_TAIL_LINES = 20
+
+
+class ProcessHandle(Protocol):
+    """What the supervisor does with a worker process."""
+
+    @property
+    def pid(self) -> int: ...
+
+    @property
+    def stderr_tail(self) -> Sequence[str]:
+        """The process's last lines on stderr, oldest first."""
+        ...
+
+    def is_alive(self) -> bool: ...
+
+    def kill(self) -> None: ...
+
+    async def wait(self) -> int:
+        """Reap the process and return its exit status (negative: killed by a signal)."""
+        ...
+
+    async def stop(self, grace_s: float) -> int:
+        """Ask, wait ``grace_s``, then kill; always reap."""
+        ...
+
+
+class Spawner(Protocol):
+    """Starts ``python -m worker`` with ``argv`` and ``env``; ``label`` names it in logs."""
+
+    async def __call__(
+        self, argv: Sequence[str], env: Mapping[str, str], label: str
+    ) -> ProcessHandle: ...
 
 
 class WorkerProcess:

@@ -20,7 +20,7 @@ from gateway.dispatch import Dispatcher
 from gateway.placement import plan
 from gateway.pool import Pool, WorkerRecord
 from gateway.supervisor import Supervisor
-from gateway.transport import REMOTE, Curve, Transport
+from gateway.transport import REMOTE, Curve, ZmqTransport
 from shared import protocol
 from shared.config import ServeSettings
 
@@ -35,7 +35,7 @@ class Runtime:
         curve = None
         if settings.curve_secret and settings.curve_allow:
             curve = Curve(settings.curve_secret, settings.curve_allow)
-        self.transport = Transport(f"ipc://{self.rundir / 'gateway.sock'}", settings.bind, curve)
+        self.transport = ZmqTransport(f"ipc://{self.rundir / 'gateway.sock'}", settings.bind, curve)
         self.pool = Pool(placements)
         self.dispatcher = Dispatcher(
             self.pool,

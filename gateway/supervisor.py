@@ -17,7 +17,7 @@ import dataclasses
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import zmq
@@ -25,7 +25,7 @@ import zmq
 from gateway.dispatch import Dispatcher
 from gateway.placement import Placement, choose_gpus, format_cores, place_another
 from gateway.pool import Pool, Role, State, WorkerRecord
-from gateway.process import WorkerProcess, describe_exit
+from gateway.process import ProcessHandle, Spawner, WorkerProcess, describe_exit
 from gateway.transport import REMOTE, Transport
 from shared import protocol
 from shared.config import ENV_PREFIX, ServeSettings, worker_argv
@@ -52,12 +52,19 @@ class Supervisor:
         transport: Transport,
         dispatcher: Dispatcher,
         on_fatal: Callable[[str], None],
+        spawner: Spawner = WorkerProcess.spawn,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         self._settings = settings
         self._pool = pool
         self._transport = transport
         self._dispatcher = dispatcher
         self._on_fatal = on_fatal
+        # Seams for fast tests: how a worker process starts, and what time it is.
+        self._spawner = spawner
+        self._clock = clock
+        self._sleep = sleep
         self._stopping = False
         self._tasks: set[asyncio.Task[Any]] = set()
         self._gpus = choose_gpus(settings.device)
@@ -141,17 +148,17 @@ class Supervisor:
             env["CUDA_VISIBLE_DEVICES"] = str(placement.gpu)
         worker.state = State.STARTING
         self._pool.register(worker)
-        process = await WorkerProcess.spawn(argv, env, label=f"worker {worker.slot}")
+        process = await self._spawner(argv, env, label=f"worker {worker.slot}")
         worker.process = process
         worker.pid = process.pid
-        worker.spawned_at = time.monotonic()
+        worker.spawned_at = self._clock()
         log.info(
             "worker %d spawned: pid %d, %s, cores %s",
             worker.slot, process.pid, placement.label, format_cores(placement.cores),
         )  # fmt: skip
         self._background(self._reap(worker, process))
 
-    async def _reap(self, worker: WorkerRecord, process: WorkerProcess) -> None:
+    async def _reap(self, worker: WorkerRecord, process: ProcessHandle) -> None:
         code = await process.wait()
         if worker.process is not process:
             return  # a process we had already given up on
@@ -199,7 +206,7 @@ class Supervisor:
     async def _respawn_after(self, worker: WorkerRecord, delay: float) -> None:
         if delay:
             log.info("restarting worker %d in %.1fs", worker.slot, delay)
-            await asyncio.sleep(delay)
+            await self._sleep(delay)
         if self._stopping:
             return
         worker.restarts += 1
@@ -254,7 +261,7 @@ class Supervisor:
         interval = self._settings.heartbeat_s
         allowed = interval * self._settings.heartbeat_liveness
         while not self._stopping:
-            now = time.monotonic()
+            now = self._clock()
             for worker in self._pool.all_records():
                 if worker.state not in (State.STARTING, State.LOADING, State.READY):
                     continue
@@ -269,13 +276,13 @@ class Supervisor:
                     self.declare_lost(
                         worker, f"did not say hello within {HELLO_TIMEOUT_S:.0f}s", "hello_timeout"
                     )
-            await asyncio.sleep(interval)
+            await self._sleep(interval)
 
     # --- messages from workers ---------------------------------------------------
 
     def on_control(self, worker: WorkerRecord, message: dict[str, Any]) -> None:
         kind = message["t"]
-        worker.last_seen = time.monotonic()
+        worker.last_seen = self._clock()
         if kind == protocol.HEARTBEAT:
             worker.take_memory(message)
             self._pool.take_batches(worker, message.get("batches"))
@@ -325,8 +332,8 @@ class Supervisor:
             remote_uid=uid,
             link=REMOTE,
             device_label=str(hello.get("device", "cpu")),
-            last_seen=time.monotonic(),
-            spawned_at=time.monotonic(),
+            last_seen=self._clock(),
+            spawned_at=self._clock(),
         )
         self._pool.remote.append(worker)
         self._pool.register(worker)
@@ -390,7 +397,7 @@ class Supervisor:
             or worker.role is not Role.CURRENT
             or worker.state is not State.READY
             or self._stopping
-            or time.monotonic() < worker.recycle_not_before
+            or self._clock() < worker.recycle_not_before
         ):
             return
         reason = None
@@ -429,13 +436,13 @@ class Supervisor:
         # A worker answers all it holds before it acts on STOP; it gets no new work.
         self._retire_record(old)
 
-    async def _retire(self, process: WorkerProcess) -> None:
+    async def _retire(self, process: ProcessHandle) -> None:
         try:
             await asyncio.wait_for(asyncio.shield(process.wait()), self._settings.drain_timeout_s)
         except asyncio.TimeoutError:
             await process.stop(STOP_GRACE_S)
 
-    def _recycle_ended(self, worker: WorkerRecord, process: WorkerProcess, how: str) -> None:
+    def _recycle_ended(self, worker: WorkerRecord, process: ProcessHandle, how: str) -> None:
         """A retiring worker exited, or a successor died before it was ready."""
         if worker in self._pool.extra:
             self._pool.extra.remove(worker)
@@ -446,7 +453,7 @@ class Supervisor:
             self._count_death(death_cause(worker.exit_code))
             current = self._pool.workers[worker.slot]
             current.recycling = False
-            current.recycle_not_before = time.monotonic() + RECYCLE_RETRY_S
+            current.recycle_not_before = self._clock() + RECYCLE_RETRY_S
             log.error(
                 "replacement for worker %d %s before it was ready; keeping the old one: %s",
                 worker.slot, how, self._death_note(worker, process, how),
@@ -464,7 +471,7 @@ class Supervisor:
             self._transport.send(worker.control_identity, [protocol.pack(message)], worker.link)
 
     @staticmethod
-    def _death_note(worker: WorkerRecord, process: WorkerProcess, how: str) -> str:
+    def _death_note(worker: WorkerRecord, process: ProcessHandle, how: str) -> str:
         tail = [line for line in process.stderr_tail if line.strip()]
         note = f"worker {worker.slot} {how}"
         return f"{note}: {tail[-1]}" if tail else note

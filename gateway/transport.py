@@ -10,6 +10,10 @@ Reads are driven by each socket's file descriptor through ``loop.add_reader``
 rather than a future per message. ZeroMQ's descriptor is edge-triggered and
 any send may consume the edge, so every send schedules one more drain; the
 drain reads until ``EVENTS`` says nothing is left.
+
+``Transport`` is the interface the dispatcher and supervisor use;
+``ZmqTransport`` is the real one, and tests give them an in-memory fake
+(tests/fakes.py), so that their logic is tested without sockets.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import asyncio
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import cast
+from typing import Protocol, cast
 
 import zmq
 import zmq.auth
@@ -69,7 +73,31 @@ class _Link:
         self.fd = cast(int, self.sock.getsockopt(zmq.FD))
 
 
-class Transport:
+class Transport(Protocol):
+    """What the gateway needs of its end of the wire."""
+
+    @property
+    def endpoint(self) -> str:
+        """Where local workers connect."""
+        ...
+
+    @property
+    def remote_endpoint(self) -> str | None:
+        """Where remote workers connect; None without --bind."""
+        ...
+
+    def start(self, handler: Handler) -> None:
+        """Deliver every well-formed message to ``handler``, on the running loop, from now on."""
+        ...
+
+    def send(self, identity: bytes, frames: Sequence[bytes], link: int = LOCAL) -> None:
+        """Send without blocking; raises zmq.ZMQError (EHOSTUNREACH) if the peer is gone."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class ZmqTransport:
     def __init__(self, endpoint: str, remote: str | None = None, curve: Curve | None = None):
         self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         self._auth: ThreadAuthenticator | None = None
