@@ -129,7 +129,10 @@ class Dispatcher:
             extra=extra,
         )
         worker = self._pool.pick()
-        if worker is not None and self._send(worker, pending):
+        while worker is not None and not self._send(worker, pending):
+            # on_unreachable took that worker out of rotation: try the next one.
+            worker = None if worker.ready else self._pool.pick()
+        if worker is not None:
             pass
         elif len(self._queue) >= self._queue_size:
             raise Unavailable(

@@ -1,0 +1,207 @@
+"""The dispatcher's rules, against an in-memory wire: no workers, no sockets, no waiting.
+
+Credit, least-outstanding choice, the bounded queue, one retry after a worker is
+lost, deadlines, callers that leave, and stray replies. The same paths through
+real processes are in test_faults.py and test_chaos.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+import pytest
+
+from gateway.dispatch import Dispatcher
+from gateway.placement import Placement
+from gateway.pool import Pool, State, WorkerRecord
+from shared import protocol
+from shared.errors import DeadlineExceeded, Unavailable
+from tests.fakes import FakeTransport, on_loop
+
+
+def ready_pool(size: int, capacity: int) -> Pool:
+    pool = Pool([Placement(slot, "cpu", None, (slot,)) for slot in range(size)])
+    for worker in pool.workers:
+        worker.state = State.READY
+        worker.capacity = capacity
+    return pool
+
+
+def dispatcher_for(
+    pool: Pool,
+    queue_size: int = 8,
+    timeout_s: float = 30.0,
+    on_unreachable: Callable[[WorkerRecord], None] | None = None,
+) -> tuple[Dispatcher, FakeTransport]:
+    wire = FakeTransport()
+    return Dispatcher(pool, wire, queue_size, timeout_s, on_unreachable), wire
+
+
+def reply(dispatcher: Dispatcher, worker: WorkerRecord, request_id: object) -> None:
+    header = {"t": protocol.REPLY, "id": request_id, "code": protocol.OK, "fmt": "json"}
+    dispatcher.on_reply(worker, header, [b'{"ok": true}'])
+
+
+def lose(dispatcher: Dispatcher, worker: WorkerRecord, how: str) -> None:
+    """What the supervisor does when a worker dies: out of rotation, then settle."""
+    worker.state = State.RESTARTING
+    dispatcher.worker_lost(worker, how)
+
+
+@on_loop
+async def test_a_worker_never_holds_more_than_its_capacity() -> None:
+    pool = ready_pool(1, capacity=2)
+    dispatcher, wire = dispatcher_for(pool)
+    worker = pool.workers[0]
+    first, second, third = [dispatcher.enqueue("json", b"{}") for _ in range(3)]
+    assert wire.requests(worker) == [first.id, second.id]
+    assert dispatcher.is_queued(third) and dispatcher.queued == 1
+
+    reply(dispatcher, worker, first.id)
+    assert (await dispatcher.result(first)).body == b'{"ok": true}'
+    # The reply freed one credit, and the queued request took it at once.
+    assert wire.requests(worker) == [first.id, second.id, third.id]
+    assert not dispatcher.is_queued(third)
+    assert len(worker.inflight) == 2
+
+
+@on_loop
+async def test_the_worker_with_the_least_outstanding_work_is_picked() -> None:
+    pool = ready_pool(2, capacity=4)
+    dispatcher, wire = dispatcher_for(pool)
+    a, b = pool.workers
+    p1, p2, p3 = [dispatcher.enqueue("json", b"{}") for _ in range(3)]
+    # 0-0 goes to a, 1-0 to b, 1-1 (a tie) to the first.
+    assert (wire.requests(a), wire.requests(b)) == ([p1.id, p3.id], [p2.id])
+    reply(dispatcher, a, p1.id)
+    reply(dispatcher, a, p3.id)
+    p4 = dispatcher.enqueue("json", b"{}")
+    assert wire.requests(a)[-1] == p4.id  # a holds 0, b holds 1
+    p5 = dispatcher.enqueue("json", b"{}")
+    p6 = dispatcher.enqueue("json", b"{}")
+    assert wire.requests(b)[1:] == [p6.id] and wire.requests(a)[-1] == p5.id
+
+
+@on_loop
+async def test_a_full_queue_answers_503_at_once() -> None:
+    pool = ready_pool(1, capacity=1)
+    dispatcher, wire = dispatcher_for(pool, queue_size=1)
+    sent = dispatcher.enqueue("json", b"{}")
+    queued = dispatcher.enqueue("json", b"{}")
+    with pytest.raises(Unavailable, match="queue is full"):
+        dispatcher.enqueue("json", b"{}")
+    assert dispatcher.queued == 1 and dispatcher.outstanding == 2
+    assert wire.requests(pool.workers[0]) == [sent.id]
+    assert dispatcher.is_queued(queued)
+
+
+@on_loop
+async def test_a_lost_workers_request_is_retried_exactly_once_elsewhere() -> None:
+    pool = ready_pool(3, capacity=4)
+    dispatcher, wire = dispatcher_for(pool)
+    a, b, c = pool.workers
+    pending = dispatcher.enqueue("json", b"{}")
+    assert wire.requests(a) == [pending.id]
+
+    lose(dispatcher, a, "exited with code 1")
+    assert wire.requests(b) == [pending.id]  # retried at once, on the least busy other
+    assert not pending.future.done()
+
+    lose(dispatcher, b, "killed by SIGSEGV")
+    # Its one retry is spent: answered, although c is ready and idle.
+    assert pending.future.done() and wire.requests(c) == []
+    with pytest.raises(Unavailable, match="worker 1 killed by SIGSEGV before answering"):
+        await dispatcher.result(pending)
+
+
+@on_loop
+async def test_a_lost_worker_with_no_other_settles_everything_with_503() -> None:
+    pool = ready_pool(1, capacity=1)
+    dispatcher, _ = dispatcher_for(pool)
+    worker = pool.workers[0]
+    held = dispatcher.enqueue("json", b"{}")
+    queued = dispatcher.enqueue("json", b"{}")
+
+    lose(dispatcher, worker, "exited with code 1")
+    # Settled at once, not at their deadlines.
+    assert held.future.done() and queued.future.done()
+    with pytest.raises(Unavailable, match="worker 0 exited with code 1 before answering"):
+        await dispatcher.result(held)
+    with pytest.raises(Unavailable, match="no worker is ready"):
+        await dispatcher.result(queued)
+    assert dispatcher.queued == 0 and dispatcher.outstanding == 0
+    assert worker.inflight == {}
+
+
+@on_loop
+async def test_a_deadline_answers_504_and_drops_the_queued_request() -> None:
+    pool = ready_pool(1, capacity=1)
+    dispatcher, wire = dispatcher_for(pool, timeout_s=30.0)
+    worker = pool.workers[0]
+    running = dispatcher.enqueue("json", b"{}")
+    late = dispatcher.enqueue("json", b"{}", timeout_s=0.02)
+
+    with pytest.raises(DeadlineExceeded, match=r"deadline of 0\.02s"):
+        await dispatcher.result(late)
+    assert dispatcher.queued == 0 and not dispatcher.is_queued(late)
+
+    reply(dispatcher, worker, running.id)
+    await dispatcher.result(running)
+    assert wire.requests(worker) == [running.id]  # the expired one was never sent
+    assert dispatcher.outstanding == 0
+
+
+@on_loop
+async def test_a_client_that_leaves_takes_its_request_out_of_the_queue() -> None:
+    pool = ready_pool(1, capacity=1)
+    dispatcher, wire = dispatcher_for(pool)
+    worker = pool.workers[0]
+    running = dispatcher.enqueue("json", b"{}")
+    queued = dispatcher.enqueue("json", b"{}")
+    waiter = asyncio.ensure_future(dispatcher.result(queued))
+    await asyncio.sleep(0)  # the caller is now waiting on its reply
+
+    waiter.cancel()  # what the HTTP server does when the client disconnects
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    assert dispatcher.queued == 0 and dispatcher.outstanding == 1
+
+    reply(dispatcher, worker, running.id)
+    assert wire.requests(worker) == [running.id]
+
+
+@on_loop
+async def test_replies_for_unknown_ids_are_ignored() -> None:
+    pool = ready_pool(2, capacity=2)
+    dispatcher, _ = dispatcher_for(pool)
+    a, b = pool.workers
+    pending = dispatcher.enqueue("json", b"{}")
+    for stray in (pending.id + 1000, "not an id", None):
+        reply(dispatcher, a, stray)
+    reply(dispatcher, b, pending.id)  # the right id from the wrong worker
+    assert not pending.future.done()
+    assert a.requests_served == b.requests_served == 0
+    assert list(a.inflight) == [pending.id]
+
+    reply(dispatcher, a, pending.id)
+    reply(dispatcher, a, pending.id)  # a duplicate
+    assert (await dispatcher.result(pending)).fmt == "json"
+    assert a.requests_served == 1
+
+
+@on_loop
+async def test_an_unreachable_worker_is_reported_and_its_request_goes_elsewhere() -> None:
+    pool = ready_pool(2, capacity=1)
+    reported: list[WorkerRecord] = []
+
+    def unreachable(worker: WorkerRecord) -> None:
+        reported.append(worker)
+        lose(dispatcher, worker, "became unreachable")
+
+    dispatcher, wire = dispatcher_for(pool, on_unreachable=unreachable)
+    a, b = pool.workers
+    wire.gone.add(a.data_identity)
+    pending = dispatcher.enqueue("json", b"{}")
+    assert reported == [a]
+    assert wire.requests(b) == [pending.id]
