@@ -264,6 +264,7 @@ class Dispatcher:
                 "v": protocol.VERSION,
                 "id": pending.id,
                 "fmt": pending.fmt,
+                "queued": len(self._queue),
                 "deadline_ms": int(time.time() * 1000 + remaining_ms),
             }
         )

@@ -47,6 +47,7 @@ from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.health import pool_status
+from shared import protocol
 
 if TYPE_CHECKING:
     from gateway.pool import WorkerRecord
@@ -314,6 +315,7 @@ class PoolCollector:
         yield restarts
         yield from _pool_gauges(runtime, workers)
         yield _batch_histogram(pool.batch_rows, runtime.settings.max_batch_size)
+        yield _wait_histogram(pool.wait_counts, pool.wait_sum)
 
 
 def _gauge(name: str, documentation: str, labels: list[str]) -> GaugeMetricFamily:
@@ -368,6 +370,22 @@ def _batch_histogram(counts: dict[int, int], max_batch_size: int) -> HistogramMe
         "Rows per forward pass the workers ran (from their heartbeats, at most one beat old).",
     )
     family.add_metric([], buckets, sum_value=sum(rows * n for rows, n in counts.items()))
+    return family
+
+
+def _wait_histogram(counts: list[int], total_s: float) -> HistogramMetricFamily:
+    buckets: list[tuple[str, float]] = []
+    below = 0
+    for bound, n in zip(protocol.WAIT_BUCKETS_S, counts, strict=False):
+        below += n
+        buckets.append((str(bound), below))
+    buckets.append(("+Inf", sum(counts)))
+    family = HistogramMetricFamily(
+        f"{NAMESPACE}_batch_wait_seconds",
+        "Seconds requests waited in a worker before their forward pass: what batching "
+        "cost them (from the workers' heartbeats, at most one beat old).",
+    )
+    family.add_metric([], buckets, sum_value=total_s)
     return family
 
 

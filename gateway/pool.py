@@ -75,6 +75,9 @@ class WorkerRecord:
     inflight: dict[int, Pending] = field(default_factory=dict)
     # Forward passes by batch rows, as this process last reported (cumulative).
     batches_seen: dict[int, int] = field(default_factory=dict)
+    # Its HEARTBEAT ``waits`` as last reported: bucket counts and their sum.
+    waits_seen: list[int] = field(default_factory=list)
+    wait_sum_seen: float = 0.0
 
     @property
     def slot(self) -> int:
@@ -135,6 +138,8 @@ class WorkerRecord:
         self.last_seen = None
         self.rss_bytes = self.cuda_allocated_bytes = self.cuda_reserved_bytes = None
         self.batches_seen = {}
+        self.waits_seen = []
+        self.wait_sum_seen = 0.0
 
 
 class Pool:
@@ -161,6 +166,10 @@ class Pool:
         # Forward passes by batch rows, pool-wide since the gateway started:
         # the workers' cumulative HEARTBEAT ``batches``, summed across restarts.
         self.batch_rows: dict[int, int] = {}
+        # Requests by seconds waited in a worker before their forward pass
+        # (buckets of protocol.WAIT_BUCKETS_S, then the overflow), pool-wide.
+        self.wait_counts = [0] * (len(protocol.WAIT_BUCKETS_S) + 1)
+        self.wait_sum = 0.0
 
     def take_batches(self, worker: WorkerRecord, reported: Any) -> None:
         """Add what ``worker`` ran since its last heartbeat to ``batch_rows``.
@@ -182,6 +191,30 @@ class Pool:
             if added:
                 self.batch_rows[rows] = self.batch_rows.get(rows, 0) + added
             worker.batches_seen[rows] = count
+
+    def take_waits(self, worker: WorkerRecord, reported: Any) -> None:
+        """Add what ``worker`` reported in a HEARTBEAT's ``waits`` since its last one.
+
+        Like ``batches`` the counts are cumulative for the worker's process;
+        counts that went down mean a new process, whose counts add whole.
+        """
+        if not isinstance(reported, dict):
+            return
+        counts, total = reported.get("counts"), reported.get("sum")
+        if (
+            not isinstance(counts, list)
+            or len(counts) != len(self.wait_counts)
+            or not all(isinstance(n, int) and n >= 0 for n in counts)
+            or not isinstance(total, int | float)
+        ):
+            return
+        seen = worker.waits_seen or [0] * len(counts)
+        restarted = any(n < before for n, before in zip(counts, seen, strict=True))
+        for index, n in enumerate(counts):
+            self.wait_counts[index] += n if restarted else n - seen[index]
+        self.wait_sum += total if restarted else max(0.0, total - worker.wait_sum_seen)
+        worker.waits_seen = list(counts)
+        worker.wait_sum_seen = float(total)
 
     def next_generation(self) -> int:
         """Generations are unique across the pool, so a uid is never reused."""

@@ -286,6 +286,7 @@ class Supervisor:
         if kind == protocol.HEARTBEAT:
             worker.take_memory(message)
             self._pool.take_batches(worker, message.get("batches"))
+            self._pool.take_waits(worker, message.get("waits"))
             self.check_recycle(worker)
         elif kind == protocol.HELLO:
             worker.pid = message.get("pid", worker.pid)

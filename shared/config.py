@@ -137,7 +137,10 @@ class ModelSettings:
         8, "Most rows a worker runs in one forward pass; 1 turns batching off.", int
     )
     max_batch_delay_ms: float = _opt(
-        2.0, "Longest a worker waits for more requests once it holds one.", float
+        2.0,
+        "Cap on how long a batch waits for more requests (adaptive: it waits only while "
+        "that can pay).",
+        float,
     )
     max_body_mb: float = _opt(64.0, "Largest request body accepted, in MiB (413 past it).", float)
     heartbeat_s: float = _opt(1.0, "Seconds between worker heartbeats.", float)

@@ -14,13 +14,15 @@ workers ``<slot>.<generation>``; a remote worker makes one up).
 Every message is a multipart ZeroMQ message whose first frame is a msgpack map,
 the header; its ``t`` key names the message type. Payload frames follow raw:
 
-    REQUEST   gateway -> data     [ {t, v, id, fmt, timeout_ms, ctype?, + v2 fields} | body ]
+    REQUEST   gateway -> data     [ {t, v, id, fmt, timeout_ms, queued, ctype?, + v2 fields}
+                                    | body ]
     REPLY     data -> gateway     [ {t, id, code, message?, details?, fmt?, json_len?} | body? ]
     HELLO     control -> gateway  [ {t, v, uid, slot, pid, host, device, cores, threads} ]
     LOADING   control -> gateway  [ {t, uid} ]
     READY     control -> gateway  [ {t, uid, load_s, capacity, input_shape?, input_dtype?,
                                      model_name, signature?, + memory fields} ]
-    HEARTBEAT control -> gateway  [ {t, uid, busy, batch_s, served, batches, + memory fields} ]
+    HEARTBEAT control -> gateway  [ {t, uid, busy, batch_s, served, batches, waits,
+                                     + memory fields} ]
     ERROR     control -> gateway  [ {t, uid, code, message, fatal} ]
     BYE       control -> gateway  [ {t, uid, reason} ]
     BEAT      gateway -> control  [ {t} ]       the gateway is alive
@@ -34,6 +36,14 @@ nothing. The gateway sums the increases into its batch-size histogram.
 ``timeout_ms`` in a REQUEST is the time the request has left when it is sent,
 in milliseconds; the worker counts it from the moment the request arrives, so
 no two clocks need to agree (a remote worker's may be off by seconds).
+
+``queued`` in a REQUEST is how many requests wait in the gateway's queue for
+want of credit as it is sent: a batch never waits for more while some do
+(they reach a worker only once one answers; see :mod:`worker.pacing`).
+``waits`` in a HEARTBEAT is ``{"counts": [...], "sum": seconds}``: how long
+requests waited in the worker before their forward pass, counted in the
+buckets of ``WAIT_BUCKETS_S`` (one more count for the overflow), cumulative
+like ``batches``.
 
 ``batch_s`` in a HEARTBEAT is how long the forward pass now running has run,
 in seconds, or null when the worker is idle: the gateway's way to tell a hung
@@ -116,6 +126,9 @@ CONTROL_SUFFIX: Final = b"/c"
 EXIT_LOAD_FAILED: Final = 3
 # Exit code of a worker that was given arguments it cannot use.
 EXIT_BAD_CONFIG: Final = 2
+
+# Upper bounds, in seconds, of the buckets of a HEARTBEAT's ``waits``.
+WAIT_BUCKETS_S: Final = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1)
 
 MAX_HEADER_BYTES: Final = 1 << 20
 MAX_NDIM: Final = 16

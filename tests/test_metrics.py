@@ -20,6 +20,7 @@ from gateway.app import create_app
 from gateway.metrics import DEATH_CAUSES, RecentWindow, _batch_histogram
 from gateway.placement import Placement
 from gateway.pool import Pool
+from shared import protocol
 from shared.config import ServeSettings
 from tests.conftest import Server, wait_for
 
@@ -134,6 +135,24 @@ def test_batches_from_heartbeats_add_up_across_restarts() -> None:
     assert pool.batch_rows == {1: 4, 4: 1, 9: 1}
 
 
+def test_wait_counts_add_up_across_heartbeats_and_restarts() -> None:
+    pool = Pool([Placement(0, "cpu", None, (0,))])
+    worker = pool.workers[0]
+    size = len(protocol.WAIT_BUCKETS_S) + 1
+    first = [2] + [0] * (size - 1)
+    pool.take_waits(worker, {"counts": first, "sum": 0.0001})
+    pool.take_waits(worker, {"counts": [3, 1] + [0] * (size - 2), "sum": 0.0004})
+    assert pool.wait_counts[:2] == [3, 1] and sum(pool.wait_counts) == 4
+    assert pool.wait_sum == pytest.approx(0.0004)
+    worker.new_generation(pool.next_generation())  # a replacement process starts at zero
+    pool.take_waits(worker, {"counts": [1] + [0] * (size - 1), "sum": 0.00005})
+    assert sum(pool.wait_counts) == 5
+    assert pool.wait_sum == pytest.approx(0.00045)
+    pool.take_waits(worker, {"counts": [1, 2], "sum": 1.0})  # wrong length: ignored
+    pool.take_waits(worker, "junk")
+    assert sum(pool.wait_counts) == 5
+
+
 def test_batch_histogram_buckets_include_the_max_batch_size() -> None:
     family = _batch_histogram({1: 4, 3: 1, 9: 1, 5000: 1}, max_batch_size=12)
     samples = {(s.name, s.labels.get("le")): s.value for s in family.samples}
@@ -194,6 +213,10 @@ def test_requests_move_the_counters_by_exactly_what_was_sent(demo_server: Server
     assert grew("torchpool_batch_rows_bucket", le="2.0") == 2
     assert grew("torchpool_batch_rows_bucket", le="4.0") == 2
     assert grew("torchpool_batch_rows_bucket", le="8.0") == 3
+    # Each of the three waited in its worker (one at a time: almost nothing) before its forward.
+    assert grew("torchpool_batch_wait_seconds_count") == 3
+    assert 0 <= grew("torchpool_batch_wait_seconds_sum") < 1.0
+    assert grew("torchpool_batch_wait_seconds_bucket", le="+Inf") == 3
 
 
 def _gauges_match_health(server: Server) -> bool:

@@ -12,6 +12,7 @@ import torch
 from shared.errors import ModelFailure
 from tests.models import Mean, PairNet, Picky
 from worker.batching import Job, collect, group, run_group, split_output
+from worker.pacing import Pacer
 
 
 def job(request_id: int, rows: int = 1, width: int = 2, dtype: torch.dtype = torch.float32) -> Job:
@@ -41,14 +42,14 @@ def ids(jobs: list[Job]) -> list[int]:
 
 def test_lone_request_never_waits() -> None:
     arrivals = Arrivals([job(1)], later=[job(2)])
-    batch = collect(deque(), arrivals, max_rows=8, max_delay_s=1.0)
+    batch = collect(deque(), arrivals, max_rows=8, pacer=Pacer(1.0))
     assert ids(batch) == [1]
     assert all(t == 0 for t in arrivals.timeouts)
 
 
 def test_load_waits_for_more_up_to_the_delay() -> None:
     arrivals = Arrivals([job(1), job(2)], later=[job(3)])
-    batch = collect(deque(), arrivals, max_rows=8, max_delay_s=0.5)
+    batch = collect(deque(), arrivals, max_rows=8, pacer=Pacer(0.5))
     assert ids(batch) == [1, 2, 3]
     assert any(t > 0 for t in arrivals.timeouts)
 
@@ -56,20 +57,20 @@ def test_load_waits_for_more_up_to_the_delay() -> None:
 def test_rows_cap_and_leftover_goes_first_next_time() -> None:
     pending: deque[Job] = deque()
     arrivals = Arrivals([job(1, rows=3), job(2, rows=3), job(3, rows=3), job(4)])
-    assert ids(collect(pending, arrivals, max_rows=8, max_delay_s=0.0)) == [1, 2]
+    assert ids(collect(pending, arrivals, max_rows=8, pacer=Pacer(0.0))) == [1, 2]
     assert ids(list(pending)) == [3]
-    assert ids(collect(pending, arrivals, max_rows=8, max_delay_s=0.0)) == [3, 4]
+    assert ids(collect(pending, arrivals, max_rows=8, pacer=Pacer(0.0))) == [3, 4]
 
 
 def test_oversized_request_runs_alone() -> None:
     arrivals = Arrivals([job(1, rows=20), job(2)])
     pending: deque[Job] = deque()
-    assert ids(collect(pending, arrivals, max_rows=8, max_delay_s=0.0)) == [1]
+    assert ids(collect(pending, arrivals, max_rows=8, pacer=Pacer(0.0))) == [1]
 
 
 def test_batch_size_one_takes_one() -> None:
     arrivals = Arrivals([job(1), job(2)])
-    assert ids(collect(deque(), arrivals, max_rows=1, max_delay_s=1.0)) == [1]
+    assert ids(collect(deque(), arrivals, max_rows=1, pacer=Pacer(1.0))) == [1]
     assert arrivals.timeouts == [0.0]
 
 

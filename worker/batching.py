@@ -3,9 +3,9 @@
 Pure logic with no sockets, so it is tested in-process:
 
 - :func:`collect` takes up to ``max_rows`` rows of work: whatever is already
-  waiting, without blocking; and only when that already makes two or more
-  requests (there is load) and room is left, it waits up to ``max_delay_s``
-  for more. A lone request runs at once and never waits out the delay.
+  waiting, without blocking; then, while room is left, it waits for more only
+  as long as the :class:`worker.pacing.Pacer` says waiting can pay. A lone
+  request runs at once and never waits.
 - :func:`group` puts together requests whose rows have the same shape and
   dtype; only those can be concatenated.
 - :func:`run_group` runs one forward pass on the concatenation and splits the
@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from shared.errors import ModelFailure
+from worker.pacing import Pacer
 
 # Message of a model exception in a reply; long enough for a real shape error.
 _MAX_MESSAGE = 2000
@@ -40,6 +41,8 @@ class Job:
     deadline: float | None = None
     # What the reply's encoder needs beyond the result (a v2 request's outputs, id).
     context: Any = None
+    # time.monotonic() when the worker read it off the socket.
+    arrived: float = 0.0
 
     @property
     def rows(self) -> int:
@@ -60,7 +63,7 @@ def collect(
     pending: deque[Job],
     receive: Receive,
     max_rows: int,
-    max_delay_s: float,
+    pacer: Pacer,
     clock: Callable[[], float] = time.monotonic,
 ) -> list[Job]:
     """The next batch: pending jobs first, then what ``receive`` yields.
@@ -77,17 +80,15 @@ def collect(
         rows += head.rows
     if pending or rows >= max_rows:
         return batch
-    # The delay window opens once the batch holds two requests: a lone
-    # request must not pay for a wait that may bring nothing.
-    give_up: float | None = None
+    # The window opens once the batch holds two requests; the pacer decides
+    # how long each further wait may be (0: take only what is waiting).
+    opened: float | None = None
     while rows < max_rows:
         timeout = 0.0
-        if len(batch) >= 2 and max_delay_s > 0:
-            if give_up is None:
-                give_up = clock() + max_delay_s
-            timeout = give_up - clock()
-            if timeout <= 0:
-                break
+        if len(batch) >= 2:
+            if opened is None:
+                opened = clock()
+            timeout = pacer.patience(len(batch), clock() - opened)
         job = receive(timeout)
         if job is None:
             break

@@ -26,6 +26,7 @@ from typing import Any, Final
 import zmq
 
 from shared import protocol
+from worker.pacing import WaitHistogram
 from worker.stats import MemorySampler
 
 # A worker whose parent died has nobody to answer; if the main thread cannot
@@ -49,6 +50,8 @@ class WorkerState:
         self.served = 0
         # Forward passes run, by rows in the batch; only the serving loop writes it.
         self.batches: dict[int, int] = {}
+        # Seconds each request waited in the worker before its forward pass.
+        self.waits = WaitHistogram()
 
     def count_batch(self, rows: int) -> None:
         self.batches[rows] = self.batches.get(rows, 0) + 1
@@ -218,6 +221,7 @@ class ControlThread(threading.Thread):
             "busy": self._state.busy,
             "served": self._state.served,
             "batches": self._state.batches_report(),
+            "waits": self._state.waits.report(),
             **self._sampler.sample(),
         }
 

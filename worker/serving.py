@@ -29,6 +29,7 @@ from worker import batching, codec, v2codec
 from worker.batching import Job
 from worker.control import ControlThread, WorkerState
 from worker.loading import LoadedModel
+from worker.pacing import Pacer
 from worker.signals import SignalWake
 
 # Bodies at least this big are handed to ZeroMQ without a copy.
@@ -62,7 +63,7 @@ class Server:
         self._model = model
         self._state = state
         self._max_rows = max_batch_size
-        self._delay_s = max_batch_delay_ms / 1000
+        self._pacer = Pacer(max_batch_delay_ms / 1000)
         self._max_body = max_body_bytes
         self._dtype = codec.torch_dtype(model.input_dtype)
         # Decoded requests that did not fit the last batch; they go first next time.
@@ -95,7 +96,7 @@ class Server:
 
     def step(self) -> None:
         """Collect one batch and answer every request in it."""
-        jobs = batching.collect(self.pending, self._receive, self._max_rows, self._delay_s)
+        jobs = batching.collect(self.pending, self._receive, self._max_rows, self._pacer)
         if not jobs:
             return
         self._state.busy = True
@@ -133,6 +134,9 @@ class Server:
             print(f"torchpool worker: dropped a {header['t']!r} message", file=sys.stderr)
             return None
         fmt = str(header.get("fmt", protocol.FMT_JSON))
+        arrived = time.monotonic()
+        queued = header.get("queued")
+        self._pacer.gateway_queued = queued if isinstance(queued, int) else 0
         deadline_ms = header.get("deadline_ms")
         deadline = deadline_ms / 1000 if isinstance(deadline_ms, int | float) else None
         try:
@@ -165,7 +169,7 @@ class Server:
         except Exception as exc:
             self._reply_error(request_id, _internal("decoding the request", exc))
             return None
-        return Job(request_id, fmt, tensor, deadline, context)
+        return Job(request_id, fmt, tensor, deadline, context, arrived)
 
     # --- compute and reply --------------------------------------------------------
 
@@ -179,10 +183,14 @@ class Server:
                 live.append(job)
         for grouped in batching.group(live):
             self._state.count_batch(sum(job.rows for job in grouped))
+            started = time.monotonic()
+            for job in grouped:
+                self._state.waits.observe(started - job.arrived)
             try:
                 results = batching.run_group(self._model.run, [job.tensor for job in grouped])
             except Exception as exc:
                 results = [_internal("running the batch", exc)] * len(grouped)
+            self._pacer.observe_forward(time.monotonic() - started)
             for job, result in zip(grouped, results, strict=True):
                 self._finish(job, result)
 
