@@ -14,6 +14,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from shared import modelfile
 from shared.config import ConfigError, ServeSettings, add_arguments, from_namespace
 from shared.errors import ModelLoadError
 
@@ -60,6 +61,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             level=settings.log_level.upper(),
             format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         )
+        if settings.model and not settings.handler:
+            # What every worker would refuse, refused before one is spawned.
+            modelfile.check(
+                settings.model,
+                model_class=bool(settings.model_class),
+                trust_pickle=settings.trust_pickle,
+            )
         from gateway.server import serve
 
         return serve(settings)

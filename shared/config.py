@@ -264,7 +264,7 @@ class ServeSettings(ModelSettings):
         _check_bind(self)
         if self.log_level not in {"debug", "info", "warning", "error"}:
             raise ConfigError(f"--log-level {self.log_level!r} is not debug/info/warning/error")
-        if self.model and not Path(self.model).is_file():
+        if self.model and not Path(self.model).exists():
             raise ConfigError(f"model file {self.model!r} does not exist")
 
 

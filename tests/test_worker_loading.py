@@ -8,11 +8,12 @@ from typing import Any
 import pytest
 import torch
 
+from shared import modelfile
 from shared.config import ModelSettings
 from shared.errors import ModelLoadError
 from tests.models import TinyNet
 from worker.demo import build_demo_model
-from worker.loading import LoadedModel, load_model, sniff, warm_up
+from worker.loading import LoadedModel, load_model, warm_up
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")
 
@@ -61,7 +62,7 @@ def test_demo_model_matches_in_process_build() -> None:
 def test_torchscript(tmp_path: Path) -> None:
     path = tmp_path / "net.ts"
     save_torchscript(path)
-    assert sniff(path) == "TorchScript"
+    assert modelfile.sniff(path).kind == modelfile.TORCHSCRIPT
     model = load(model=str(path))
     assert model.source == "torchscript" and model.input_shape is None
     torch.testing.assert_close(run(model, X), expected())
@@ -72,7 +73,7 @@ def test_torch_export_with_dynamic_batch(tmp_path: Path) -> None:
     batch = torch.export.Dim("batch", min=1, max=512)
     program = torch.export.export(TinyNet().eval(), (X,), dynamic_shapes=({0: batch},))
     torch.export.save(program, path)
-    assert sniff(path) == "torch.export"
+    assert modelfile.sniff(path).kind == modelfile.EXPORT
     model = load(model=str(path))
     assert model.source == "export" and model.input_shape == (8,)
     assert model.input_dtype == "float32"
@@ -92,6 +93,14 @@ def test_state_dict_with_model_class(tmp_path: Path) -> None:
     torch.save(TinyNet().state_dict(), path)
     model = load(model=str(path), model_class="tests.models:TinyNet", model_kwargs={"seed": 5})
     assert model.source == "state_dict"
+    torch.testing.assert_close(run(model, X), expected())
+
+
+def test_state_dict_in_the_legacy_format(tmp_path: Path) -> None:
+    path = tmp_path / "weights.pt"
+    torch.save(TinyNet().state_dict(), path, _use_new_zipfile_serialization=False)
+    assert modelfile.sniff(path).kind == modelfile.TENSORS
+    model = load(model=str(path), model_class="tests.models:TinyNet")
     torch.testing.assert_close(run(model, X), expected())
 
 
@@ -118,8 +127,8 @@ def test_pickled_module_is_refused_without_trust(tmp_path: Path) -> None:
     path = tmp_path / "whole.pt"
     torch.save(TinyNet(), path)
     message = refused(model=str(path))
-    assert "pickled nn.Module" in message and "--trust-pickle" in message
-    assert "arbitrary code" in message and "TorchScript" in message
+    assert "pickled Python object (tests.models.TinyNet" in message
+    assert "--trust-pickle" in message and "arbitrary code" in message and "TorchScript" in message
 
 
 def test_pickled_module_with_trust(tmp_path: Path) -> None:
@@ -175,10 +184,33 @@ def test_bad_constructor_kwargs(tmp_path: Path) -> None:
     assert "building tests.models:TinyNet" in message and "TypeError" in message
 
 
-def test_garbage_file(tmp_path: Path) -> None:
+def test_pickled_module_given_as_a_state_dict(tmp_path: Path) -> None:
+    path = tmp_path / "whole.pt"
+    torch.save(TinyNet(), path)
+    message = refused(model=str(path), model_class="tests.models:TinyNet")
+    assert "not a plain state_dict" in message and "tests.models.TinyNet" in message
+
+
+@pytest.mark.parametrize(
+    ("content", "needle"),
+    [
+        (b"not a model at all\n", "is a text file"),
+        (b"", "is empty"),
+        (bytes(range(256)) * 8, "binary data of an unknown kind"),
+    ],
+    ids=["text", "empty", "bytes"],
+)
+def test_garbage_file_says_what_it_is_not(tmp_path: Path, content: bytes, needle: str) -> None:
     path = tmp_path / "junk.pt"
-    path.write_bytes(b"not a model at all")
-    assert str(path) in refused(model=str(path))
+    path.write_bytes(content)
+    message = refused(model=str(path))
+    assert str(path) in message and needle in message
+    assert "--trust-pickle" in message and "pickled nn.Module (with" in message  # the kinds read
+    assert "arbitrary code" not in message
+
+
+def test_folder_is_not_a_model(tmp_path: Path) -> None:
+    assert "is a folder, not a model file" in refused(model=str(tmp_path))
 
 
 def test_warm_up_failure_is_a_load_error(tmp_path: Path) -> None:

@@ -7,7 +7,10 @@ Sources, in the order they are tried:
     --model F --model-class M:C  C(**kwargs).load_state_dict(torch.load(F, weights_only=True))
     --model F (torch.export)     torch.export.load(F).module(); row shape from the program
     --model F (TorchScript)      torch.jit.load(F)
-    --model F (torch.save)       weights_only load; a pickled nn.Module only with --trust-pickle
+    --model F (pickle)           torch.load(F), only with --trust-pickle
+
+What a file is comes from :mod:`shared.modelfile`, which reads its structure
+without unpickling anything; the gateway runs the same check before spawning.
 
 Every failure is a :class:`shared.errors.ModelLoadError` with one line an
 operator can act on; the worker sends it on the control channel and exits
@@ -19,8 +22,6 @@ from __future__ import annotations
 import importlib
 import io
 import pickle
-import re
-import zipfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +30,7 @@ from typing import Any, Final
 import torch
 from torch import nn
 
-from shared import protocol
+from shared import modelfile, protocol
 from shared.config import ModelSettings
 from shared.errors import ModelLoadError
 from worker import demo, v2codec
@@ -38,7 +39,6 @@ from worker.handler import optional_hook
 
 # How many offending state_dict keys a message names before "(+N more)".
 _SHOWN_KEYS: Final = 3
-_PICKLE_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
 
 
 @dataclass
@@ -96,41 +96,19 @@ def _load(settings: ModelSettings, device: torch.device) -> LoadedModel:
     if settings.model is None:
         module = demo.build_demo_model().to(device)
         return LoadedModel(module, device, demo.INPUT_SHAPE, demo.INPUT_DTYPE, "demo")
-    path = Path(settings.model)
-    if not path.exists():
-        raise ModelLoadError(f"model file {settings.model!r} does not exist")
-    if not path.is_file():
-        raise ModelLoadError(f"model path {settings.model!r} is not a file")
-    kind = sniff(path)
-    if settings.model_class:
-        if kind != "pickle":
-            raise ModelLoadError(
-                f"{path} is a {kind} archive, which holds its own code: drop --model-class"
-            )
-        return _load_state_dict(path, settings.model_class, settings.model_kwargs, device)
-    if kind == "torch.export":
+    # The same check the gateway ran before spawning: it reads the file's
+    # structure, never unpickles, and refuses what these flags cannot load.
+    found = modelfile.check(
+        settings.model, model_class=bool(settings.model_class), trust_pickle=settings.trust_pickle
+    )
+    path = found.path
+    if found.kind == modelfile.EXPORT:
         return _load_export(path, device)
-    if kind == "TorchScript":
+    if found.kind == modelfile.TORCHSCRIPT:
         return _load_torchscript(path, device)
-    return _load_saved(path, settings.trust_pickle, device)
-
-
-def sniff(path: Path) -> str:
-    """``torch.export``, ``TorchScript`` or ``pickle`` (a torch.save file), by content."""
-    if not zipfile.is_zipfile(path):
-        return "pickle"
-    with zipfile.ZipFile(path) as archive:
-        # Every record sits under one top folder named after the archive.
-        records = {name.partition("/")[2] for name in archive.namelist()}
-    if (
-        "archive_format" in records
-        or any(name.endswith("models/model.json") for name in records)
-        or any("serialized_exported_program" in name for name in records)
-    ):
-        return "torch.export"
-    if "constants.pkl" in records or any(name.startswith("code/") for name in records):
-        return "TorchScript"
-    return "pickle"
+    if settings.model_class:
+        return _load_state_dict(path, settings.model_class, settings.model_kwargs, device)
+    return _load_pickle(found, device)
 
 
 # --- sources ------------------------------------------------------------------
@@ -180,33 +158,17 @@ def _load_torchscript(path: Path, device: torch.device) -> LoadedModel:
     return LoadedModel(module, device, None, "float32", "torchscript")
 
 
-def _load_saved(path: Path, trust_pickle: bool, device: torch.device) -> LoadedModel:
+def _load_pickle(found: modelfile.ModelFile, device: torch.device) -> LoadedModel:
+    """A pickled object the operator trusts (``--trust-pickle``): unpickle it whole."""
+    path = found.path
     try:
-        obj = _load_weights(path, device)
-    except pickle.UnpicklingError as exc:
-        if not trust_pickle:
-            found = _PICKLE_GLOBAL.search(str(exc))
-            what = f" ({found.group(1)})" if found else ""
-            raise ModelLoadError(
-                f"{path}: the file is a pickled nn.Module{what}; unpickling runs arbitrary "
-                "code: pass --trust-pickle if you trust it, or save it as TorchScript / "
-                "torch.export"
-            ) from exc
-        try:
-            obj = torch.load(path, weights_only=False, map_location=device)
-        except Exception as exc:
-            raise ModelLoadError(f"{path}: cannot unpickle: {type(exc).__name__}: {exc}") from exc
+        obj = torch.load(path, weights_only=False, map_location=device)
     except Exception as exc:
-        raise ModelLoadError(f"{path}: not a model file torch can read: {exc}") from exc
+        raise ModelLoadError(f"{path}: cannot unpickle: {type(exc).__name__}: {exc}") from exc
     if isinstance(obj, nn.Module):
         obj.to(device).eval()
         return LoadedModel(obj, device, None, "float32", "pickle")
-    if _state_dict_of(obj) is not None:
-        raise ModelLoadError(
-            f"{path} holds a state_dict (weights only): pass --model-class "
-            "package.module:Class to build the model it belongs to"
-        )
-    if callable(obj) and trust_pickle:
+    if callable(obj):
         return LoadedModel(obj, device, None, "float32", "pickle")
     raise ModelLoadError(f"{path} holds a {type(obj).__name__}, not a model")
 
@@ -222,10 +184,9 @@ def _load_state_dict(
     try:
         obj = _load_weights(path, device)
     except pickle.UnpicklingError as exc:
-        raise ModelLoadError(
-            f"{path} is not a plain state_dict (it holds pickled objects); save "
-            "model.state_dict() instead"
-        ) from exc
+        # The sniff found only tensor globals, yet torch's weights_only loader,
+        # the actual guard, refused one: say which.
+        raise ModelLoadError(f"{path}: torch's weights-only loader refused it: {exc}") from exc
     except Exception as exc:
         raise ModelLoadError(f"{path}: not a state_dict torch can read: {exc}") from exc
     state = _state_dict_of(obj)
