@@ -22,7 +22,7 @@ MB = 1024 * 1024
 RECIPE1 = "recipe (1 uvicorn process)"
 RECIPE2 = "recipe (uvicorn --workers 2)"
 LIT = "LitServe 0.2.19 (2 workers, batch 16)"
-TP = "torchpool (batch 16, 2 ms)"
+TP = "torchpool (batch 16, adaptive, cap 2 ms)"
 TP1 = "torchpool (batch 1)"
 SERVER_KEYS = {"recipe1": RECIPE1, "recipe2": RECIPE2, "lit": LIT, "tp": TP, "tp1": TP1}
 

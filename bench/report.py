@@ -19,6 +19,41 @@ class Target:
     detail: str
 
 
+# Throughput targets: (model, concurrency, peer, factor): torchpool's req/s >= factor x peer's.
+_RATE_TARGETS = [
+    ("heavy", 64, LIT, 2.0),
+    ("heavy", 64, RECIPE2, 3.0),
+    ("small", 64, RECIPE1, 1.0),
+    ("small", 64, LIT, 2.4),
+    # Issue #11: never slower than `uvicorn --workers 2` (heavy: every load; small: c=8, 64).
+    ("heavy", 1, RECIPE2, 1.0),
+    ("heavy", 8, RECIPE2, 1.0),
+    ("small", 8, RECIPE2, 1.0),
+    ("small", 64, RECIPE2, 1.0),
+]
+# c=1 latency: (model, ms): torchpool's p50 <= the one-process recipe's + ms.
+_LATENCY_TARGETS = [("heavy", 0.3), ("small", 0.15)]
+_PEER_NAMES = {LIT: "LitServe", RECIPE1: "one-process recipe", RECIPE2: "uvicorn --workers 2"}
+GATEWAY_RSS_MB = 50
+MODELS = ("heavy", "small")
+
+
+def _rate_name(model: str, c: int, peer: str, factor: float) -> str:
+    times = "" if factor == 1 else f"{factor:g}x "
+    return f"{model} c={c}: torchpool req/s >= {times}{_PEER_NAMES[peer]}"
+
+
+def expected_targets() -> list[str]:
+    """Every target line a complete run writes, in order."""
+    names = [_rate_name(*target) for target in _RATE_TARGETS]
+    names += [f"{m} c=64: torchpool p99 <= LitServe's and uvicorn --workers 2's" for m in MODELS]
+    names += [f"{m} c=1: torchpool p50 <= recipe p50 + {ms:g} ms" for m, ms in _LATENCY_TARGETS]
+    for model in MODELS:
+        names.append(f"{model}: torchpool gateway RSS < {GATEWAY_RSS_MB} MB")
+        names.append(f"{model}: torchpool total PSS <= uvicorn --workers 2's")
+    return names
+
+
 def targets(results: Results) -> list[Target]:
     out: list[Target] = []
 
@@ -28,67 +63,45 @@ def targets(results: Results) -> list[Target]:
     def clean(*runs: Run | None) -> bool:
         return all(r is not None and r.errors == 0 for r in runs)
 
-    tp, lit, uv2 = get("heavy", TP, 64), get("heavy", LIT, 64), get("heavy", RECIPE2, 64)
-    if tp and lit and uv2:
-        out.append(
-            Target(
-                "heavy c=64: torchpool req/s >= 2x LitServe",
-                tp.requests_per_s >= 2 * lit.requests_per_s and clean(tp),
-                f"{tp.requests_per_s:.0f} vs {lit.requests_per_s:.0f} "
-                f"({_ratio(tp.requests_per_s, lit.requests_per_s)})",
+    for model, c, peer, factor in _RATE_TARGETS:
+        tp, other = get(model, TP, c), get(model, peer, c)
+        if tp and other:
+            out.append(
+                Target(
+                    _rate_name(model, c, peer, factor),
+                    tp.requests_per_s >= factor * other.requests_per_s and clean(tp),
+                    f"{tp.requests_per_s:.0f} vs {other.requests_per_s:.0f} "
+                    f"({_ratio(tp.requests_per_s, other.requests_per_s)})",
+                )
             )
-        )
-        out.append(
-            Target(
-                "heavy c=64: torchpool req/s >= 3x uvicorn --workers 2",
-                tp.requests_per_s >= 3 * uv2.requests_per_s and clean(tp),
-                f"{tp.requests_per_s:.0f} vs {uv2.requests_per_s:.0f} "
-                f"({_ratio(tp.requests_per_s, uv2.requests_per_s)})",
+    for model in MODELS:
+        tp, lit, uv2 = get(model, TP, 64), get(model, LIT, 64), get(model, RECIPE2, 64)
+        if tp and lit and uv2:
+            out.append(
+                Target(
+                    f"{model} c=64: torchpool p99 <= LitServe's and uvicorn --workers 2's",
+                    tp.p99_ms <= lit.p99_ms and tp.p99_ms <= uv2.p99_ms and clean(tp),
+                    f"{tp.p99_ms:.1f} ms vs {lit.p99_ms:.1f} ms (LitServe), "
+                    f"{uv2.p99_ms:.1f} ms (uvicorn --workers 2)",
+                )
             )
-        )
-        out.append(
-            Target(
-                "heavy c=64: torchpool p99 lower than LitServe's and uvicorn --workers 2's",
-                tp.p99_ms < lit.p99_ms and tp.p99_ms < uv2.p99_ms and clean(tp),
-                f"{tp.p99_ms:.1f} ms vs {lit.p99_ms:.1f} ms (LitServe), "
-                f"{uv2.p99_ms:.1f} ms (uvicorn --workers 2)",
-            )
-        )
-    tp, lit, uv1 = get("small", TP, 64), get("small", LIT, 64), get("small", RECIPE1, 64)
-    if tp and lit and uv1:
-        out.append(
-            Target(
-                "small c=64: torchpool req/s >= one-process recipe",
-                tp.requests_per_s >= uv1.requests_per_s and clean(tp),
-                f"{tp.requests_per_s:.0f} vs {uv1.requests_per_s:.0f} "
-                f"({_ratio(tp.requests_per_s, uv1.requests_per_s)})",
-            )
-        )
-        out.append(
-            Target(
-                "small c=64: torchpool req/s >= 2.4x LitServe",
-                tp.requests_per_s >= 2.4 * lit.requests_per_s and clean(tp),
-                f"{tp.requests_per_s:.0f} vs {lit.requests_per_s:.0f} "
-                f"({_ratio(tp.requests_per_s, lit.requests_per_s)})",
-            )
-        )
-    for model in ("heavy", "small"):
+    for model, ms in _LATENCY_TARGETS:
         tp, uv1 = get(model, TP, 1), get(model, RECIPE1, 1)
         if tp and uv1:
             out.append(
                 Target(
-                    f"{model} c=1: torchpool p50 <= recipe p50 + 0.3 ms",
-                    tp.p50_ms <= uv1.p50_ms + 0.3 and clean(tp),
+                    f"{model} c=1: torchpool p50 <= recipe p50 + {ms:g} ms",
+                    tp.p50_ms <= uv1.p50_ms + ms and clean(tp),
                     f"{tp.p50_ms:.2f} ms vs {uv1.p50_ms:.2f} ms (+{tp.p50_ms - uv1.p50_ms:.2f} ms)",
                 )
             )
-    for model in ("heavy", "small"):
+    for model in MODELS:
         mem = results.mem(model, TP)
         if mem:
             out.append(
                 Target(
-                    f"{model}: torchpool gateway RSS < 80 MB",
-                    mem.parent_rss_mb < 80,
+                    f"{model}: torchpool gateway RSS < {GATEWAY_RSS_MB} MB",
+                    mem.parent_rss_mb < GATEWAY_RSS_MB,
                     f"{mem.parent_rss_mb:.1f} MB",
                 )
             )
@@ -101,22 +114,11 @@ def targets(results: Results) -> list[Target]:
                     f"{mem.pss_mb:.0f} MB vs {uv2m.pss_mb:.0f} MB",
                 )
             )
-    expected = [
-        "heavy c=64: torchpool req/s >= 2x LitServe",
-        "heavy c=64: torchpool req/s >= 3x uvicorn --workers 2",
-        "heavy c=64: torchpool p99 lower than LitServe's and uvicorn --workers 2's",
-        "small c=64: torchpool req/s >= one-process recipe",
-        "small c=64: torchpool req/s >= 2.4x LitServe",
-        "heavy c=1: torchpool p50 <= recipe p50 + 0.3 ms",
-        "small c=1: torchpool p50 <= recipe p50 + 0.3 ms",
-        "heavy: torchpool gateway RSS < 80 MB",
-        "heavy: torchpool total PSS <= uvicorn --workers 2's",
-        "small: torchpool gateway RSS < 80 MB",
-        "small: torchpool total PSS <= uvicorn --workers 2's",
-    ]
     have = {target.name for target in out}
     out += [
-        Target(name, False, "no data (a run is missing)") for name in expected if name not in have
+        Target(name, False, "no data (a run is missing)")
+        for name in expected_targets()
+        if name not in have
     ]
     return out
 
@@ -165,7 +167,7 @@ def report(results: Results, concurrencies: Sequence[int]) -> str:
             "",
             f"## {model} (MLP {shape})",
             "",
-            "Ratios: torchpool (batch 16, 2 ms) at the same concurrency against the row's "
+            f"Ratios: {TP} at the same concurrency against the row's "
             "server (req/s: higher is better for torchpool; p99: lower is better). "
             "other load: cores used by processes outside the benchmark during the run "
             "(0 on a quiet machine). CPU ms/req: CPU time of the server's whole process "
