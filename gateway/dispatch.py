@@ -202,11 +202,12 @@ class Dispatcher:
                 pending.queued = True
                 return
 
-    def worker_lost(self, worker: WorkerRecord, how: str) -> None:
+    def worker_lost(self, worker: WorkerRecord, how: str, retry: bool = True) -> None:
         """Settle every request ``worker`` held: retry once elsewhere, or answer 503.
 
         The caller has already taken ``worker`` out of rotation (its state is no
-        longer READY), so no retry can be sent back to it.
+        longer READY), so no retry can be sent back to it. ``retry`` False answers
+        them all 503: requests that hung a worker would hang the next one too.
         """
         assert not worker.ready, "worker_lost() on a worker still in rotation"
         held = [p for p in worker.inflight.values() if not p.future.done()]
@@ -214,7 +215,7 @@ class Dispatcher:
         others = [w for w in self._pool.ready_workers() if w is not worker]
         for pending in reversed(held):  # appendleft keeps their original order
             pending.attempts += 1
-            if pending.attempts < MAX_ATTEMPTS and others:
+            if retry and pending.attempts < MAX_ATTEMPTS and others:
                 self._queue.appendleft(pending)
                 pending.queued = True
             else:

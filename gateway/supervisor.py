@@ -63,7 +63,6 @@ class Supervisor:
         self._gpus = choose_gpus(settings.device)
         self._drain_started: float | None = None
         self._hurry = asyncio.Event()
-        self.fatal_reason: str | None = None
         # Observer for metrics: called once per unplanned worker death with its
         # cause (see death_cause(); "heartbeat", "hello_timeout", "unreachable").
         self.on_death: Callable[[str], None] | None = None
@@ -207,10 +206,11 @@ class Supervisor:
         worker.new_generation(self._pool.next_generation())
         await self.spawn(worker)
 
-    def declare_lost(self, worker: WorkerRecord, how: str, cause: str) -> None:
-        """Give up on a live but silent or unreachable worker: settle, stop, reap.
+    def declare_lost(self, worker: WorkerRecord, how: str, cause: str, retry: bool = True) -> None:
+        """Give up on a live but silent, hung or unreachable worker: settle, stop, reap.
 
-        ``cause`` is a short word for metrics: heartbeat, hello_timeout, unreachable.
+        ``cause`` is a short word for metrics: heartbeat, hello_timeout,
+        unreachable, batch_timeout. ``retry`` False answers its requests 503.
         """
         if worker.state in (State.RESTARTING, State.FAILED, State.STOPPED):
             return
@@ -218,7 +218,7 @@ class Supervisor:
         log.error("worker %d %s; replacing it", worker.slot, how)
         worker.state = State.RESTARTING
         worker.last_error = f"worker {worker.slot} {how}"
-        self._dispatcher.worker_lost(worker, how)
+        self._dispatcher.worker_lost(worker, how, retry)
         process = worker.process
         if worker.remote:
             # Nothing to reap or respawn here: the worker re-announces itself
@@ -233,9 +233,7 @@ class Supervisor:
     def _check_fatal(self) -> None:
         workers = self._pool.workers
         if workers and all(w.state is State.FAILED for w in workers):
-            reason = workers[0].last_error or "no worker could load the model"
-            self.fatal_reason = reason
-            self._on_fatal(reason)
+            self._on_fatal(workers[0].last_error or "no worker could load the model")
 
     async def _stop_process(self, worker: WorkerRecord) -> None:
         process = worker.process
@@ -279,6 +277,7 @@ class Supervisor:
         if kind == protocol.HEARTBEAT:
             worker.take_memory(message)
             self._pool.take_batches(worker, message.get("batches"))
+            self._check_batch_time(worker, message.get("batch_s"))
             self.check_recycle(worker)
         elif kind == protocol.HELLO:
             worker.pid = message.get("pid", worker.pid)
@@ -295,6 +294,20 @@ class Supervisor:
             log.error("worker %d: %s", worker.slot, worker.last_error)
         elif kind == protocol.BYE:
             log.info("worker %d says bye: %s", worker.slot, message.get("reason"))
+
+    def _check_batch_time(self, worker: WorkerRecord, batch_s: object) -> None:
+        """Kill a worker whose forward pass has run past --max-batch-seconds.
+
+        A forward pass that never returns (a model stuck in a Python loop) keeps
+        the heartbeats flowing from the control thread, so silence never shows
+        it. Its requests are answered 503, not retried: they would hang the next
+        worker too; each one has had its 504 by now anyway with the default limit.
+        """
+        limit = self._settings.batch_limit_s
+        if limit is None or not isinstance(batch_s, int | float) or batch_s <= limit:
+            return
+        how = f"was killed: its batch ran longer than {limit:g} s (--max-batch-seconds)"
+        self.declare_lost(worker, how, "batch_timeout", retry=False)
 
     def _on_ready(self, worker: WorkerRecord, message: dict[str, Any]) -> None:
         if worker.state not in (State.STARTING, State.LOADING):
