@@ -18,7 +18,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import zmq
 
@@ -272,28 +272,33 @@ class Supervisor:
     # --- messages from workers ---------------------------------------------------
 
     def on_control(self, worker: WorkerRecord, message: dict[str, Any]) -> None:
+        """One control message. Typed by its ``t``; each value is still checked
+        or coerced where it is used, since a remote worker may be of any make."""
         kind = message["t"]
         worker.last_seen = time.monotonic()
         if kind == protocol.HEARTBEAT:
-            worker.take_memory(message)
-            self._pool.take_batches(worker, message.get("batches"))
-            self._check_batch_time(worker, message.get("batch_s"))
+            beat = cast(protocol.HeartbeatHeader, message)
+            worker.take_memory(beat)
+            self._pool.take_batches(worker, beat.get("batches"))
+            self._check_batch_time(worker, beat.get("batch_s"))
             self.check_recycle(worker)
         elif kind == protocol.HELLO:
-            worker.pid = message.get("pid", worker.pid)
-            worker.host = message.get("host")
+            hello = cast(protocol.HelloHeader, message)
+            worker.pid = hello.get("pid", worker.pid)
+            worker.host = hello.get("host")
             if worker.remote and worker.state in (State.STOPPED, State.RESTARTING):
                 log.info("remote worker %d (%s) is back", worker.slot, worker.uid)
                 worker.state = State.STARTING
         elif kind == protocol.LOADING:
             worker.state = State.LOADING
         elif kind == protocol.READY:
-            self._on_ready(worker, message)
+            self._on_ready(worker, cast(protocol.ReadyHeader, message))
         elif kind == protocol.ERROR:
-            worker.last_error = str(message.get("message"))
+            worker.last_error = str(cast(protocol.ErrorHeader, message).get("message"))
             log.error("worker %d: %s", worker.slot, worker.last_error)
         elif kind == protocol.BYE:
-            log.info("worker %d says bye: %s", worker.slot, message.get("reason"))
+            reason = cast(protocol.ByeHeader, message).get("reason")
+            log.info("worker %d says bye: %s", worker.slot, reason)
 
     def _check_batch_time(self, worker: WorkerRecord, batch_s: object) -> None:
         """Kill a worker whose forward pass has run past --max-batch-seconds.
@@ -309,7 +314,7 @@ class Supervisor:
         how = f"was killed: its batch ran longer than {limit:g} s (--max-batch-seconds)"
         self.declare_lost(worker, how, "batch_timeout", retry=False)
 
-    def _on_ready(self, worker: WorkerRecord, message: dict[str, Any]) -> None:
+    def _on_ready(self, worker: WorkerRecord, message: protocol.ReadyHeader) -> None:
         if worker.state not in (State.STARTING, State.LOADING):
             return
         if worker.role is Role.SUCCESSOR:
@@ -327,8 +332,9 @@ class Supervisor:
         log.info("worker %d ready in %.2fs", worker.slot, worker.load_seconds or 0.0)
         self._dispatcher.pump()
 
-    def admit_remote(self, uid: str, hello: dict[str, Any]) -> WorkerRecord | None:
+    def admit_remote(self, uid: str, message: dict[str, Any]) -> WorkerRecord | None:
         """A worker we did not spawn says hello over --bind (CURVE already checked it)."""
+        hello = cast(protocol.HelloHeader, message)
         if self._stopping or hello.get("v") != protocol.VERSION:
             log.warning("refusing remote worker %r: protocol %r", uid, hello.get("v"))
             return None
@@ -471,7 +477,9 @@ class Supervisor:
         if self.on_death is not None:
             self.on_death(cause)
 
-    def _send_control(self, worker: WorkerRecord, message: dict[str, Any]) -> None:
+    def _send_control(
+        self, worker: WorkerRecord, message: protocol.BeatHeader | protocol.StopHeader
+    ) -> None:
         # An unconnected control socket (still booting, or gone) is not an error here.
         with contextlib.suppress(zmq.ZMQError):
             self._transport.send(worker.control_identity, [protocol.pack(message)], worker.link)

@@ -248,7 +248,7 @@ async def infer(request: Request, name: str, version: str | None = None) -> Resp
     runtime = _runtime(request)
     settings = runtime.settings
     _check_model(settings, name, version)
-    extra: dict[str, Any] = {"model": name, "version": VERSION}
+    extra: protocol.RequestExtras = {"model": name, "version": VERSION}
     encoding = (request.headers.get("content-encoding") or "identity").strip().lower()
     if encoding in _ENCODINGS:
         extra["encoding"] = encoding
