@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterator, Callable
 from http import HTTPStatus
-from typing import Any
+from typing import Any, cast
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -24,12 +24,19 @@ from starlette.types import Receive, Scope, Send
 from gateway import admin, v2
 from gateway.auth import ApiKeyMiddleware, parse_tokens
 from gateway.health import health_json
-from gateway.http import JSON, error_response, json_response, not_ready_reason, runtime_of
+from gateway.http import (
+    JSON,
+    error_response,
+    json_response,
+    runtime_of,
+    server_not_ready_reason,
+)
 from gateway.metrics import Metrics
 from gateway.metrics import install as install_metrics
-from gateway.predict import PREDICT_PATH, PredictHandler
+from gateway.predict import PREDICT_PATH, PREDICT_PREFIX, PredictHandler
 from gateway.runtime import Runtime
 from gateway.status import install as install_status_page
+from shared import modelconfig
 from shared.config import ServeSettings
 from shared.errors import TorchpoolError
 
@@ -97,9 +104,14 @@ class TorchpoolApp(FastAPI):
     predict: PredictHandler | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"] == PREDICT_PATH and self.predict:
-            await self.predict(scope, receive, send)
-            return
+        if scope["type"] == "http" and self.predict:
+            path: str = scope["path"]
+            if path == PREDICT_PATH:
+                await self.predict(scope, receive, send)
+                return
+            if path.startswith(PREDICT_PREFIX) and "/" not in path[len(PREDICT_PREFIX) :]:
+                await self.predict(scope, receive, send, path[len(PREDICT_PREFIX) :])
+                return
         await super().__call__(scope, receive, send)
 
     def openapi(self) -> dict[str, Any]:
@@ -111,9 +123,31 @@ class TorchpoolApp(FastAPI):
                     "summary": "Predict",
                     "description": 'Run the model on ``{"input_tensor": [...]}``; answers '
                     '``{"prediction": ...}``. A body of any other content type goes to the '
-                    "model's handler as it is (415 when it takes no raw input).",
+                    "model's handler as it is (415 when it takes no raw input). With several "
+                    "models, this is the default model (404 when there is none).",
                     "operationId": "predict",
                     **PREDICT_OPENAPI,
+                }
+            }
+            schema["paths"][PREDICT_PREFIX + "{name}"] = {
+                "post": {
+                    "summary": "Predict with a named model",
+                    "description": "As POST /predict, on the model served as ``name`` "
+                    "(404 listing the served names when there is none).",
+                    "operationId": "predict_named",
+                    "parameters": [
+                        {
+                            "name": "name",
+                            "in": "path",
+                            "required": True,
+                            "schema": {"type": "string"},
+                        }
+                    ],
+                    **PREDICT_OPENAPI,
+                    "responses": {
+                        **PREDICT_OPENAPI["responses"],
+                        **_error_responses(404),
+                    },
                 }
             }
             self.openapi_schema = schema
@@ -121,14 +155,16 @@ class TorchpoolApp(FastAPI):
 
 
 def create_app(
-    settings: ServeSettings, on_fatal: Callable[[str], None] | None = None
+    settings: ServeSettings | modelconfig.Config, on_fatal: Callable[[str], None] | None = None
 ) -> TorchpoolApp:
-    """The app; its lifespan starts the worker pool and stops it on shutdown."""
+    """The app; its lifespan starts the models' worker pools and stops them on shutdown."""
+    config = settings if isinstance(settings, modelconfig.Config) else None
+    config = config or modelconfig.from_flags(cast(ServeSettings, settings))
     metrics = Metrics()  # this app's own registry
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        runtime = Runtime(settings, on_fatal or (lambda reason: None))
+        runtime = Runtime(config, on_fatal or (lambda reason: None))
         app.state.runtime = runtime
         metrics.attach(runtime)
         await runtime.start()
@@ -143,22 +179,20 @@ def create_app(
         version="0.1.0",
         lifespan=lifespan,
     )
-    keys = parse_tokens(settings.api_key)
+    keys = parse_tokens(config.server.api_key)
     if keys:
         app.add_middleware(ApiKeyMiddleware, keys=keys)
-    admin.install(app, settings.admin_token)
+    admin.install(app, config.server.admin_token)
     app.add_exception_handler(TorchpoolError, _torchpool_error)  # type: ignore[arg-type]
     app.add_exception_handler(HTTPException, _http_error)  # type: ignore[arg-type]
     app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
 
-    app.predict = PredictHandler(
-        lambda: app.state.runtime, settings.max_body_bytes, keys, metrics.observe_request
-    )
+    app.predict = PredictHandler(lambda: app.state.runtime, keys, metrics.observe_request)
 
     @app.get("/health", responses={503: {"description": "No worker is ready", **_ANY_JSON}})
     async def health(request: Request) -> Response:
-        """Per-worker status; 200 when at least one worker is ready, else 503."""
-        document = health_json(runtime_of(request).pool)
+        """Per-model and per-worker status; 200 when at least one worker is ready, else 503."""
+        document = health_json(runtime_of(request))
         return json_response(document, 200 if document["ready_workers"] > 0 else 503)
 
     @app.get("/health/live")
@@ -170,17 +204,18 @@ def create_app(
         "/health/ready", responses={503: {"description": "Not ready, or draining", **_ANY_JSON}}
     )
     async def ready(request: Request) -> Response:
-        """200 when at least --min-ready workers are ready and the server is not draining."""
-        pool = runtime_of(request).pool
-        is_ready = not_ready_reason(pool, settings.min_ready) is None
-        return json_response(
-            {
-                "ready": is_ready,
-                "ready_workers": len(pool.ready_workers()),
-                "min_ready": settings.min_ready,
-            },
-            200 if is_ready else 503,
-        )
+        """200 when every model has its min_ready workers ready and the server is not draining."""
+        runtime = runtime_of(request)
+        reason = server_not_ready_reason(runtime)
+        models = list(runtime.models.values())
+        document: dict[str, Any] = {
+            "ready": reason is None,
+            "ready_workers": sum(len(m.pool.ready_workers()) for m in models),
+            "min_ready": sum(m.settings.min_ready for m in models),
+        }
+        if reason is not None:
+            document["reason"] = reason
+        return json_response(document, 200 if reason is None else 503)
 
     install_metrics(app, metrics)
     install_status_page(app, metrics)

@@ -14,8 +14,15 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from shared import modelfile
-from shared.config import ConfigError, ServeSettings, add_arguments, from_namespace
+from shared import modelconfig, modelfile
+from shared.config import (
+    ConfigError,
+    ServeSettings,
+    add_arguments,
+    env_name,
+    from_namespace,
+    settings_fields,
+)
 from shared.errors import ModelLoadError
 
 EXIT_CONFIG = 2
@@ -56,27 +63,52 @@ def main(argv: Sequence[str] | None = None) -> int:
     if namespace.command == "keys":
         return write_keys(namespace.name, Path(namespace.dir))
     try:
-        settings = from_namespace(ServeSettings, namespace)
+        config = load_config(namespace)
         logging.basicConfig(
-            level=settings.log_level.upper(),
+            level=config.server.log_level.upper(),
             format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         )
-        if settings.model and not settings.handler:
-            # What every worker would refuse, refused before one is spawned.
-            modelfile.check(
-                settings.model,
-                model_class=bool(settings.model_class),
-                trust_pickle=settings.trust_pickle,
-            )
+        for name, settings in config.models.items():
+            if settings.model and not settings.handler:
+                # What every worker would refuse, refused before one is spawned.
+                try:
+                    modelfile.check(
+                        settings.model,
+                        model_class=bool(settings.model_class),
+                        trust_pickle=settings.trust_pickle,
+                    )
+                except ModelLoadError as exc:
+                    if config.source is None:
+                        raise
+                    raise ConfigError(f"{config.where('models.' + name)}model: {exc}") from exc
         from gateway.server import serve
 
-        return serve(settings)
+        return serve(config)
     except ConfigError as exc:
         print(f"torchpool: error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     except ModelLoadError as exc:
         print(f"torchpool: error: cannot serve: {exc}", file=sys.stderr)
         return EXIT_MODEL
+
+
+def load_config(namespace: argparse.Namespace) -> modelconfig.Config:
+    """The flags as a config of one model, or --config's file with the server flags on top."""
+    settings = from_namespace(ServeSettings, namespace)
+    if settings.config is None:
+        return modelconfig.from_flags(settings)
+    given = {
+        f.name
+        for f in settings_fields(ServeSettings)
+        if getattr(namespace, f.name, None) is not None or env_name(f.name) in os.environ
+    } - {"config"}
+    for name in sorted(given - modelconfig.SERVER_KEYS):
+        raise ConfigError(
+            f"--{name.replace('_', '-')} is a model setting: with --config it goes in the "
+            f"file's [models.NAME] tables (or [server], for every model)"
+        )
+    overrides = {name: getattr(settings, name) for name in given}
+    return modelconfig.load(settings.config, overrides)
 
 
 def write_keys(name: str, folder: Path) -> int:

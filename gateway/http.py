@@ -186,10 +186,27 @@ async def _disconnected(receive: Receive) -> None:
 
 
 def not_ready_reason(pool: Pool, min_ready: int) -> str | None:
-    """Why the pool does not take traffic (the readiness probes' rule); None when it does."""
+    """Why one model's pool does not take traffic; None when it does."""
     if pool.draining:
         return "the server is shutting down"
     count = len(pool.ready_workers())
     if count < min_ready:
         return f"{count} workers ready, fewer than --min-ready {min_ready}"
+    return None
+
+
+def server_not_ready_reason(runtime: Runtime) -> str | None:
+    """Why the gateway does not take traffic (the readiness probes' rule); None when it does.
+
+    Ready means every model has at least its min_ready workers ready.
+    """
+    if runtime.draining:
+        return "the server is shutting down"
+    several = len(runtime.models) > 1
+    for model in runtime.models.values():
+        reason = not_ready_reason(model.pool, model.settings.min_ready)
+        if reason is not None:
+            return f"model {model.name}: {reason}" if several else reason
+    if not runtime.models:
+        return "no model is served"
     return None

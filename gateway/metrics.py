@@ -50,7 +50,7 @@ from gateway.health import pool_status
 from shared import protocol
 
 if TYPE_CHECKING:
-    from gateway.pool import WorkerRecord
+    from gateway.models import ModelRuntime
     from gateway.runtime import Runtime
 
 NAMESPACE = "torchpool"
@@ -80,7 +80,7 @@ RECENT_WINDOW_S = 10.0
 
 def is_inference_route(route: str) -> bool:
     """Routes whose requests run the model: they feed the status page's window."""
-    return route == "/predict" or route.endswith("/infer")
+    return route in ("/predict", "/predict/{name}") or route.endswith("/infer")
 
 
 class RecentWindow:
@@ -180,6 +180,7 @@ class Metrics:
         self.queue_wait = Histogram(
             "queue_wait_seconds",
             "Time a request waited in the gateway before it was first sent to a worker.",
+            ["model"],
             namespace=NAMESPACE,
             buckets=QUEUE_WAIT_BUCKETS,
             registry=self.registry,
@@ -189,12 +190,10 @@ class Metrics:
             "Unplanned worker deaths, by cause: signal, exit (non-zero or unexpected), "
             "load_failed, heartbeat (went silent), hello_timeout, unreachable, "
             "batch_timeout (a forward pass ran past --max-batch-seconds).",
-            ["cause"],
+            ["model", "cause"],
             namespace=NAMESPACE,
             registry=self.registry,
         )
-        for cause in DEATH_CAUSES:
-            self.deaths.labels(cause)
         ProcessCollector(registry=self.registry)
         PlatformCollector(registry=self.registry)
         self.runtime: Runtime | None = None
@@ -203,14 +202,18 @@ class Metrics:
         self._routes: dict[str, _RouteSeries] = {}
 
     def attach(self, runtime: Runtime) -> None:
-        """Read ``runtime``'s pool at scrape time, and take its dispatcher's and supervisor's
-        reports (queue waits, worker deaths)."""
+        """Read ``runtime``'s pools at scrape time, and take each model's dispatcher's and
+        supervisor's reports (queue waits, worker deaths), models loaded later included."""
         self.runtime = runtime
-        runtime.dispatcher.on_first_send = self.queue_wait.observe
-        runtime.supervisor.on_death = self.count_death
+        for model in runtime.models.values():
+            self.watch(model)
+        runtime.on_model_added = self.watch
 
-    def count_death(self, cause: str) -> None:
-        self.deaths.labels(cause).inc()
+    def watch(self, model: ModelRuntime) -> None:
+        for cause in DEATH_CAUSES:
+            self.deaths.labels(model.name, cause)
+        model.dispatcher.on_first_send = self.queue_wait.labels(model.name).observe
+        model.supervisor.on_death = lambda cause: self.deaths.labels(model.name, cause).inc()
 
     def observe_request(self, route: str, status: int, seconds: float) -> None:
         series = self._routes.get(route)
@@ -276,14 +279,13 @@ class PoolCollector:
         runtime = self._metrics.runtime
         if runtime is None:
             return
-        pool = runtime.pool
-        workers = pool.serving()
+        models = list(runtime.models.values())
         now = time.monotonic()
-        label = ["worker"]
+        label = ["model", "worker"]
         state = GaugeMetricFamily(
             f"{NAMESPACE}_worker_state",
             "1 for the state each worker is in, 0 for the others.",
-            labels=["worker", "state"],
+            labels=["model", "worker", "state"],
         )
         rss = _gauge("worker_rss_bytes", "Resident memory of the worker process.", label)
         cuda_allocated = _gauge(
@@ -307,24 +309,33 @@ class PoolCollector:
             "Times the worker slot's process was replaced after a death.",
             labels=label,
         )
-        for worker in workers:
-            name = [str(worker.slot)]
-            shown = worker.shown_state()
-            for candidate in STATES:
-                state.add_metric([name[0], candidate], 1.0 if candidate == shown else 0.0)
-            _add(rss, name, worker.rss_bytes)
-            _add(cuda_allocated, name, worker.cuda_allocated_bytes)
-            _add(cuda_reserved, name, worker.cuda_reserved_bytes)
-            _add(load, name, worker.load_seconds)
-            _add(age, name, worker.heartbeat_age(now))
-            inflight.add_metric(name, len(worker.inflight))
-            served.add_metric(name, worker.requests_served)
-            restarts.add_metric(name, worker.restarts)
+        for model in models:
+            for worker in model.pool.serving():
+                name = [model.name, str(worker.slot)]
+                shown = worker.shown_state()
+                for candidate in STATES:
+                    state.add_metric([*name, candidate], 1.0 if candidate == shown else 0.0)
+                _add(rss, name, worker.rss_bytes)
+                _add(cuda_allocated, name, worker.cuda_allocated_bytes)
+                _add(cuda_reserved, name, worker.cuda_reserved_bytes)
+                _add(load, name, worker.load_seconds)
+                _add(age, name, worker.heartbeat_age(now))
+                inflight.add_metric(name, len(worker.inflight))
+                served.add_metric(name, worker.requests_served)
+                restarts.add_metric(name, worker.restarts)
         yield from (state, rss, cuda_allocated, cuda_reserved, load, inflight, age, served)
         yield restarts
-        yield from _pool_gauges(runtime, workers)
-        yield _batch_histogram(pool.batch_rows, runtime.settings.max_batch_size)
-        yield _wait_histogram(pool.wait_counts, pool.wait_sum)
+        yield from _pool_gauges(models)
+        batches = _histogram_family("batch_rows", BATCH_ROWS_HELP)
+        waits = _histogram_family("batch_wait_seconds", BATCH_WAIT_HELP)
+        for model in models:
+            pool = model.pool
+            _add_batch_histogram(
+                batches, model.name, pool.batch_rows, model.settings.max_batch_size
+            )
+            _add_wait_histogram(waits, model.name, pool.wait_counts, pool.wait_sum)
+        yield batches
+        yield waits
 
 
 def _gauge(name: str, documentation: str, labels: list[str]) -> GaugeMetricFamily:
@@ -336,66 +347,68 @@ def _add(family: GaugeMetricFamily, labels: list[str], value: float | None) -> N
         family.add_metric(labels, value)
 
 
-def _pool_gauges(runtime: Runtime, workers: list[WorkerRecord]) -> Iterable[Metric]:
-    pool = runtime.pool
-    queued = GaugeMetricFamily(
-        f"{NAMESPACE}_requests_queued",
-        "Requests waiting in the gateway's queue for a worker.",
-        value=runtime.dispatcher.queued,
+def _pool_gauges(models: list[ModelRuntime]) -> Iterable[Metric]:
+    queued = _gauge("requests_queued", "Requests waiting in the gateway's queue for a worker.",
+                    ["model"])  # fmt: skip
+    inflight = _gauge(
+        "requests_inflight", "Requests sent to a worker and not yet answered.", ["model"]
     )
-    inflight = GaugeMetricFamily(
-        f"{NAMESPACE}_requests_inflight",
-        "Requests sent to a worker and not yet answered.",
-        value=sum(len(w.inflight) for w in pool.all_records()),
+    ready = _gauge(
+        "workers_ready", "Workers ready to take requests (busy ones included).", ["model"]
     )
-    ready = GaugeMetricFamily(
-        f"{NAMESPACE}_workers_ready",
-        "Workers ready to take requests (busy ones included).",
-        value=len(pool.ready_workers()),
-    )
-    total = GaugeMetricFamily(
-        f"{NAMESPACE}_workers", "Worker slots in the pool.", value=len(workers)
-    )
-    up = GaugeMetricFamily(
-        f"{NAMESPACE}_pool_status",
+    total = _gauge("workers", "Worker slots in the pool.", ["model"])
+    up = _gauge(
+        "pool_status",
         "1 for the pool's /health status (ok, degraded, unavailable), 0 for the others.",
-        labels=["status"],
+        ["model", "status"],
     )
-    current = pool_status(pool)
-    for status in ("ok", "degraded", "unavailable"):
-        up.add_metric([status], 1.0 if status == current else 0.0)
+    for model in models:
+        pool, label = model.pool, [model.name]
+        queued.add_metric(label, model.dispatcher.queued)
+        inflight.add_metric(label, sum(len(w.inflight) for w in pool.all_records()))
+        ready.add_metric(label, len(pool.ready_workers()))
+        total.add_metric(label, len(pool.serving()))
+        current = pool_status(pool)
+        for status in ("ok", "degraded", "unavailable"):
+            up.add_metric([model.name, status], 1.0 if status == current else 0.0)
     return (queued, inflight, ready, total, up)
 
 
-def _batch_histogram(counts: dict[int, int], max_batch_size: int) -> HistogramMetricFamily:
+BATCH_ROWS_HELP = (
+    "Rows per forward pass the workers ran (from their heartbeats, at most one beat old)."
+)
+BATCH_WAIT_HELP = (
+    "Seconds requests waited in a worker before their forward pass: what batching "
+    "cost them (from the workers' heartbeats, at most one beat old)."
+)
+
+
+def _histogram_family(name: str, documentation: str) -> HistogramMetricFamily:
+    return HistogramMetricFamily(f"{NAMESPACE}_{name}", documentation, labels=["model"])
+
+
+def _add_batch_histogram(
+    family: HistogramMetricFamily, model: str, counts: dict[int, int], max_batch_size: int
+) -> None:
     bounds = sorted({*BATCH_BUCKETS, max_batch_size})
     buckets: list[tuple[str, float]] = []
     for bound in bounds:
         below = sum(n for rows, n in counts.items() if rows <= bound)
         buckets.append((str(float(bound)), below))  # le="8.0", as Histogram writes it
     buckets.append(("+Inf", sum(counts.values())))
-    family = HistogramMetricFamily(
-        f"{NAMESPACE}_batch_rows",
-        "Rows per forward pass the workers ran (from their heartbeats, at most one beat old).",
-    )
-    family.add_metric([], buckets, sum_value=sum(rows * n for rows, n in counts.items()))
-    return family
+    family.add_metric([model], buckets, sum_value=sum(rows * n for rows, n in counts.items()))
 
 
-def _wait_histogram(counts: list[int], total_s: float) -> HistogramMetricFamily:
+def _add_wait_histogram(
+    family: HistogramMetricFamily, model: str, counts: list[int], total_s: float
+) -> None:
     buckets: list[tuple[str, float]] = []
     below = 0
     for bound, n in zip(protocol.WAIT_BUCKETS_S, counts, strict=False):
         below += n
         buckets.append((str(bound), below))
     buckets.append(("+Inf", sum(counts)))
-    family = HistogramMetricFamily(
-        f"{NAMESPACE}_batch_wait_seconds",
-        "Seconds requests waited in a worker before their forward pass: what batching "
-        "cost them (from the workers' heartbeats, at most one beat old).",
-    )
-    family.add_metric([], buckets, sum_value=total_s)
-    return family
+    family.add_metric([model], buckets, sum_value=total_s)
 
 
 def install(app: FastAPI, metrics: Metrics) -> None:

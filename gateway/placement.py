@@ -140,15 +140,17 @@ def place_another(
     gpus: Sequence[int],
     per_worker: int | None = None,
     cores: Sequence[int] | None = None,
+    taken: Sequence[int] = (),
 ) -> Placement:
     """Place one more worker beside ``existing`` ones (scaling up at run time).
 
     It gets free cores when enough are left, as many as its peers have;
     otherwise it shares the cores of an existing slot, and a warning says so.
+    ``taken`` are cores other models' workers hold.
     """
     cores = usable_cores() if cores is None else list(cores)
     size = per_worker or (len(existing[0].cores) if existing else len(cores))
-    used = {core for placement in existing for core in placement.cores}
+    used = {core for placement in existing for core in placement.cores} | set(taken)
     free = [core for core in cores if core not in used]
     if len(free) >= size:
         chosen = tuple(free[:size])
@@ -183,6 +185,81 @@ def plan(
         )
         for i in range(workers)
     ]
+
+
+@dataclass(frozen=True)
+class Demand:
+    """What one model asks of the machine: ``workers`` on ``device``, maybe a core count each."""
+
+    name: str
+    workers: int
+    device: str
+    per_worker: int | None = None
+
+
+def plan_models(
+    demands: Sequence[Demand],
+    cores: Sequence[int] | None = None,
+    gpus: Sequence[int] | None = None,
+    taken: Sequence[int] = (),
+) -> dict[str, list[Placement]]:
+    """Place every model's workers at once: disjoint core sets across all of them.
+
+    One model alone is placed as :func:`plan` places it (a --cores-per-worker
+    that does not fit is an error). With several, workers with an explicit
+    core count get it first and the others split what is left evenly; when
+    the cores run out, later workers share cores, and a warning says so (and
+    /health shows the shared cores). ``taken`` are cores already in use (a
+    model loaded at run time places around the running ones). GPUs are
+    chosen per model from its ``device``, round-robin over its own workers.
+    """
+    cores = usable_cores() if cores is None else list(cores)
+    if len(demands) == 1 and not taken:
+        only = demands[0]
+        return {only.name: plan(only.workers, only.device, only.per_worker, cores, gpus)}
+    if not cores:
+        raise ConfigError("no usable CPU cores")
+    order = [c for c in cores if c not in set(taken)] + [c for c in cores if c in set(taken)]
+    free = len(cores) - len(set(taken) & set(cores))
+    explicit = sum(d.workers * d.per_worker for d in demands if d.per_worker)
+    flexible = sum(d.workers for d in demands if not d.per_worker)
+    even = max(1, (free - explicit) // flexible) if flexible else 0
+    cursor = 0
+    placed: dict[str, list[Placement]] = {}
+    for demand in demands:
+        chosen_gpus = choose_gpus(demand.device, gpus)
+        size = demand.per_worker or even
+        placements: list[Placement] = []
+        for slot in range(demand.workers):
+            if cursor + size <= free:
+                core_set = tuple(order[cursor : cursor + size])
+            else:
+                core_set = tuple(order[(cursor + i) % len(order)] for i in range(size))
+                log.warning(
+                    "model %s worker %d shares cores %s: the usable cores (%d) ran out",
+                    demand.name, slot, format_cores(core_set), len(cores),
+                )  # fmt: skip
+            cursor += size
+            placements.append(
+                Placement(
+                    slot=slot,
+                    device="cuda" if chosen_gpus else "cpu",
+                    gpu=chosen_gpus[slot % len(chosen_gpus)] if chosen_gpus else None,
+                    cores=core_set,
+                )
+            )
+        placed[demand.name] = placements
+    return placed
+
+
+def shared_cores(placements: Sequence[Placement]) -> list[int]:
+    """The cores that more than one of ``placements`` is pinned to."""
+    seen: set[int] = set()
+    shared: set[int] = set()
+    for placement in placements:
+        for core in placement.cores:
+            (shared if core in seen else seen).add(core)
+    return sorted(shared)
 
 
 def format_cores(cores: Sequence[int]) -> str:

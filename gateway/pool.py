@@ -7,6 +7,7 @@ reads them. Everything runs on the gateway's one event loop, so no locks.
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import itertools
 import time
@@ -45,6 +46,9 @@ class WorkerRecord:
     placement: Placement
     generation: int = 0
     role: Role = Role.CURRENT
+    # The model this worker serves; it prefixes a local worker's uid, so uids
+    # stay unique across the pools of one gateway.
+    model: str = ""
     # A remote worker names itself; it reaches us over the remote link.
     remote_uid: str | None = None
     link: int = 0
@@ -69,6 +73,11 @@ class WorkerRecord:
     last_seen: float | None = None  # time.monotonic() of the last control message
     spawned_at: float | None = None  # time.monotonic() of the last spawn
     recycling: bool = False  # a successor is on its way
+    # Declared lost while it was READY: its death is not a boot failure.
+    lost_when_ready: bool = False
+    # A reload's successor: resolved when it is ready (it then waits for the
+    # others before taking over), or failed with why it died first.
+    handover: asyncio.Future[None] | None = None
     recycle_not_before: float = 0.0  # after a failed recycle, when to try again
     exit_code: int | None = None
     last_error: str | None = None
@@ -85,7 +94,10 @@ class WorkerRecord:
 
     @property
     def uid(self) -> str:
-        return self.remote_uid or f"{self.slot}.{self.generation}"
+        if self.remote_uid:
+            return self.remote_uid
+        prefix = f"{self.model}/" if self.model else ""
+        return f"{prefix}{self.slot}.{self.generation}"
 
     @property
     def remote(self) -> bool:
@@ -136,6 +148,7 @@ class WorkerRecord:
         self.pid = None
         self.state = State.STARTING
         self.last_seen = None
+        self.lost_when_ready = False
         self.rss_bytes = self.cuda_allocated_bytes = self.cuda_reserved_bytes = None
         self.batches_seen = {}
         self.waits_seen = []
@@ -152,9 +165,10 @@ class Pool:
 
     REMOTE_IDS_FROM = 1000
 
-    def __init__(self, placements: list[Placement]) -> None:
+    def __init__(self, placements: list[Placement], model: str = "") -> None:
+        self.model = model
         self._generations = itertools.count()
-        self.workers = [WorkerRecord(p, next(self._generations)) for p in placements]
+        self.workers = [WorkerRecord(p, next(self._generations), model=model) for p in placements]
         self.remote: list[WorkerRecord] = []
         self.extra: list[WorkerRecord] = []
         self._by_uid = {w.uid: w for w in self.workers}

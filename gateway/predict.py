@@ -35,6 +35,8 @@ if TYPE_CHECKING:
     from gateway.runtime import Runtime
 
 PREDICT_PATH = "/predict"
+PREDICT_PREFIX = "/predict/"  # + a model's name
+PREDICT_NAMED = "/predict/{name}"  # its route, as metrics label it
 TIMEOUT_HEADER = http.TIMEOUT_HEADER.encode()
 
 JSON = b"application/json"
@@ -77,22 +79,23 @@ class PredictHandler:
     def __init__(
         self,
         runtime_of: Callable[[], Runtime],
-        max_body_bytes: int,
         api_keys: list[bytes],
         observe: Observer,
     ) -> None:
         self._runtime_of = runtime_of
-        self._limit = max_body_bytes
         self._keys = api_keys
         self._observe = observe
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def __call__(
+        self, scope: Scope, receive: Receive, send: Send, model_name: str | None = None
+    ) -> None:
+        """``model_name``: the model of ``/predict/{name}``; None for ``/predict``."""
         started = time.perf_counter()
         status = 200
         try:
             if scope["method"] != "POST":
                 status = 405
-                error = {"error": "use POST for /predict", "code": "http_error"}
+                error = {"error": f"use POST for {scope['path']}", "code": "http_error"}
                 extra = [(b"allow", b"POST")]
                 await send_response(send, 405, orjson.dumps(error), JSON, extra)
                 return
@@ -109,10 +112,12 @@ class PredictHandler:
             try:
                 if self._keys and not token_matches(authorization, self._keys):
                     raise Unauthorized("a valid API key is required: Authorization: Bearer KEY")
+                model = self._runtime_of().model(model_name)
                 fmt, extra_fields = body_format(content_type)
                 timeout_s = timeout_header(timeout)
-                body = await read_body(receive, declared, self._limit, _EMPTY)
-                dispatcher = self._runtime_of().dispatcher
+                limit = model.settings.max_body_bytes
+                body = await read_body(receive, declared, limit, _EMPTY)
+                dispatcher = model.dispatcher
                 reply = await run_request(receive, dispatcher, fmt, body, timeout_s, extra_fields)
             except TorchpoolError as exc:
                 status = exc.status
@@ -123,4 +128,5 @@ class PredictHandler:
             status = 500  # a torchpool bug: uvicorn answers 500 and logs the traceback
             raise
         finally:
-            self._observe(PREDICT_PATH, status, time.perf_counter() - started)
+            route = PREDICT_PATH if model_name is None else PREDICT_NAMED
+            self._observe(route, status, time.perf_counter() - started)

@@ -18,10 +18,11 @@ from collections.abc import Callable
 import uvicorn
 
 from gateway.app import create_app
-from gateway.placement import plan
-from gateway.runtime import Runtime
-from shared.config import ConfigError, ServeSettings
+from gateway.placement import plan_models
+from gateway.runtime import Runtime, demands
+from shared.config import ConfigError
 from shared.errors import ModelLoadError
+from shared.modelconfig import Config
 
 log = logging.getLogger("torchpool.server")
 
@@ -75,13 +76,14 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def serve(settings: ServeSettings) -> int:
+def serve(config: Config) -> int:
     """Serve until a signal stops it (returns 0).
 
     Raises ConfigError for settings that cannot work and ModelLoadError when no
-    worker of the pool could ever load the model.
+    worker of any model could ever load it (of any one model, with --strict).
     """
-    plan(settings.workers, settings.device, settings.cores_per_worker)  # fail before binding
+    plan_models(demands(config.models))  # fail before binding
+    settings = config.server
     sock = bind(settings.host, settings.port)
     fatal: list[str] = []
     server: _Server
@@ -90,17 +92,18 @@ def serve(settings: ServeSettings) -> int:
         fatal.append(reason)
         server.should_exit = True
 
-    app = create_app(settings, on_fatal)
-    config = uvicorn.Config(
+    app = create_app(config, on_fatal)
+    drain_s = max((m.drain_timeout_s for m in config.models.values()), default=0.0)
+    uvicorn_config = uvicorn.Config(
         app,
         log_level=settings.log_level,
         loop="auto",
         http="auto",
-        timeout_graceful_shutdown=math.ceil(settings.drain_timeout_s),
+        timeout_graceful_shutdown=math.ceil(drain_s),
         access_log=False,
     )
 
-    server = _Server(config, lambda: getattr(app.state, "runtime", None))
+    server = _Server(uvicorn_config, lambda: getattr(app.state, "runtime", None))
     for sig in (signal.SIGTERM, signal.SIGINT):
         # uvicorn re-raises the signal it caught once it is done; let that pass.
         signal.signal(sig, lambda *_: None)

@@ -34,13 +34,14 @@ def status_json(metrics: Metrics, started: float) -> dict[str, Any]:
     }
     runtime = metrics.runtime
     if runtime is not None:
-        pool = runtime.pool
+        models = list(runtime.models.values())
+        statuses = {pool_status(m.pool) for m in models}
         document.update(
-            model=runtime.settings.served_name,
-            status=pool_status(pool),
-            queued=runtime.dispatcher.queued,
-            inflight=sum(len(w.inflight) for w in pool.all_records()),
-            draining=pool.draining,
+            model=", ".join(runtime.models),
+            status=statuses.pop() if len(statuses) == 1 else "degraded",
+            queued=sum(m.dispatcher.queued for m in models),
+            inflight=sum(len(w.inflight) for m in models for w in m.pool.all_records()),
+            draining=runtime.draining,
         )
     return document
 

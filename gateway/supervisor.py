@@ -17,7 +17,7 @@ import dataclasses
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, cast
 
 import zmq
@@ -28,8 +28,8 @@ from gateway.pool import Pool, Role, State, WorkerRecord
 from gateway.process import ProcessHandle, Spawner, WorkerProcess, describe_exit
 from gateway.transport import REMOTE, Transport
 from shared import protocol
-from shared.config import ENV_PREFIX, ServeSettings, worker_argv
-from shared.errors import Unavailable
+from shared.config import ENV_PREFIX, PoolSettings, worker_argv
+from shared.errors import Conflict, ModelLoadError, Unavailable
 
 log = logging.getLogger("torchpool.supervisor")
 
@@ -47,7 +47,7 @@ THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUM
 class Supervisor:
     def __init__(
         self,
-        settings: ServeSettings,
+        settings: PoolSettings,
         pool: Pool,
         transport: Transport,
         dispatcher: Dispatcher,
@@ -55,8 +55,12 @@ class Supervisor:
         spawner: Spawner = WorkerProcess.spawn,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        taken: Callable[[], Sequence[int]] = tuple,
     ) -> None:
         self._settings = settings
+        # Cores other models' workers hold, avoided when scaling up.
+        self._taken = taken
+        self._reloading = False
         self._pool = pool
         self._transport = transport
         self._dispatcher = dispatcher
@@ -73,6 +77,13 @@ class Supervisor:
         # Observer for metrics: called once per unplanned worker death with its
         # cause (see death_cause(); "heartbeat", "hello_timeout", "unreachable").
         self.on_death: Callable[[str], None] | None = None
+        # Observer: called when a serving worker becomes ready.
+        self.on_ready: Callable[[WorkerRecord], None] | None = None
+
+    @property
+    def settings(self) -> PoolSettings:
+        """The settings new workers are started with (a reload changes them)."""
+        return self._settings
 
     # --- lifecycle ------------------------------------------------------------
 
@@ -124,12 +135,13 @@ class Supervisor:
 
     # --- acts -------------------------------------------------------------------
 
-    async def spawn(self, worker: WorkerRecord) -> None:
+    async def spawn(self, worker: WorkerRecord, settings: PoolSettings | None = None) -> None:
         placement = worker.placement
+        settings = settings or self._settings
         settings = dataclasses.replace(
-            self._settings,
+            settings,
             device=placement.device,
-            model=os.path.abspath(self._settings.model) if self._settings.model else None,
+            model=os.path.abspath(settings.model) if settings.model else None,
         )
         argv = [
             *worker_argv(settings),
@@ -147,7 +159,8 @@ class Supervisor:
             env["CUDA_VISIBLE_DEVICES"] = str(placement.gpu)
         worker.state = State.STARTING
         self._pool.register(worker)
-        process = await self._spawner(argv, env, label=f"worker {worker.slot}")
+        label = f"{worker.model} worker {worker.slot}" if worker.model else f"worker {worker.slot}"
+        process = await self._spawner(argv, env, label=label)
         worker.process = process
         worker.pid = process.pid
         worker.spawned_at = self._clock()
@@ -169,7 +182,7 @@ class Supervisor:
         if self._stopping or worker.state is State.STOPPED:
             worker.state = State.STOPPED
             return
-        was_ready = worker.state is State.READY
+        was_ready = worker.state is State.READY or worker.lost_when_ready
         if worker.state is not State.RESTARTING:  # else declare_lost() counted it
             self._count_death(death_cause(code))
         # Out of rotation first, so the retries below cannot land on it again.
@@ -206,7 +219,12 @@ class Supervisor:
         if delay:
             log.info("restarting worker %d in %.1fs", worker.slot, delay)
             await self._sleep(delay)
-        if self._stopping:
+        # Scaled away or stopped while it waited: nothing tracks this slot any more.
+        if (
+            self._stopping
+            or worker.state is not State.RESTARTING
+            or not any(w is worker for w in self._pool.workers)
+        ):
             return
         worker.restarts += 1
         self._pool.forget(worker)
@@ -223,6 +241,8 @@ class Supervisor:
             return
         self._count_death(cause)
         log.error("worker %d %s; replacing it", worker.slot, how)
+        # Read by _reap, which sees RESTARTING: a silent ready worker did boot.
+        worker.lost_when_ready = worker.state is State.READY
         worker.state = State.RESTARTING
         worker.last_error = f"worker {worker.slot} {how}"
         self._dispatcher.worker_lost(worker, how, retry)
@@ -325,7 +345,7 @@ class Supervisor:
     def _on_ready(self, worker: WorkerRecord, message: protocol.ReadyHeader) -> None:
         if worker.state not in (State.STARTING, State.LOADING):
             return
-        if worker.role is Role.SUCCESSOR:
+        if worker.role is Role.SUCCESSOR and worker.handover is None:
             self._take_over(worker)
         worker.state = State.READY
         worker.take_memory(message)
@@ -338,7 +358,13 @@ class Supervisor:
         worker.last_error = None
         self._pool.ever_ready = True
         log.info("worker %d ready in %.2fs", worker.slot, worker.load_seconds or 0.0)
+        if worker.handover is not None:
+            if not worker.handover.done():
+                worker.handover.set_result(None)
+            return
         self._dispatcher.pump()
+        if self.on_ready is not None:
+            self.on_ready(worker)
 
     def admit_remote(self, uid: str, message: dict[str, Any]) -> WorkerRecord | None:
         """A worker we did not spawn says hello over --bind (CURVE already checked it)."""
@@ -350,6 +376,7 @@ class Supervisor:
         worker = WorkerRecord(
             Placement(self._pool.next_remote_id(), "remote", None, cores),
             remote_uid=uid,
+            model=self._pool.model,
             link=REMOTE,
             device_label=str(hello.get("device", "cpu")),
             last_seen=self._clock(),
@@ -370,13 +397,21 @@ class Supervisor:
         """Resize the local pool: new slots boot in the background; removed ones drain."""
         if self._stopping:
             return
+        if self._reloading:
+            raise Conflict("the model is being reloaded; scale it when that is done")
         workers = self._pool.workers
         while len(workers) < count:
             slot = len(workers)
             placement = place_another(
-                [w.placement for w in workers], slot, self._gpus, self._settings.cores_per_worker
+                [w.placement for w in workers],
+                slot,
+                self._gpus,
+                self._settings.cores_per_worker,
+                taken=self._taken(),
             )
-            worker = WorkerRecord(placement, generation=self._pool.next_generation())
+            worker = WorkerRecord(
+                placement, generation=self._pool.next_generation(), model=self._pool.model
+            )
             workers.append(worker)
             log.info("scaling up: worker %d", slot)
             await self.spawn(worker)
@@ -390,7 +425,8 @@ class Supervisor:
 
     def scale_by(self, delta: int) -> None:
         """SIGTTIN (+1) / SIGTTOU (-1), as gunicorn does."""
-        self._background(self.scale_to(max(0, len(self._pool.workers) + delta)))
+        if not self._reloading:
+            self._background(self.scale_to(max(0, len(self._pool.workers) + delta)))
 
     def _retire_record(self, worker: WorkerRecord) -> None:
         """Take ``worker`` out of service; it finishes what it holds, then stops."""
@@ -413,6 +449,7 @@ class Supervisor:
         settings = self._settings
         if (
             worker.recycling
+            or self._reloading
             or worker.remote
             or worker.role is not Role.CURRENT
             or worker.state is not State.READY
@@ -437,6 +474,7 @@ class Supervisor:
             worker.placement,
             generation=self._pool.next_generation(),
             role=Role.SUCCESSOR,
+            model=self._pool.model,
             restarts=worker.restarts,
         )
         self._pool.extra.append(successor)
@@ -467,10 +505,17 @@ class Supervisor:
         if worker in self._pool.extra:
             self._pool.extra.remove(worker)
         self._pool.forget(worker)
+        declared_lost = worker.state is State.RESTARTING  # declare_lost() counted it
         worker.state = State.STOPPED
         self._dispatcher.worker_lost(worker, how)  # normally holds nothing by now
-        if worker.role is Role.SUCCESSOR and worker.slot < len(self._pool.workers):
+        if worker.role is Role.SUCCESSOR and not declared_lost:
             self._count_death(death_cause(worker.exit_code))
+        if worker.handover is not None:
+            if not worker.handover.done():
+                note = self._death_note(worker, process, how)
+                worker.handover.set_exception(ModelLoadError(note))
+            return
+        if worker.role is Role.SUCCESSOR and worker.slot < len(self._pool.workers):
             current = self._pool.workers[worker.slot]
             current.recycling = False
             current.recycle_not_before = self._clock() + RECYCLE_RETRY_S
@@ -478,6 +523,78 @@ class Supervisor:
                 "replacement for worker %d %s before it was ready; keeping the old one: %s",
                 worker.slot, how, self._death_note(worker, process, how),
             )  # fmt: skip
+
+    # --- reloading ---------------------------------------------------------------
+
+    async def reload(self, settings: PoolSettings | None = None) -> None:
+        """Replace every local worker with one that loads the model again (``settings``).
+
+        Each successor boots on its predecessor's placement while the old
+        workers serve; only when every successor is ready do they take over,
+        and then each old worker finishes what it holds and stops, so nothing
+        is dropped. If a successor dies before it is ready, the others are
+        stopped, the old workers go on serving, and ModelLoadError says why.
+        """
+        if self._stopping:
+            raise Unavailable("the server is shutting down")
+        if self._reloading:
+            raise Conflict("a reload of this model is already under way")
+        settings = settings or self._settings
+        self._reloading = True
+        successors: list[WorkerRecord] = []
+        try:
+            for extra in list(self._pool.extra):
+                if extra.role is Role.SUCCESSOR:  # a recycle would bring the old model back
+                    self._abandon(extra)
+            for old in self._pool.workers:
+                old.recycling = False
+                successor = WorkerRecord(
+                    old.placement,
+                    generation=self._pool.next_generation(),
+                    role=Role.SUCCESSOR,
+                    model=self._pool.model,
+                    restarts=old.restarts,
+                    handover=asyncio.get_running_loop().create_future(),
+                )
+                self._pool.extra.append(successor)
+                successors.append(successor)
+                await self.spawn(successor, settings)
+            futures = [cast(asyncio.Future[None], s.handover) for s in successors]
+            if futures:
+                done, _ = await asyncio.wait(futures, return_when=asyncio.FIRST_EXCEPTION)
+                failed = next((f for f in done if f.exception() is not None), None)
+                if failed is not None:
+                    raise cast(BaseException, failed.exception())
+        except BaseException:
+            for successor in successors:
+                self._abandon(successor)
+            raise
+        finally:
+            self._reloading = False
+        self._settings = settings
+        for successor in successors:
+            successor.handover = None
+            self._take_over(successor)
+        self._dispatcher.pump()
+        log.info("reloaded %d workers", len(successors))
+
+    def _abandon(self, successor: WorkerRecord) -> None:
+        """Stop a successor that will not take over (its reload failed, or it was superseded)."""
+        if successor in self._pool.extra:
+            self._pool.extra.remove(successor)
+        self._pool.forget(successor)
+        successor.role = Role.RETIRING
+        successor.state = State.STOPPED
+        handover, successor.handover = successor.handover, None
+        if handover is not None:
+            if not handover.done():
+                handover.cancel()
+            elif not handover.cancelled():
+                handover.exception()  # retrieved, so asyncio does not warn about it
+        process = successor.process
+        if process is not None and process.is_alive():
+            self._send_control(successor, {"t": protocol.STOP, "reason": "reload abandoned"})
+            self._background(process.stop(STOP_GRACE_S))
 
     # --- helpers ---------------------------------------------------------------
 

@@ -6,12 +6,14 @@
     GET  /v2/models/{name}[/versions/{v}]/ready      200 when a worker serves it, else 503
     GET  /v2/models/{name}[/versions/{v}]/config     Triton's model configuration, the gist
     POST /v2/models/{name}[/versions/{v}]/infer      inference, JSON or binary tensor data
+    POST /v2/repository/index                        every model and its state (Triton)
 
-One model, named ``--model-name`` (default: the file's stem, or ``demo``), at
-version ``1``. As with /predict, the gateway never looks inside tensors: an
-infer body goes to a worker as it came, ``v2json``, or ``v2binary`` with the
-``Inference-Header-Content-Length`` (the binary tensor extension), and the
-worker's answer comes back as it was made (see :mod:`worker.v2codec`).
+Every served model under its name (one model alone: ``--model-name``,
+default the file's stem, or ``demo``), at version ``1``. As with /predict,
+the gateway never looks inside tensors: an infer body goes to a worker as it
+came, ``v2json``, or ``v2binary`` with the ``Inference-Header-Content-Length``
+(the binary tensor extension), and the worker's answer comes back as it was made
+(see :mod:`worker.v2codec`).
 
 Every error on these routes is ``{"error": "<message>"}``, with the status
 :func:`shared.errors.v2_status` gives: 400 bad input, 404 unknown model or
@@ -37,12 +39,13 @@ from gateway.http import (
     read_body,
     run_request,
     runtime_of,
+    server_not_ready_reason,
     timeout_header,
 )
+from gateway.models import ModelRuntime, ModelState
 from gateway.pool import Pool, WorkerRecord
 from gateway.runtime import Runtime
 from shared import protocol
-from shared.config import ServeSettings
 from shared.errors import ModelNotFound, RequestError, TorchpoolError, Unavailable, v2_status
 
 VERSION: Final = "1"
@@ -91,11 +94,11 @@ def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
     }
 
 
-def _check_model(settings: ServeSettings, name: str, version: str | None) -> None:
-    if name != settings.served_name:
-        raise ModelNotFound(f"unknown model {name!r}; this server serves {settings.served_name!r}")
+def _check_model(runtime: Runtime, name: str, version: str | None) -> ModelRuntime:
+    model = runtime.model(name)
     if version is not None and version != VERSION:
         raise ModelNotFound(f"model {name!r} has no version {version!r}; it has {VERSION!r}")
+    return model
 
 
 # --- server -------------------------------------------------------------------
@@ -121,11 +124,32 @@ async def server_live() -> Response:
 )
 async def server_ready(request: Request) -> Response:
     """200 when at least --min-ready workers are ready and the server is not draining."""
-    runtime = runtime_of(request)
-    reason = not_ready_reason(runtime.pool, runtime.settings.min_ready)
+    reason = server_not_ready_reason(runtime_of(request))
     if reason is not None:
         return json_response({"error": reason, "ready": False}, 503)
     return json_response({"ready": True})
+
+
+# --- repository (Triton's model repository extension) --------------------------
+
+_REPOSITORY_STATES: Final = {
+    ModelState.READY: "READY",
+    ModelState.LOADING: "LOADING",
+    ModelState.FAILED: "UNAVAILABLE",
+    ModelState.UNLOADING: "UNLOADING",
+}
+
+
+@router.post("/repository/index")
+async def repository_index(request: Request) -> Response:
+    """Every served model with its version, state and, when it is not ready, why."""
+    index = []
+    for model in runtime_of(request).models.values():
+        entry = {"name": model.name, "version": VERSION, "state": _REPOSITORY_STATES[model.state]}
+        if model.error is not None:
+            entry["reason"] = model.error
+        index.append(entry)
+    return json_response(index)
 
 
 # --- model --------------------------------------------------------------------
@@ -138,9 +162,9 @@ def _described(pool: Pool) -> WorkerRecord | None:
     return loaded[0] if loaded else None
 
 
-def _signature(runtime: Runtime, name: str) -> dict[str, Any]:
+def _signature(model: ModelRuntime, name: str) -> dict[str, Any]:
     """The model's inputs and outputs as its workers reported them at READY."""
-    worker = _described(runtime.pool)
+    worker = _described(model.pool)
     if worker is None:
         raise Unavailable(f"model {name!r} is not loaded yet: no worker has loaded it")
     row = worker.input_shape
@@ -170,9 +194,8 @@ def _signature(runtime: Runtime, name: str) -> dict[str, Any]:
 
 async def model_metadata(request: Request, name: str, version: str | None = None) -> Response:
     """Name, versions, platform, and the inputs and outputs with -1 for variable dims."""
-    runtime = runtime_of(request)
-    _check_model(runtime.settings, name, version)
-    signature = _signature(runtime, name)
+    model = _check_model(runtime_of(request), name, version)
+    signature = _signature(model, name)
     return json_response(
         {
             "name": name,
@@ -186,9 +209,8 @@ async def model_metadata(request: Request, name: str, version: str | None = None
 
 async def model_ready(request: Request, name: str, version: str | None = None) -> Response:
     """200 while at least one worker serves the model, else 503."""
-    runtime = runtime_of(request)
-    _check_model(runtime.settings, name, version)
-    if not_ready_reason(runtime.pool, 1) is not None:
+    model = _check_model(runtime_of(request), name, version)
+    if not_ready_reason(model.pool, 1) is not None:
         message = f"model {name!r} is not ready: no worker serves it now"
         return json_response({"error": message, "name": name, "ready": False}, 503)
     return json_response({"name": name, "ready": True})
@@ -196,10 +218,9 @@ async def model_ready(request: Request, name: str, version: str | None = None) -
 
 async def model_config(request: Request, name: str, version: str | None = None) -> Response:
     """The parts of a Triton model configuration that describe this model."""
-    runtime = runtime_of(request)
-    settings = runtime.settings
-    _check_model(settings, name, version)
-    signature = _signature(runtime, name)
+    model = _check_model(runtime_of(request), name, version)
+    settings = model.settings
+    signature = _signature(model, name)
 
     def tensors(specs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         return [
@@ -224,9 +245,8 @@ async def model_config(request: Request, name: str, version: str | None = None) 
 
 async def infer(request: Request, name: str, version: str | None = None) -> Response:
     """Run the model on a v2 inference request; the worker parses and answers it."""
-    runtime = runtime_of(request)
-    settings = runtime.settings
-    _check_model(settings, name, version)
+    model = _check_model(runtime_of(request), name, version)
+    settings = model.settings
     extra: protocol.RequestExtras = {"model": name, "version": VERSION}
     encoding = (request.headers.get("content-encoding") or "identity").strip().lower()
     if encoding in _ENCODINGS:
@@ -254,7 +274,7 @@ async def infer(request: Request, name: str, version: str | None = None) -> Resp
             f"{len(body)} bytes"
         )
     fmt = protocol.FMT_V2_BINARY if "json_len" in extra else protocol.FMT_V2_JSON
-    reply = await run_request(request.receive, runtime.dispatcher, fmt, body, timeout_s, extra)
+    reply = await run_request(request.receive, model.dispatcher, fmt, body, timeout_s, extra)
     json_len = reply.extra.get("json_len")
     if reply.fmt == protocol.FMT_V2_BINARY and isinstance(json_len, int):
         return Response(

@@ -6,9 +6,12 @@ from it). A field named ``max_batch_size`` is the flag ``--max-batch-size`` and
 the environment variable ``TORCHPOOL_MAX_BATCH_SIZE``; a flag given on the
 command line wins over the environment.
 
-``ModelSettings`` is what a worker needs; ``ServeSettings`` adds the pool and the
-HTTP server. The gateway hands a local worker its settings as plain command-line
-flags (:func:`worker_argv`), the same flags a remote ``torchpool worker`` takes.
+``ModelSettings`` is what a worker needs; ``PoolSettings`` adds one model's pool
+(a ``[models.NAME]`` table of a config file, see :mod:`shared.modelconfig`),
+``ServerSettings`` the HTTP server (the ``[server]`` table), and
+``ServeSettings``, both: the command line of ``torchpool serve``. The gateway
+hands a local worker its settings as plain command-line flags
+(:func:`worker_argv`), the same flags a remote ``torchpool worker`` takes.
 """
 
 from __future__ import annotations
@@ -186,15 +189,16 @@ class ModelSettings:
 
 
 @dataclass(frozen=True)
-class ServeSettings(ModelSettings):
-    """Everything ``torchpool serve`` takes."""
+class PoolSettings(ModelSettings):
+    """One model's pool: its settings plus how many workers, its queue and deadlines.
+
+    In a config file this is one ``[models.NAME]`` table.
+    """
 
     workers: int = _opt(2, "Number of local worker processes.", int)
     cores_per_worker: int | None = _opt(
         None, "CPU cores pinned to each worker; default: the usable cores split evenly.", int
     )
-    host: str = _opt("127.0.0.1", "Address the HTTP server listens on.")
-    port: int = _opt(8000, "Port the HTTP server listens on (0: any free port).", int)
     queue_size: int = _opt(
         256, "Requests that may wait for a worker; past it the client gets 503.", int
     )
@@ -222,29 +226,6 @@ class ServeSettings(ModelSettings):
     max_worker_rss_mb: float = _opt(
         0.0, "Replace a worker whose RSS grows past this many MiB (0: never).", float
     )
-    api_key: str | None = _opt(
-        None,
-        "Bearer token(s), comma-separated, required on /predict and /v2 (401 without); "
-        "health probes stay open. Prefer the environment variable to the flag.",
-    )
-    admin_token: str | None = _opt(
-        None, "Bearer token for /admin endpoints (runtime scaling); they are off without it."
-    )
-    bind: str | None = _opt(
-        None, "Endpoint remote workers join, e.g. tcp://0.0.0.0:5555 (local workers use ipc)."
-    )
-    curve_secret: str | None = _opt(
-        None, "The gateway's CurveZMQ secret key file (server.key_secret) for --bind."
-    )
-    curve_allow: str | None = _opt(
-        None, "Folder of admitted workers' public keys (*.key) for --bind with CURVE."
-    )
-    insecure_tcp: bool = _opt(
-        False,
-        "Allow --bind on a non-loopback address without CURVE (unauthenticated!).",
-        parse_bool,
-    )
-    log_level: str = _opt("info", "Log level: debug, info, warning or error.")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -252,8 +233,6 @@ class ServeSettings(ModelSettings):
             raise ConfigError("--workers cannot be negative")
         if self.cores_per_worker is not None and self.cores_per_worker < 1:
             raise ConfigError("--cores-per-worker must be at least 1")
-        if not 0 <= self.port < 65536:
-            raise ConfigError(f"--port {self.port} is not a TCP port")
         if self.queue_size < 0:
             raise ConfigError("--queue-size cannot be negative")
         if self.timeout_s <= 0:
@@ -270,9 +249,6 @@ class ServeSettings(ModelSettings):
             raise ConfigError("--max-requests-per-worker cannot be negative")
         if self.max_worker_rss_mb < 0:
             raise ConfigError("--max-worker-rss-mb cannot be negative")
-        _check_bind(self)
-        if self.log_level not in {"debug", "info", "warning", "error"}:
-            raise ConfigError(f"--log-level {self.log_level!r} is not debug/info/warning/error")
         if self.model and not Path(self.model).exists():
             raise ConfigError(f"model file {self.model!r} does not exist")
 
@@ -281,6 +257,78 @@ class ServeSettings(ModelSettings):
         """The forward-pass limit in force: --max-batch-seconds, else --timeout-s; None: none."""
         limit = self.timeout_s if self.max_batch_seconds is None else self.max_batch_seconds
         return limit or None
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """The gateway's own settings, shared by every model: the ``[server]`` table."""
+
+    host: str = _opt("127.0.0.1", "Address the HTTP server listens on.")
+    port: int = _opt(8000, "Port the HTTP server listens on (0: any free port).", int)
+    api_key: str | None = _opt(
+        None,
+        "Bearer token(s), comma-separated, required on /predict and /v2 (401 without); "
+        "health probes stay open. Prefer the environment variable to the flag.",
+    )
+    admin_token: str | None = _opt(
+        None,
+        "Bearer token for /admin endpoints (runtime scaling, loading and reloading models); "
+        "they are off without it.",
+    )
+    bind: str | None = _opt(
+        None, "Endpoint remote workers join, e.g. tcp://0.0.0.0:5555 (local workers use ipc)."
+    )
+    curve_secret: str | None = _opt(
+        None, "The gateway's CurveZMQ secret key file (server.key_secret) for --bind."
+    )
+    curve_allow: str | None = _opt(
+        None, "Folder of admitted workers' public keys (*.key) for --bind with CURVE."
+    )
+    insecure_tcp: bool = _opt(
+        False,
+        "Allow --bind on a non-loopback address without CURVE (unauthenticated!).",
+        parse_bool,
+    )
+    log_level: str = _opt("info", "Log level: debug, info, warning or error.")
+    default_model: str | None = _opt(
+        None, "With several models: the one plain POST /predict goes to (else it is 404)."
+    )
+    strict: bool = _opt(
+        False,
+        "Exit when any model fails to load at start (default: only when every model did).",
+        parse_bool,
+    )
+
+    def __post_init__(self) -> None:
+        parent = getattr(super(), "__post_init__", None)
+        if parent is not None:  # ServeSettings: the model's checks first
+            parent()
+        if not 0 <= self.port < 65536:
+            raise ConfigError(f"--port {self.port} is not a TCP port")
+        _check_bind(self)
+        if self.log_level not in {"debug", "info", "warning", "error"}:
+            raise ConfigError(f"--log-level {self.log_level!r} is not debug/info/warning/error")
+
+
+@dataclass(frozen=True)
+class ServeSettings(ServerSettings, PoolSettings):
+    """Everything ``torchpool serve`` takes: the server and, without --config, its one model."""
+
+    config: str | None = _opt(
+        None,
+        "TOML file with a [server] table and one [models.NAME] table per model "
+        "(see the README); the model flags then come from it.",
+    )
+
+    def server_settings(self) -> ServerSettings:
+        return ServerSettings(**_values(self, ServerSettings))
+
+    def pool_settings(self) -> PoolSettings:
+        return PoolSettings(**_values(self, PoolSettings))
+
+
+def _values(settings: object, cls: type[Any]) -> dict[str, Any]:
+    return {f.name: getattr(settings, f.name) for f in dataclasses.fields(cls)}
 
 
 @dataclass(frozen=True)
@@ -319,7 +367,7 @@ class WorkerSettings(ModelSettings):
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1", "[::1]"})
 
 
-def _check_bind(settings: ServeSettings) -> None:
+def _check_bind(settings: ServerSettings) -> None:
     """Remote workers over TCP: CURVE keys, or loopback, or an explicit opt-out."""
     if not settings.bind:
         if settings.curve_secret or settings.curve_allow:
@@ -379,11 +427,11 @@ def env_name(name: str) -> str:
     return ENV_PREFIX + name.upper()
 
 
-def settings_fields(cls: type[ModelSettings]) -> list[dataclasses.Field[Any]]:
+def settings_fields(cls: type[Any]) -> list[dataclasses.Field[Any]]:
     return [f for f in dataclasses.fields(cls) if "help" in f.metadata]
 
 
-def add_arguments(parser: argparse.ArgumentParser, cls: type[ModelSettings]) -> None:
+def add_arguments(parser: argparse.ArgumentParser, cls: type[Any]) -> None:
     """Add one flag per setting; values stay strings until :func:`from_namespace`."""
     for f in settings_fields(cls):
         default = f.default

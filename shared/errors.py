@@ -4,14 +4,16 @@
      ├── RequestError              400 bad_request         the client sent something unusable
      │    ├── ShapeMismatch        422 shape_mismatch      well-formed, not what the model takes
      │    ├── PayloadTooLarge      413 payload_too_large
-     │    ├── ModelNotFound        404 model_not_found     /v2: no such model or version
+     │    ├── ModelNotFound        404 model_not_found     no such model (or /v2 version)
+     │    ├── Conflict             409 conflict            e.g. loading a model whose name is taken
      │    └── UnsupportedMediaType 415 unsupported_media_type
      ├── Unauthorized              401 unauthorized        missing or wrong bearer token
      ├── ModelFailure              500 model_error         the model raised on valid input
      ├── Unavailable               503 unavailable         no ready worker, or the queue is full
      ├── DeadlineExceeded          504 deadline_exceeded
      ├── ClientClosed              499 client_closed       the client left; nobody reads this
-     └── ModelLoadError            --- model_load_failed   the model cannot load (startup only)
+     └── ModelLoadError            500 model_load_failed   the model cannot load (at start,
+                                                           or a load/reload at run time)
 
 Workers send the ``code`` string of an error over the wire; the gateway turns it
 back into the class with :func:`error_from_code` and into a status with
@@ -59,6 +61,11 @@ class PayloadTooLarge(RequestError):
 class ModelNotFound(RequestError):
     status = 404
     code = "model_not_found"
+
+
+class Conflict(RequestError):
+    status = 409
+    code = "conflict"
 
 
 class UnsupportedMediaType(RequestError):
@@ -111,6 +118,7 @@ _BY_CODE: dict[str, type[TorchpoolError]] = {
         ShapeMismatch,
         PayloadTooLarge,
         ModelNotFound,
+        Conflict,
         UnsupportedMediaType,
         Unauthorized,
         ModelFailure,

@@ -17,7 +17,13 @@ from fastapi import FastAPI
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.app import create_app
-from gateway.metrics import DEATH_CAUSES, RecentWindow, _batch_histogram
+from gateway.metrics import (
+    BATCH_ROWS_HELP,
+    DEATH_CAUSES,
+    RecentWindow,
+    _add_batch_histogram,
+    _histogram_family,
+)
 from gateway.placement import Placement
 from gateway.pool import Pool
 from shared import protocol
@@ -154,7 +160,8 @@ def test_wait_counts_add_up_across_heartbeats_and_restarts() -> None:
 
 
 def test_batch_histogram_buckets_include_the_max_batch_size() -> None:
-    family = _batch_histogram({1: 4, 3: 1, 9: 1, 5000: 1}, max_batch_size=12)
+    family = _histogram_family("batch_rows", BATCH_ROWS_HELP)
+    _add_batch_histogram(family, "demo", {1: 4, 3: 1, 9: 1, 5000: 1}, max_batch_size=12)
     samples = {(s.name, s.labels.get("le")): s.value for s in family.samples}
     assert samples[("torchpool_batch_rows_bucket", "1.0")] == 4
     assert samples[("torchpool_batch_rows_bucket", "4.0")] == 5
@@ -192,31 +199,31 @@ def test_requests_move_the_counters_by_exactly_what_was_sent(demo_server: Server
     assert moved("torchpool_http_request_duration_seconds_count", route="/predict") == 5
     assert moved("torchpool_http_request_duration_seconds_sum", route="/predict") > 0
     # The 400 never reached the dispatcher; the 422 did (the worker checks shapes).
-    assert moved("torchpool_queue_wait_seconds_count") == 4
-    assert value(after, "torchpool_requests_queued") == 0
-    assert value(after, "torchpool_requests_inflight") == 0
+    assert moved("torchpool_queue_wait_seconds_count", model="demo") == 4
+    assert value(after, "torchpool_requests_queued", model="demo") == 0
+    assert value(after, "torchpool_requests_inflight", model="demo") == 0
 
     # Batch sizes arrive with the workers' next heartbeats.
     def batches_seen() -> Samples | None:
         now = scrape(demo_server)
         count = "torchpool_batch_rows_count"
-        return now if value(now, count) - value(before, count) >= 3 else None
+        return now if value(now, count, model="demo") - value(before, count, model="demo") >= 3 else None
 
     latest = wait_for(batches_seen, 10.0, "batch sizes in the workers' heartbeats")
 
     def grew(name: str, **labels: str) -> float:
         return value(latest, name, **labels) - value(before, name, **labels)
 
-    assert grew("torchpool_batch_rows_count") == 3
-    assert grew("torchpool_batch_rows_sum") == 8
-    assert grew("torchpool_batch_rows_bucket", le="1.0") == 1
-    assert grew("torchpool_batch_rows_bucket", le="2.0") == 2
-    assert grew("torchpool_batch_rows_bucket", le="4.0") == 2
-    assert grew("torchpool_batch_rows_bucket", le="8.0") == 3
+    assert grew("torchpool_batch_rows_count", model="demo") == 3
+    assert grew("torchpool_batch_rows_sum", model="demo") == 8
+    assert grew("torchpool_batch_rows_bucket", model="demo", le="1.0") == 1
+    assert grew("torchpool_batch_rows_bucket", model="demo", le="2.0") == 2
+    assert grew("torchpool_batch_rows_bucket", model="demo", le="4.0") == 2
+    assert grew("torchpool_batch_rows_bucket", model="demo", le="8.0") == 3
     # Each of the three waited in its worker (one at a time: almost nothing) before its forward.
-    assert grew("torchpool_batch_wait_seconds_count") == 3
-    assert 0 <= grew("torchpool_batch_wait_seconds_sum") < 1.0
-    assert grew("torchpool_batch_wait_seconds_bucket", le="+Inf") == 3
+    assert grew("torchpool_batch_wait_seconds_count", model="demo") == 3
+    assert 0 <= grew("torchpool_batch_wait_seconds_sum", model="demo") < 1.0
+    assert grew("torchpool_batch_wait_seconds_bucket", model="demo", le="+Inf") == 3
 
 
 def _gauges_match_health(server: Server) -> bool:
@@ -229,27 +236,41 @@ def _gauges_match_health(server: Server) -> bool:
         [w[f] for f in fields] for w in second["workers"]
     ]:
         return False  # a heartbeat landed in between; read again
-    assert value(samples, "torchpool_workers") == second["total_workers"]
-    assert value(samples, "torchpool_workers_ready") == second["ready_workers"]
-    assert value(samples, "torchpool_pool_status", status=second["status"]) == 1
+    assert value(samples, "torchpool_workers", model="demo") == second["total_workers"]
+    assert value(samples, "torchpool_workers_ready", model="demo") == second["ready_workers"]
+    assert value(samples, "torchpool_pool_status", model="demo", status=second["status"]) == 1
     for worker in second["workers"]:
         name = str(worker["id"])
-        assert value(samples, "torchpool_worker_state", worker=name, state=worker["state"]) == 1
+        assert (
+            value(
+                samples, "torchpool_worker_state", model="demo", worker=name, state=worker["state"]
+            )
+            == 1
+        )
         states = [v for (n, labels), v in samples.items() if n == "torchpool_worker_state"
                   and dict(labels)["worker"] == name]  # fmt: skip
         assert sum(states) == 1
-        assert value(samples, "torchpool_worker_rss_bytes", worker=name) == worker["rss_bytes"]
-        assert value(samples, "torchpool_worker_load_seconds", worker=name) == pytest.approx(
-            worker["load_seconds"]
+        assert (
+            value(samples, "torchpool_worker_rss_bytes", model="demo", worker=name)
+            == worker["rss_bytes"]
         )
-        served = value(samples, "torchpool_worker_requests_total", worker=name)
+        assert value(
+            samples, "torchpool_worker_load_seconds", model="demo", worker=name
+        ) == pytest.approx(worker["load_seconds"])
+        served = value(samples, "torchpool_worker_requests_total", model="demo", worker=name)
         assert served == worker["requests_served"]
-        assert value(samples, "torchpool_worker_inflight_requests", worker=name) == 0
-        assert value(samples, "torchpool_worker_restarts_total", worker=name) == worker["restarts"]
-        age = value(samples, "torchpool_worker_heartbeat_age_seconds", worker=name)
+        assert value(samples, "torchpool_worker_inflight_requests", model="demo", worker=name) == 0
+        assert (
+            value(samples, "torchpool_worker_restarts_total", model="demo", worker=name)
+            == worker["restarts"]
+        )
+        age = value(samples, "torchpool_worker_heartbeat_age_seconds", model="demo", worker=name)
         assert 0 <= age < 5
         # CPU workers have no CUDA figures: no sample rather than a made-up zero.
-        assert ("torchpool_worker_cuda_allocated_bytes", (("worker", name),)) not in samples
+        assert (
+            "torchpool_worker_cuda_allocated_bytes",
+            (("model", "demo"), ("worker", name)),
+        ) not in samples
     return True
 
 
@@ -262,7 +283,10 @@ def test_gateway_process_metrics(demo_server: Server) -> None:
     samples = scrape(demo_server)
     assert value(samples, "process_resident_memory_bytes") > 0
     assert ("process_cpu_seconds_total", ()) in samples
-    assert all(("torchpool_worker_deaths_total", (("cause", c),)) in samples for c in DEATH_CAUSES)
+    assert all(
+        ("torchpool_worker_deaths_total", (("cause", c), ("model", "demo"))) in samples
+        for c in DEATH_CAUSES
+    )
 
 
 def test_a_killed_worker_is_counted_as_a_death_by_signal(
@@ -270,17 +294,21 @@ def test_a_killed_worker_is_counted_as_a_death_by_signal(
 ) -> None:
     server = serve("--workers", "2", ready=2)
     victim = server.health()["workers"][0]
-    assert value(scrape(server), "torchpool_worker_deaths_total", cause="signal") == 0
+    assert value(scrape(server), "torchpool_worker_deaths_total", model="demo", cause="signal") == 0
     os.kill(victim["pid"], signal.SIGKILL)
 
     def counted() -> Samples | None:
         samples = scrape(server)
-        return samples if value(samples, "torchpool_worker_restarts_total", worker="0") else None
+        return (
+            samples
+            if value(samples, "torchpool_worker_restarts_total", model="demo", worker="0")
+            else None
+        )
 
     samples = wait_for(counted, 30.0, "the worker's death in the metrics")
-    assert value(samples, "torchpool_worker_deaths_total", cause="signal") == 1
-    assert value(samples, "torchpool_worker_deaths_total", cause="exit") == 0
-    assert value(samples, "torchpool_worker_deaths_total", cause="heartbeat") == 0
+    assert value(samples, "torchpool_worker_deaths_total", model="demo", cause="signal") == 1
+    assert value(samples, "torchpool_worker_deaths_total", model="demo", cause="exit") == 0
+    assert value(samples, "torchpool_worker_deaths_total", model="demo", cause="heartbeat") == 0
     # The replacement comes back ready, and the count stays at one.
     server.wait_ready(2)
-    assert value(scrape(server), "torchpool_worker_deaths_total", cause="signal") == 1
+    assert value(scrape(server), "torchpool_worker_deaths_total", model="demo", cause="signal") == 1
