@@ -33,19 +33,24 @@ IMAGE = os.environ.get("TORCHPOOL_IMAGE", "localhost/torchpool:0.1.0")
 BUILD_TIMEOUT_S = 1500
 # What one test using the image may take, its share of the build included.
 TEST_TIMEOUT_S = BUILD_TIMEOUT_S + 300
+MAX_NPROC = 32768
 
 
 def run_flags() -> list[str]:
     """Flags every ``podman run`` needs on CI's machines.
 
     crun, podman's default runtime, fails on hosts with hybrid cgroups; runc
-    works. podman's default ulimits may exceed the host's hard limits, so the
-    container gets this process's own.
+    works. podman's default ulimits may exceed what the host lets a container
+    set, so it gets this process's open-files limit and at most 32768
+    processes (as deploy/build-image.sh does; more is refused on CI's machines).
     """
     nofile = resource.getrlimit(resource.RLIMIT_NOFILE)
-    nproc = resource.getrlimit(resource.RLIMIT_NPROC)
+    nproc = tuple(
+        MAX_NPROC if v == resource.RLIM_INFINITY else min(v, MAX_NPROC)
+        for v in resource.getrlimit(resource.RLIMIT_NPROC)
+    )
 
-    def limit(pair: tuple[int, int]) -> str:
+    def limit(pair: tuple[int, ...]) -> str:
         return ":".join("-1" if v == resource.RLIM_INFINITY else str(v) for v in pair)
 
     return [
@@ -159,7 +164,9 @@ class Container:
         for volume in volumes or []:
             command += ["--volume", volume]
         started = podman(*command, image.name, *(args or []))
-        assert started.returncode == 0, started.stderr
+        if started.returncode != 0:
+            podman("rm", "--force", "--time", "0", self.name)
+            raise AssertionError(f"podman run failed: {started.stderr}")
         self.client = httpx.Client(base_url=self.url, timeout=30.0)
 
     def state(self) -> dict[str, Any]:
@@ -181,6 +188,10 @@ class Container:
             return False
 
         wait_for(ready, timeout_s, "/health/ready in the container", interval_s=0.25)
+
+    def healthcheck(self) -> subprocess.CompletedProcess[str]:
+        """Run the image's HEALTHCHECK command inside the container once."""
+        return podman("healthcheck", "run", self.name)
 
     def stop(self, timeout_s: float) -> tuple[int, float]:
         """``podman stop``: the image's STOPSIGNAL, then SIGKILL after ``timeout_s``.
