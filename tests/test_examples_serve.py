@@ -209,24 +209,27 @@ def curl(*args: str) -> tuple[int, Any]:
     return int(status), json.loads(body)
 
 
-def test_curl_jpeg_body(image_server: Server, classifier: ImageClassifier, tmp_path: Path) -> None:
-    cat = tmp_path / "cat.jpg"
-    cat.write_bytes(photo(320, 240, seed=3))
-    status, answer = curl(
-        "--data-binary", f"@{cat}", "-H", "content-type: image/jpeg", image_server.url + "/predict"
-    )
-    assert status == 200, answer
-    assert_same_classes(answer["prediction"], classify(classifier, cat.read_bytes(), "image/jpeg"))
-
-
-def test_curl_multipart_upload(
-    image_server: Server, classifier: ImageClassifier, tmp_path: Path
+@pytest.mark.parametrize(
+    ("name", "form"),
+    [("cat.jpg", False), ("cat.jpg", True), ("cat.png", True)],
+    ids=["jpeg-body", "jpeg-upload", "png-upload"],
+)
+def test_curl_lines_of_the_readme(
+    image_server: Server, classifier: ImageClassifier, tmp_path: Path, name: str, form: bool
 ) -> None:
-    cat = tmp_path / "cat.png"
-    cat.write_bytes(photo(200, 260, seed=4, fmt="PNG"))
-    status, answer = curl("-F", f"file=@{cat}", image_server.url + "/predict")
+    """`curl --data-binary @cat.jpg -H 'content-type: image/jpeg' URL`, `curl -F file=@cat.jpg URL`."""
+    cat = tmp_path / name
+    fmt, content_type = ("PNG", "image/png") if name.endswith(".png") else ("JPEG", "image/jpeg")
+    cat.write_bytes(photo(320, 240, seed=3, fmt=fmt))
+    url = image_server.url + "/predict"
+    if form:
+        status, answer = curl("-F", f"file=@{cat}", url)
+    else:
+        status, answer = curl(
+            "--data-binary", f"@{cat}", "-H", f"content-type: {content_type}", url
+        )
     assert status == 200, answer
-    assert_same_classes(answer["prediction"], classify(classifier, cat.read_bytes(), "image/png"))
+    assert_same_classes(answer["prediction"], classify(classifier, cat.read_bytes(), content_type))
 
 
 def test_image_garbage_is_400_and_text_is_415(image_server: Server) -> None:
