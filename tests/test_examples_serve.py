@@ -217,7 +217,7 @@ def curl(*args: str) -> tuple[int, Any]:
 def test_curl_lines_of_the_readme(
     image_server: Server, classifier: ImageClassifier, tmp_path: Path, name: str, form: bool
 ) -> None:
-    """`curl --data-binary @cat.jpg -H 'content-type: image/jpeg' URL`, `curl -F file=@cat.jpg URL`."""
+    """The README's lines: `curl --data-binary @cat.jpg -H ...` and `curl -F file=@cat.jpg`."""
     cat = tmp_path / name
     fmt, content_type = ("PNG", "image/png") if name.endswith(".png") else ("JPEG", "image/jpeg")
     cat.write_bytes(photo(320, 240, seed=3, fmt=fmt))
