@@ -17,9 +17,9 @@ import collections
 import itertools
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import zmq
 
@@ -56,7 +56,7 @@ class Pending:
     queued: bool = False  # waiting in the dispatcher's queue (kept so nobody scans it)
     enqueued: float = field(default_factory=time.monotonic)
     # More REQUEST header fields for the worker, e.g. a v2 body's json_len.
-    extra: Mapping[str, Any] | None = None
+    extra: protocol.RequestExtras | None = None
 
     def settle(self, result: Reply | TorchpoolError) -> None:
         if self.future.done():
@@ -98,16 +98,12 @@ class Dispatcher:
     def outstanding(self) -> int:
         return self._outstanding
 
-    async def submit(self, fmt: str, body: bytes, timeout_s: float | None = None) -> Reply:
-        """Run one request on some worker; raises a TorchpoolError on any failure."""
-        return await self.result(self.enqueue(fmt, body, timeout_s))
-
     def enqueue(
         self,
         fmt: str,
         body: bytes,
         timeout_s: float | None = None,
-        extra: Mapping[str, Any] | None = None,
+        extra: protocol.RequestExtras | None = None,
     ) -> Pending:
         """Hand a request to a worker, or queue it; 503 at once when neither can be done.
 
@@ -166,9 +162,9 @@ class Dispatcher:
     def _deadline_text(self, pending: Pending) -> str:
         return f"{pending.deadline - pending.enqueued:.3g}s"
 
-    def on_reply(
-        self, worker: WorkerRecord, header: dict[str, object], frames: list[bytes]
-    ) -> None:
+    def on_reply(self, worker: WorkerRecord, message: dict[str, Any], frames: list[bytes]) -> None:
+        # Typed as sent; each value is still checked, since a worker may be of any make.
+        header = cast(protocol.ReplyHeader, message)
         request_id = header.get("id")
         pending = worker.inflight.pop(request_id, None) if isinstance(request_id, int) else None
         if pending is None:
@@ -176,7 +172,7 @@ class Dispatcher:
         worker.requests_served += 1
         code = header.get("code")
         if code == protocol.OK:
-            extra = {k: v for k, v in header.items() if k not in _REPLY_KEYS}
+            extra = {k: v for k, v in message.items() if k not in _REPLY_KEYS}
             pending.settle(Reply(str(header.get("fmt", protocol.FMT_JSON)), frames[0], extra))
         else:
             details = header.get("details")
@@ -202,11 +198,12 @@ class Dispatcher:
                 pending.queued = True
                 return
 
-    def worker_lost(self, worker: WorkerRecord, how: str) -> None:
+    def worker_lost(self, worker: WorkerRecord, how: str, retry: bool = True) -> None:
         """Settle every request ``worker`` held: retry once elsewhere, or answer 503.
 
         The caller has already taken ``worker`` out of rotation (its state is no
-        longer READY), so no retry can be sent back to it.
+        longer READY), so no retry can be sent back to it. ``retry`` False answers
+        them all 503: requests that hung a worker would hang the next one too.
         """
         assert not worker.ready, "worker_lost() on a worker still in rotation"
         held = [p for p in worker.inflight.values() if not p.future.done()]
@@ -214,7 +211,7 @@ class Dispatcher:
         others = [w for w in self._pool.ready_workers() if w is not worker]
         for pending in reversed(held):  # appendleft keeps their original order
             pending.attempts += 1
-            if pending.attempts < MAX_ATTEMPTS and others:
+            if retry and pending.attempts < MAX_ATTEMPTS and others:
                 self._queue.appendleft(pending)
                 pending.queued = True
             else:
@@ -254,18 +251,18 @@ class Dispatcher:
         """Hand ``pending`` to ``worker``; False (and the worker is given up) if it is gone."""
         now = time.monotonic()
         remaining_ms = max(0.0, pending.deadline - now) * 1000
-        header = protocol.pack(
-            {
-                **(pending.extra or {}),  # first, so it cannot shadow the fields below
-                "t": protocol.REQUEST,
-                "v": protocol.VERSION,
-                "id": pending.id,
-                "fmt": pending.fmt,
-                "deadline_ms": int(time.time() * 1000 + remaining_ms),
-            }
-        )
+        header: protocol.RequestHeader = {
+            **(pending.extra or {}),  # first, so it cannot shadow the fields below
+            "t": protocol.REQUEST,
+            "v": protocol.VERSION,
+            "id": pending.id,
+            "fmt": pending.fmt,
+            # Time left, not a wall-clock deadline: a remote worker's clock may be off.
+            "timeout_ms": int(remaining_ms),
+        }
         try:
-            self._transport.send(worker.data_identity, [header, pending.body], worker.link)
+            frames = [protocol.pack(header), pending.body]
+            self._transport.send(worker.data_identity, frames, worker.link)
         except zmq.ZMQError as exc:
             log.warning("worker %d is unreachable (%s)", worker.slot, exc)
             if self._on_unreachable is not None:

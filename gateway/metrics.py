@@ -63,7 +63,15 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 # Worker states as /health shows them ("busy" is a ready worker computing).
 STATES = ("starting", "loading", "ready", "busy", "restarting", "failed", "stopped")
 # Known causes, exported at 0 from the start so rate() and alerts see them.
-DEATH_CAUSES = ("signal", "exit", "load_failed", "heartbeat", "hello_timeout", "unreachable")
+DEATH_CAUSES = (
+    "signal",
+    "exit",
+    "load_failed",
+    "heartbeat",
+    "hello_timeout",
+    "unreachable",
+    "batch_timeout",
+)
 OTHER_ROUTE = "other"
 RECENT_SIZE = 4096  # inference requests the status page's window can hold
 RECENT_WINDOW_S = 10.0
@@ -178,7 +186,8 @@ class Metrics:
         self.deaths = Counter(
             "worker_deaths",
             "Unplanned worker deaths, by cause: signal, exit (non-zero or unexpected), "
-            "load_failed, heartbeat (went silent), hello_timeout, unreachable.",
+            "load_failed, heartbeat (went silent), hello_timeout, unreachable, "
+            "batch_timeout (a forward pass ran past --max-batch-seconds).",
             ["cause"],
             namespace=NAMESPACE,
             registry=self.registry,

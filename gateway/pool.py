@@ -120,7 +120,7 @@ class WorkerRecord:
             return None
         return (time.monotonic() if now is None else now) - self.last_seen
 
-    def take_memory(self, message: dict[str, Any]) -> None:
+    def take_memory(self, message: protocol.MemoryFields) -> None:
         """Copy the live memory figures a READY or HEARTBEAT carries."""
         self.rss_bytes = message.get("rss_bytes", self.rss_bytes)
         self.cuda_allocated_bytes = message.get("cuda_allocated_bytes")

@@ -196,6 +196,13 @@ class ServeSettings(ModelSettings):
         256, "Requests that may wait for a worker; past it the client gets 503.", int
     )
     timeout_s: float = _opt(30.0, "Deadline of a request, in seconds (504 past it).", float)
+    max_batch_seconds: float | None = _opt(
+        None,
+        "Longest a worker's forward pass may run before the worker is killed and replaced; "
+        "its requests get 503 and are not retried. 0: never. Default: --timeout-s, since "
+        "past that every request in the batch has had its 504 and nobody waits for it.",
+        float,
+    )
     min_ready: int = _opt(1, "Ready workers needed for /health/ready to answer 200.", int)
     heartbeat_liveness: int = _opt(
         3, "Missed heartbeats after which a worker is declared dead.", int
@@ -248,6 +255,8 @@ class ServeSettings(ModelSettings):
             raise ConfigError("--queue-size cannot be negative")
         if self.timeout_s <= 0:
             raise ConfigError("--timeout-s must be positive")
+        if self.max_batch_seconds is not None and self.max_batch_seconds < 0:
+            raise ConfigError("--max-batch-seconds cannot be negative")
         if self.min_ready < 1:
             raise ConfigError("--min-ready must be at least 1")
         if self.heartbeat_liveness < 1:
@@ -263,6 +272,12 @@ class ServeSettings(ModelSettings):
             raise ConfigError(f"--log-level {self.log_level!r} is not debug/info/warning/error")
         if self.model and not Path(self.model).is_file():
             raise ConfigError(f"model file {self.model!r} does not exist")
+
+    @property
+    def batch_limit_s(self) -> float | None:
+        """The forward-pass limit in force: --max-batch-seconds, else --timeout-s; None: none."""
+        limit = self.timeout_s if self.max_batch_seconds is None else self.max_batch_seconds
+        return limit or None
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""The torchpool wire protocol, version 1: gateway <-> worker over ZeroMQ.
+"""The torchpool wire protocol, version 2: gateway <-> worker over ZeroMQ.
 
 The gateway binds one ROUTER socket. Every worker connects two DEALER sockets
 to it, each with its own routing id, so requests and lifecycle never share a
@@ -75,13 +75,15 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, TypedDict
 
 import msgpack
 
 from shared.errors import PayloadTooLarge, RequestError
 
-VERSION: Final = 1
+# Carried by REQUEST and HELLO; a worker of another version is refused. Version 2
+# replaced REQUEST's wall-clock ``deadline_ms`` with ``timeout_ms`` (time left).
+VERSION: Final = 2
 
 # Message types.
 REQUEST: Final = "request"
@@ -155,6 +157,120 @@ V2_DATATYPES: Final[Mapping[str, str]] = {
     "FP64": "float64",
 }
 V2_NAMES: Final[Mapping[str, str]] = {dtype: name for name, dtype in V2_DATATYPES.items()}
+
+
+# --- the headers, one TypedDict per message type ---------------------------------
+#
+# What a header holds when it is built right. A header that came off a socket is
+# only known to be a map with a ``t`` (unpack_header): its reader still checks
+# each value it uses.
+
+
+class MemoryFields(TypedDict, total=False):
+    """Measured when the message is sent; the CUDA figures are None off CUDA."""
+
+    rss_bytes: int
+    cuda_allocated_bytes: int | None
+    cuda_reserved_bytes: int | None
+
+
+class _Request(TypedDict):
+    t: str
+    v: int
+    id: int
+    fmt: str
+    timeout_ms: int
+
+
+class RequestExtras(TypedDict, total=False):
+    """The REQUEST fields that only some body formats carry."""
+
+    ctype: str  # fmt raw: the HTTP Content-Type, parameters included
+    model: str  # v2 formats: echoed in the answer
+    version: str
+    json_len: int  # v2binary: bytes of JSON before the tensor bytes
+    encoding: str  # v2 formats: gzip or deflate
+
+
+class RequestHeader(_Request, RequestExtras):
+    pass
+
+
+class _Reply(TypedDict):
+    t: str
+    id: int
+    code: str
+
+
+class ReplyHeader(_Reply, total=False):
+    message: str
+    details: dict[str, Any]
+    fmt: str
+    json_len: int
+
+
+class HelloHeader(TypedDict):
+    t: str
+    v: int
+    uid: str
+    slot: int
+    pid: int
+    host: str
+    device: str
+    cores: list[int]
+    threads: int
+
+
+class LoadingHeader(TypedDict):
+    t: str
+    uid: str
+
+
+class _Ready(MemoryFields):
+    t: str
+    uid: str
+    load_s: float
+    capacity: int
+    model_name: str
+
+
+class ReadyHeader(_Ready, total=False):
+    input_shape: list[int] | None
+    input_dtype: str | None
+    signature: dict[str, Any]
+    device: str
+
+
+class HeartbeatHeader(MemoryFields):
+    t: str
+    uid: str
+    busy: bool
+    batch_s: float | None  # seconds the batch now running has run; None when idle
+    served: int
+    batches: list[list[int]]  # [[rows, count], ...], cumulative
+
+
+class ErrorHeader(TypedDict):
+    t: str
+    uid: str
+    code: str
+    message: str
+    fatal: bool
+
+
+class ByeHeader(TypedDict):
+    t: str
+    uid: str
+    reason: str
+
+
+class BeatHeader(TypedDict):
+    t: str
+
+
+class StopHeader(TypedDict):
+    t: str
+    reason: str
 
 
 def data_identity(uid: str) -> bytes:

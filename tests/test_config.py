@@ -149,6 +149,16 @@ def test_invalid_setting_names_the_flag(argv: list[str], named: str) -> None:
         parse_settings(ServeSettings, argv, environ={})
 
 
+def test_batch_limit_defaults_to_the_request_timeout() -> None:
+    assert parse_settings(ServeSettings, ["--timeout-s", "7"], environ={}).batch_limit_s == 7
+    limited = parse_settings(ServeSettings, [], environ={"TORCHPOOL_MAX_BATCH_SECONDS": "2.5"})
+    assert limited.batch_limit_s == 2.5
+    never = parse_settings(ServeSettings, ["--max-batch-seconds", "0"], environ={})
+    assert never.batch_limit_s is None
+    with pytest.raises(ConfigError, match="--max-batch-seconds"):
+        parse_settings(ServeSettings, ["--max-batch-seconds=-1"], environ={})
+
+
 def test_empty_model_kwargs_is_the_same_as_none() -> None:
     assert parse_settings(ServeSettings, ["--model-kwargs", "{}"], environ={}).model_kwargs == {}
 

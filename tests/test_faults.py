@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 
 from tests.conftest import Server, wait_for
@@ -88,6 +89,36 @@ def test_long_forward_pass_is_not_a_hang(serve: Callable[..., Server]) -> None:
     response = server.predict({"input_tensor": [ROW]})
     assert response.status_code == 200
     assert worker(server, 0)["restarts"] == 0
+
+
+def test_forward_that_never_returns_is_killed_and_not_retried(
+    serve: Callable[..., Server],
+) -> None:
+    server = serve(
+        "--handler", "tests.zoo:HangHandler", "--workers", "2", "--max-batch-seconds", "1",
+        *FAST_BEATS, ready=2,
+    )  # fmt: skip
+    pids = {w["id"]: w["pid"] for w in server.health()["workers"]}
+    started = time.monotonic()
+    hung = server.predict({"input_tensor": [[-1.0] * 16]})
+    # Answered well before --timeout-s (30 s): the limit plus a heartbeat or two.
+    assert time.monotonic() - started < 15
+    assert hung.status_code == 503, hung.text
+    assert hung.headers["retry-after"] == "1"
+    assert "batch ran longer than 1 s" in hung.json()["error"]
+    victim = wait_for(
+        lambda: [w for w in server.health()["workers"]
+                 if "batch ran longer than 1 s" in str(w["last_error"])],
+        10, "/health to show why the worker was killed",
+    )[0]  # fmt: skip
+    wait_for(lambda: not psutil.pid_exists(pids[victim["id"]]), 10, "the hung worker to die")
+    # Not retried: the other worker never saw the request, so it serves on untouched.
+    other = worker(server, 1 - victim["id"])
+    assert other["pid"] == pids[other["id"]] and other["restarts"] == 0
+    assert server.predict({"input_tensor": [ROW]}).status_code == 200
+    server.wait_ready(2, timeout_s=60)
+    replaced = worker(server, victim["id"])
+    assert replaced["restarts"] == 1 and replaced["pid"] != pids[victim["id"]]
 
 
 def test_model_that_stops_loading_ends_failed_not_restarted_forever(

@@ -20,7 +20,7 @@ def test_header_round_trip() -> None:
         "v": protocol.VERSION,
         "id": 7,
         "fmt": protocol.FMT_MSGPACK,
-        "deadline_ms": 1_700_000_000_000,
+        "timeout_ms": 30_000,
         "nested": {"cores": [0, 1], "ok": True, "none": None, "ratio": 0.5},
     }
     frame = protocol.pack(header)

@@ -104,6 +104,17 @@ class SlowHandler(ScaleHandler):
         return super().predict(batch)
 
 
+class HangHandler(ScaleHandler):
+    """Never returns from a batch that holds a negative number: a forward pass
+    stuck in a pure-Python loop, which lets the heartbeat thread run on."""
+
+    def predict(self, batch: torch.Tensor) -> torch.Tensor:
+        if bool((batch < 0).any()):
+            while True:
+                pass
+        return super().predict(batch)
+
+
 class PoisonableHandler(ScaleHandler):
     """Refuses to load while the file ``poison`` exists: a model that stops loading."""
 

@@ -36,7 +36,7 @@ class Job:
     request_id: int
     fmt: str
     tensor: torch.Tensor
-    # Unix time in seconds past which the gateway no longer wants the answer.
+    # time.monotonic() past which the gateway no longer wants the answer.
     deadline: float | None = None
     # What the reply's encoder needs beyond the result (a v2 request's outputs, id).
     context: Any = None

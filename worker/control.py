@@ -11,7 +11,9 @@ thread. The main thread talks to it over an inproc PAIR (one end each):
 
 Heartbeats run here, apart from inference: torch releases the GIL inside
 kernels, so a long forward pass never stalls them and a busy worker is never
-taken for a hung one. Each heartbeat measures memory afresh.
+taken for a hung one. Each heartbeat measures memory afresh and says how long
+the current batch has run (``batch_s``), so the gateway can still tell a
+forward pass that never returns, which keeps heartbeats flowing, from a long one.
 """
 
 from __future__ import annotations
@@ -45,10 +47,24 @@ class WorkerState:
     """
 
     def __init__(self) -> None:
-        self.busy = False
+        # time.monotonic() when the batch now running started; None while idle.
+        self._busy_since: float | None = None
         self.served = 0
         # Forward passes run, by rows in the batch; only the serving loop writes it.
         self.batches: dict[int, int] = {}
+
+    @property
+    def busy(self) -> bool:
+        return self._busy_since is not None
+
+    @busy.setter
+    def busy(self, value: bool) -> None:
+        self._busy_since = time.monotonic() if value else None
+
+    def batch_s(self) -> float | None:
+        """How long the batch now running has run (HEARTBEAT ``batch_s``); None while idle."""
+        since = self._busy_since  # one read: the serving loop may clear it meanwhile
+        return None if since is None else round(time.monotonic() - since, 3)
 
     def count_batch(self, rows: int) -> None:
         self.batches[rows] = self.batches.get(rows, 0) + 1
@@ -216,6 +232,7 @@ class ControlThread(threading.Thread):
             "t": protocol.HEARTBEAT,
             "uid": self._uid,
             "busy": self._state.busy,
+            "batch_s": self._state.batch_s(),
             "served": self._state.served,
             "batches": self._state.batches_report(),
             **self._sampler.sample(),

@@ -33,8 +33,8 @@ from shared import protocol
 from shared.config import ModelSettings
 from shared.errors import ModelLoadError
 from worker import demo, v2codec
-from worker.codec import dtype_name
 from worker.handler import optional_hook
+from worker.tensors import dtype_name
 
 # How many offending state_dict keys a message names before "(+N more)".
 _SHOWN_KEYS: Final = 3

@@ -25,9 +25,10 @@ import zmq
 
 from shared import protocol
 from shared.errors import DeadlineExceeded, RequestError, TorchpoolError
-from worker import batching, codec, v2codec
+from worker import batching, codec, tensors, v2codec
 from worker.batching import Job
 from worker.control import ControlThread, WorkerState
+from worker.inputs import Codec, InputSpec
 from worker.loading import LoadedModel
 from worker.signals import SignalWake
 
@@ -63,8 +64,7 @@ class Server:
         self._state = state
         self._max_rows = max_batch_size
         self._delay_s = max_batch_delay_ms / 1000
-        self._max_body = max_body_bytes
-        self._dtype = codec.torch_dtype(model.input_dtype)
+        self._codecs = codecs(model, max_body_bytes)
         # Decoded requests that did not fit the last batch; they go first next time.
         self.pending: deque[Job] = deque()
 
@@ -133,32 +133,16 @@ class Server:
             print(f"torchpool worker: dropped a {header['t']!r} message", file=sys.stderr)
             return None
         fmt = str(header.get("fmt", protocol.FMT_JSON))
-        deadline_ms = header.get("deadline_ms")
-        deadline = deadline_ms / 1000 if isinstance(deadline_ms, int | float) else None
+        deadline = deadline_of(header, time.monotonic())
         try:
-            if deadline is not None and time.time() > deadline:
+            if deadline is not None and time.monotonic() > deadline:
                 raise DeadlineExceeded("the request's deadline passed before it was read")
             if len(frames) < 2:
                 raise RequestError("the request has no body")
-            context: v2codec.V2Context | None = None
-            if fmt in v2codec.FORMATS:
-                tensor, context = v2codec.decode_request(
-                    header,
-                    frames[1].buffer,
-                    dtype=self._dtype,
-                    input_shape=self._model.input_shape,
-                    max_bytes=self._max_body,
-                    preprocess=self._model.preprocess,
-                )
-            else:
-                tensor = codec.decode_request(
-                    fmt,
-                    frames[1].buffer,
-                    dtype=self._dtype,
-                    input_shape=self._model.input_shape,
-                    max_bytes=self._max_body,
-                    preprocess=self._model.preprocess,
-                )
+            format_codec = self._codecs.get(fmt)
+            if format_codec is None:
+                raise RequestError(f"unknown body format {fmt!r}")
+            tensor, context = format_codec.decode(header, frames[1].buffer)
         except TorchpoolError as err:
             self._reply_error(request_id, err)
             return None
@@ -170,7 +154,7 @@ class Server:
     # --- compute and reply --------------------------------------------------------
 
     def _run(self, jobs: list[Job]) -> None:
-        now = time.time()
+        now = time.monotonic()
         live: list[Job] = []
         for job in jobs:
             if job.deadline is not None and now > job.deadline:
@@ -195,11 +179,7 @@ class Server:
                     result = self._model.postprocess(result)
                 except Exception as exc:
                     raise batching.model_failure(exc) from exc
-            fmt, extra = job.fmt, dict[str, Any]()
-            if isinstance(job.context, v2codec.V2Context):
-                body, fmt, extra = v2codec.encode_reply(job.context, result)
-            else:
-                body = codec.encode_reply(job.fmt, result)
+            body, fmt, extra = self._codecs[job.fmt].encode(job.context, result)
         except TorchpoolError as err:
             self._reply_error(job.request_id, err)
         except Exception as exc:
@@ -232,6 +212,37 @@ class Server:
             # The gateway is not taking replies (gone, or flooded past the
             # high-water mark): it settles this request by its deadline.
             print("torchpool worker: a reply was dropped: gateway not reachable", file=sys.stderr)
+
+
+def codecs(model: LoadedModel, max_body_bytes: int) -> dict[str, Codec]:
+    """The codec of each wire format (``fmt``), all reading requests for ``model``."""
+    preprocess = model.preprocess
+    spec = InputSpec(
+        tensors.torch_dtype(model.input_dtype),
+        model.input_shape,
+        max_body_bytes,
+        None if preprocess is None else lambda payload, content_type: preprocess(payload),
+    )
+    v2 = v2codec.V2Codec(spec)
+    return {
+        protocol.FMT_JSON: codec.JsonCodec(spec),
+        protocol.FMT_MSGPACK: codec.MsgpackCodec(spec),
+        protocol.FMT_V2_JSON: v2,
+        protocol.FMT_V2_BINARY: v2,
+    }
+
+
+def deadline_of(header: dict[str, Any], arrived: float) -> float | None:
+    """The ``time.monotonic()`` past which the gateway no longer wants the answer.
+
+    The REQUEST carries ``timeout_ms``, the time it had left when sent, counted
+    here from its arrival: no two machines' clocks need to agree. None (no
+    deadline) when the header has none.
+    """
+    timeout_ms = header.get("timeout_ms")
+    if not isinstance(timeout_ms, int | float) or isinstance(timeout_ms, bool):
+        return None
+    return arrived + timeout_ms / 1000
 
 
 def _internal(doing: str, exc: Exception) -> TorchpoolError:
