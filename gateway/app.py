@@ -110,7 +110,8 @@ class TorchpoolApp(FastAPI):
                 "post": {
                     "summary": "Predict",
                     "description": 'Run the model on ``{"input_tensor": [...]}``; answers '
-                    '``{"prediction": ...}``.',
+                    '``{"prediction": ...}``. A body of any other content type goes to the '
+                    "model's handler as it is (415 when it takes no raw input).",
                     "operationId": "predict",
                     **PREDICT_OPENAPI,
                 }

@@ -29,7 +29,7 @@ from gateway import http
 from gateway.auth import token_matches
 from gateway.http import read_body, run_request, send_error, send_response, timeout_header
 from shared import protocol
-from shared.errors import TorchpoolError, Unauthorized, UnsupportedMediaType
+from shared.errors import TorchpoolError, Unauthorized
 
 if TYPE_CHECKING:
     from gateway.runtime import Runtime
@@ -55,18 +55,20 @@ Observer = Callable[[str, int, float], None]
 
 
 def body_format(content_type: bytes | None) -> tuple[str, protocol.RequestExtras | None]:
-    """The wire format for a request's content type; 415 for anything else."""
+    """The wire format for a request's content type, and the REQUEST fields it adds.
+
+    JSON (``application/json``, ``*+json``) and msgpack are tensor bodies; anything
+    else, or no content type at all, is ``raw`` and carries its full Content-Type.
+    """
     media = (content_type or b"").split(b";", 1)[0].strip().lower()
     fmt = _BODY_FORMATS.get(media)
     if fmt is None and media.endswith(b"+json"):
         fmt = protocol.FMT_JSON
-    if fmt is None:
-        shown = media.decode(errors="replace") or "none"
-        raise UnsupportedMediaType(
-            f"content type {shown!r} is not supported; send application/json "
-            f"(or application/msgpack)"
-        )
-    return fmt, None
+    if fmt is not None:
+        return fmt, None
+    ctype = (content_type or b"").strip() or OCTET_STREAM
+    # latin-1: HTTP header bytes as they came, whatever they hold.
+    return protocol.FMT_RAW, {"ctype": ctype.decode("latin-1")}
 
 
 class PredictHandler:

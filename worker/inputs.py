@@ -21,7 +21,7 @@ from typing import Any, Final, Protocol
 import torch
 
 from shared.errors import ModelFailure, RequestError, ShapeMismatch
-from worker import tensors
+from worker import pytree, tensors
 
 INPUT_KEY: Final = "input_tensor"
 
@@ -82,11 +82,37 @@ def prepare(value: Any, content_type: str, spec: InputSpec, what: str = INPUT_KE
         raise
     except Exception as exc:
         raise RequestError(f"preprocess rejected the input: {type(exc).__name__}: {exc}") from exc
-    if not isinstance(result, torch.Tensor):
-        raise ModelFailure(f"preprocess returned {type(result).__name__}, not a tensor")
-    result = result.to(spec.dtype)
-    check_shape(result, spec.input_shape)
+    _check_tree(result)
+    if isinstance(result, torch.Tensor):
+        if spec.dtype_asked and result.dtype != spec.dtype:
+            result = result.to(spec.dtype)
+        check_shape(result, spec.input_shape)
+        return result
+    if spec.dtype_asked:
+        # Only floating-point leaves: token ids and masks stay integers.
+        return pytree.map_leaves(
+            lambda leaf: leaf.to(spec.dtype) if leaf.is_floating_point() else leaf, result
+        )
     return result
+
+
+def _check_tree(result: Any) -> None:
+    """A preprocess result must be tensors whose first dimensions agree (the rows)."""
+    leaves = pytree.leaves(result)
+    kinds = {type(leaf).__name__ for leaf in leaves if not isinstance(leaf, torch.Tensor)}
+    if kinds or not leaves:
+        found = ", ".join(sorted(kinds)) or "an empty container"
+        raise ModelFailure(
+            f"preprocess returned {found}; it must return a tensor or a dict/tuple/list of tensors"
+        )
+    shapes = [tuple(leaf.shape) for leaf in leaves]
+    if any(len(shape) == 0 for shape in shapes) or len({shape[0] for shape in shapes}) != 1:
+        raise ModelFailure(
+            f"preprocess returned tensors of shapes {[list(s) for s in shapes]}; every one "
+            "needs the same first dimension (the request's rows)"
+        )
+    if shapes[0][0] == 0:
+        raise RequestError("preprocess made no rows of this input")
 
 
 def check_not_empty(shape: tuple[int, ...], what: str) -> None:

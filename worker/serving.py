@@ -25,7 +25,7 @@ import zmq
 
 from shared import protocol
 from shared.errors import DeadlineExceeded, RequestError, TorchpoolError
-from worker import batching, codec, tensors, v2codec
+from worker import batching, codec, rawbody, tensors, v2codec
 from worker.batching import Job
 from worker.control import ControlThread, WorkerState
 from worker.inputs import Codec, InputSpec
@@ -142,14 +142,14 @@ class Server:
             format_codec = self._codecs.get(fmt)
             if format_codec is None:
                 raise RequestError(f"unknown body format {fmt!r}")
-            tensor, context = format_codec.decode(header, frames[1].buffer)
+            inputs, context = format_codec.decode(header, frames[1].buffer)
         except TorchpoolError as err:
             self._reply_error(request_id, err)
             return None
         except Exception as exc:
             self._reply_error(request_id, _internal("decoding the request", exc))
             return None
-        return Job(request_id, fmt, tensor, deadline, context)
+        return Job(request_id, fmt, inputs, deadline, context)
 
     # --- compute and reply --------------------------------------------------------
 
@@ -161,10 +161,12 @@ class Server:
                 self._reply_error(job.request_id, DeadlineExceeded("the request's deadline passed"))
             else:
                 live.append(job)
-        for grouped in batching.group(live):
+        assembly = self._model.assembly
+        for grouped in batching.group(live, assembly):
             self._state.count_batch(sum(job.rows for job in grouped))
             try:
-                results = batching.run_group(self._model.run, [job.tensor for job in grouped])
+                inputs = [job.inputs for job in grouped]
+                results = batching.run_group(self._model.run, inputs, assembly)
             except Exception as exc:
                 results = [_internal("running the batch", exc)] * len(grouped)
             for job, result in zip(grouped, results, strict=True):
@@ -216,17 +218,19 @@ class Server:
 
 def codecs(model: LoadedModel, max_body_bytes: int) -> dict[str, Codec]:
     """The codec of each wire format (``fmt``), all reading requests for ``model``."""
-    preprocess = model.preprocess
     spec = InputSpec(
         tensors.torch_dtype(model.input_dtype),
         model.input_shape,
         max_body_bytes,
-        None if preprocess is None else lambda payload, content_type: preprocess(payload),
+        model.preprocess,
+        model.dtype_asked,
+        model.accepts,
     )
     v2 = v2codec.V2Codec(spec)
     return {
         protocol.FMT_JSON: codec.JsonCodec(spec),
         protocol.FMT_MSGPACK: codec.MsgpackCodec(spec),
+        protocol.FMT_RAW: rawbody.RawCodec(spec),
         protocol.FMT_V2_JSON: v2,
         protocol.FMT_V2_BINARY: v2,
     }
