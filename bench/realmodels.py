@@ -26,6 +26,7 @@ import json
 import os
 import shlex
 import signal
+import subprocess
 import sys
 import time
 import urllib.error
@@ -409,6 +410,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         started=dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M"),
         machine=machine_info(),
     )
+    described = subprocess.run(
+        ["git", "-C", str(ROOT), "describe", "--always", "--dirty"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    results.machine["torchpool source"] = f"git {described.stdout.strip() or '?'} at {ROOT}"
     results.notes.append(
         "torchpool serves the `examples/` handlers with 2 workers, each pinned to one core "
         "with one torch thread; the recipe is one uvicorn process with torch's default "
@@ -426,9 +434,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         results.ceilings += work.ceilings()
         for server in servers(work):
             command = shlex.join(server.argv).replace(str(out), "OUT")
-            commands[f"{name} / {server.label}"] = command.replace(str(ROOT) + "/", "").replace(
-                "{port}", "PORT"
-            )
+            command = command.replace(str(ROOT) + "/", "").replace("'{port}'", "PORT")
+            commands[f"{name} / {server.label}"] = command
             print(f"== {name} / {server.label}", flush=True)
             try:
                 measure(server, work, concurrencies, args, gate, results)
