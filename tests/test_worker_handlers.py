@@ -175,12 +175,12 @@ def test_groups_by_structure_dtype_shape_and_length() -> None:
         job(4, tokens("a" * 6)),
         job(5, tokens("a" * 50)),
         job(6, {"ids": torch.zeros(1, 5, dtype=torch.int32), "mask": torch.zeros(1, 5)}),
-        job(7, tokens("a" * 9)),  # > 2 x 4: starts a new length group
+        job(7, tokens("a" * 9)),  # > 1.5 x 4 (the shortest): a new length group
         job(8, (torch.zeros(1, 3, 7), torch.zeros(1))),
         job(9, (torch.zeros(1, 4, 2), torch.zeros(1))),  # a middle dim differs
     ]
     assert ids(group(jobs, assembly)) == [[1, 4], [7], [2, 5], [3], [6], [8], [9]]
-    assert MAX_PAD_RATIO == 2.0
+    assert MAX_PAD_RATIO == 1.5
     # Without padding (a plain tensor model) only exact shapes batch together.
     plain = [job(1, torch.zeros(1, 4)), job(2, torch.zeros(1, 5)), job(3, torch.zeros(2, 4))]
     assert ids(group(plain)) == [[1, 3], [2]]

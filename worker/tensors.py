@@ -33,7 +33,8 @@ _NUMERIC_KINDS: Final = frozenset("biuf")
 # numpy cannot hold bfloat16: it travels through float32 on the way in.
 _THROUGH_FLOAT32: Final = frozenset({torch.bfloat16})
 # Written to JSON as float32, which holds every value of theirs exactly: numpy
-# has no bfloat16, and orjson only learnt float16 recently (orjson>=3.9 is allowed).
+# has no bfloat16, and the project allows orjson versions (>=3.9) not checked to
+# write numpy float16; the text is the same either way (float32's shortest form).
 _WIDEN_FOR_JSON: Final = frozenset({torch.bfloat16, torch.float16})
 
 
