@@ -49,7 +49,7 @@ def parse_wrk(output: str) -> dict[str, float]:
     }
 
 
-def wrk_argv(concurrency: int, seconds: float, url: str) -> list[str]:
+def wrk_argv(concurrency: int, seconds: float, url: str, script: Path = LUA) -> list[str]:
     return [
         "wrk",
         "-t1",
@@ -59,17 +59,24 @@ def wrk_argv(concurrency: int, seconds: float, url: str) -> list[str]:
         "10s",
         "--latency",
         "-s",
-        str(LUA),
+        str(script),
         url,
     ]
 
 
-def wrk(concurrency: int, seconds: float, url: str, body_file: Path) -> str:
+def wrk(
+    concurrency: int,
+    seconds: float,
+    url: str,
+    body_file: Path,
+    script: Path = LUA,
+    env: dict[str, str] | None = None,
+) -> str:
     result = subprocess.run(
-        wrk_argv(concurrency, seconds, url),
+        wrk_argv(concurrency, seconds, url, script),
         capture_output=True,
         text=True,
-        env={**os.environ, "BENCH_BODY": str(body_file)},
+        env={**os.environ, "BENCH_BODY": str(body_file), **(env or {})},
         timeout=seconds + 30,
         check=False,
     )

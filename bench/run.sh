@@ -2,6 +2,8 @@
 # The whole benchmark in one command: prepares wrk and bench/.venv, then runs
 # bench/bench.py, which writes bench/RESULTS.md and raw JSON under bench/out/.
 # Arguments go to bench/bench.py (e.g. --models small --servers tp,lit).
+# `bench/run.sh realmodels [ARGS]` runs bench/realmodels.py instead: the text and
+# image examples against the one-process recipe (bench/RESULTS-realmodels.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -16,11 +18,16 @@ if [ ! -x bench/.venv/bin/python ]; then
     "$PYTHON" -m venv bench/.venv
 fi
 stamp=bench/.venv/.bench-installed
-want="$(cat constraints.txt pyproject.toml | sha256sum | cut -d' ' -f1) litserve==0.2.19"
+peers=(litserve==0.2.19 'transformers>=5.0' 'tokenizers>=0.22' 'pillow>=10')
+want="$(cat constraints.txt pyproject.toml | sha256sum | cut -d' ' -f1) ${peers[*]}"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     # torch is pinned by constraints.txt: the local CPU wheel, never a CUDA build.
-    bench/.venv/bin/pip install -q -c constraints.txt -e '.[worker]' 'litserve==0.2.19'
+    bench/.venv/bin/pip install -q -c constraints.txt -e '.[worker]' "${peers[@]}"
     echo "$want" >"$stamp"
 fi
 
+if [ "${1:-}" = realmodels ]; then
+    shift
+    exec bench/.venv/bin/python -m bench.realmodels "$@"
+fi
 exec bench/.venv/bin/python -m bench.bench "$@"

@@ -2,7 +2,8 @@
 
     TorchpoolError                 500 internal
      ├── RequestError              400 bad_request         the client sent something unusable
-     │    ├── ShapeMismatch        422 shape_mismatch      well-formed, not what the model takes
+     │    ├── ShapeMismatch        422 shape_mismatch      not the shape the model takes
+     │    ├── InvalidValue         422 invalid_value       a number the model's dtype can't hold
      │    ├── PayloadTooLarge      413 payload_too_large
      │    ├── ModelNotFound        404 model_not_found     no such model (or /v2 version)
      │    ├── Conflict             409 conflict            e.g. loading a model whose name is taken
@@ -51,6 +52,11 @@ class RequestError(TorchpoolError):
 class ShapeMismatch(RequestError):
     status = 422
     code = "shape_mismatch"
+
+
+class InvalidValue(RequestError):
+    status = 422
+    code = "invalid_value"
 
 
 class PayloadTooLarge(RequestError):
@@ -116,6 +122,7 @@ _BY_CODE: dict[str, type[TorchpoolError]] = {
         TorchpoolError,
         RequestError,
         ShapeMismatch,
+        InvalidValue,
         PayloadTooLarge,
         ModelNotFound,
         Conflict,

@@ -27,6 +27,7 @@ import yaml
 from gateway.supervisor import STOP_GRACE_S
 from shared.config import ServeSettings, WorkerSettings, env_name, parse_settings, settings_fields
 from tests.conftest import ROOT
+from tests.podman import TEST_TIMEOUT_S, built_image
 
 DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "k8s"
@@ -240,6 +241,37 @@ def test_gpu_overlay_asks_for_gpus() -> None:
     assert container["resources"]["limits"]["nvidia.com/gpu"] >= 1
     assert container_env(container)["TORCHPOOL_DEVICE"] == "cuda"
     assert container["image"].endswith("-cuda")
+
+
+@pytest.mark.container
+@pytest.mark.timeout(TEST_TIMEOUT_S)
+def test_manifests_match_the_built_image(
+    pod: dict[str, Any], container: dict[str, Any], settings: ServeSettings
+) -> None:
+    """The facts the manifests rely on, read from the image podman built (tests/podman.py)."""
+    image = built_image()
+    config = image.config
+    user, _, group = config["User"].partition(":")
+    security = pod["securityContext"]
+    assert (security["runAsUser"], security["runAsGroup"]) == (int(user), int(group or user))
+    assert container["command"] + container["args"] == config["Entrypoint"] + config["Cmd"]
+    exposed = {int(port.split("/")[0]) for port in config["ExposedPorts"]}
+    assert [p["containerPort"] for p in container["ports"]] == [settings.port]
+    assert settings.port in exposed, f"the image exposes {exposed}"
+    image_env = image.env
+    assert int(image_env["TORCHPOOL_PORT"]) == settings.port
+    # The probes ask what the image's own HEALTHCHECK asks.
+    health = " ".join(image.inspect["Healthcheck"]["Test"])
+    assert container["readinessProbe"]["httpGet"]["path"] in health
+    assert config["StopSignal"] == "SIGTERM"
+    # The drain the pod really gets: the manifest's env, else the image's, else the default.
+    drain = parse_settings(
+        ServeSettings,
+        [],
+        {k: v for k, v in image_env.items() if k.startswith("TORCHPOOL_")}
+        | container_env(container),
+    ).drain_timeout_s
+    assert pod["terminationGracePeriodSeconds"] > worst_stop_s(drain)
 
 
 def test_yaml_is_lint_clean() -> None:
