@@ -19,8 +19,11 @@ ROW = [0.25] * 16
 class Load:
     """``threads`` clients posting to ``url`` inside a ``with`` block."""
 
-    def __init__(self, url: str, threads: int = 4, limit_s: float = 120.0) -> None:
+    def __init__(
+        self, url: str, threads: int = 4, limit_s: float = 120.0, path: str = "/predict"
+    ) -> None:
         self.url = url
+        self.path = path
         self.statuses: Counter[int] = Counter()
         self.errors: list[str] = []
         self.sent = 0
@@ -54,7 +57,7 @@ class Load:
                     self.sent += 1
                 started = time.monotonic()
                 try:
-                    response = client.post("/predict", json={"input_tensor": [ROW]})
+                    response = client.post(self.path, json={"input_tensor": [ROW]})
                 except httpx.HTTPError as exc:  # no HTTP answer at all: the worst outcome
                     with self._lock:
                         self.errors.append(repr(exc))

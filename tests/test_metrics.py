@@ -207,7 +207,11 @@ def test_requests_move_the_counters_by_exactly_what_was_sent(demo_server: Server
     def batches_seen() -> Samples | None:
         now = scrape(demo_server)
         count = "torchpool_batch_rows_count"
-        return now if value(now, count, model="demo") - value(before, count, model="demo") >= 3 else None
+        return (
+            now
+            if value(now, count, model="demo") - value(before, count, model="demo") >= 3
+            else None
+        )
 
     latest = wait_for(batches_seen, 10.0, "batch sizes in the workers' heartbeats")
 

@@ -247,3 +247,55 @@ async def test_a_successor_that_dies_keeps_the_old_worker_and_retries_later() ->
     gw.say(old, protocol.HEARTBEAT)
     assert [w.role for w in gw.pool.extra] == [Role.SUCCESSOR]
     await gw.spawned(3)
+
+
+# --- regressions (issue #10, item 6) ------------------------------------------------
+
+
+@on_loop
+async def test_scaling_down_a_slot_waiting_out_its_backoff_spawns_nothing_untracked() -> None:
+    gw = gateway(2)
+    await gw.start()
+    kept, doomed = gw.pool.workers
+    gw.ready(kept)
+    gw.spawner.of(doomed).exit(1)  # dies booting: its replacement waits out a backoff
+    await eventually(lambda: BACKOFF_BASE_S in gw.clock.sleeping, "the backoff to start")
+
+    await gw.supervisor.scale_to(1)
+    await gw.clock.advance(BACKOFF_MAX_S)
+    # Nothing was spawned for the removed slot: no worker runs that no record tracks.
+    assert len(gw.spawner.processes) == 2
+    assert gw.pool.workers == [kept] and doomed.state is State.STOPPED
+
+
+@on_loop
+async def test_a_ready_worker_that_goes_silent_is_not_counted_as_a_boot_failure() -> None:
+    gw = gateway(1, heartbeat_liveness=3)
+    await gw.start()
+    worker = gw.pool.workers[0]
+    gw.ready(worker)
+    process = gw.spawner.of(worker)
+    while not process.killed:
+        await gw.clock.advance(1.0)
+    # Replaced at once, without a backoff (the clock does not move from here on).
+    await gw.spawned(2)
+    assert worker.boot_failures == 0 and worker.restarts == 1
+    assert gw.deaths == ["heartbeat"]
+
+
+@on_loop
+async def test_a_successor_declared_lost_is_counted_as_one_death() -> None:
+    gw = gateway(1, max_requests_per_worker=1)
+    await gw.start()
+    old = gw.pool.workers[0]
+    gw.ready(old)
+    gw.answer(old, gw.dispatcher.enqueue("json", b"{}").id)
+    (successor,) = gw.pool.extra
+    await gw.spawned(2)
+    process = gw.spawner.of(successor)
+    while not process.killed:  # the successor never says hello; the old one beats on
+        await gw.clock.advance(1.0)
+        gw.say(old, protocol.HEARTBEAT)
+    await eventually(lambda: successor not in gw.pool.extra, "the successor to be reaped")
+    assert gw.deaths == ["hello_timeout"]
+    assert gw.pool.workers[0] is old and old.ready
