@@ -71,6 +71,7 @@ def model_json(model: ModelRuntime) -> dict[str, Any]:
         "fingerprint": model.fingerprint,
         "device": model.settings.device,
         "error": model.error,
+        "refused_workers": list(model.refused.values()),
     }
 
 

@@ -12,6 +12,7 @@ import asyncio
 import enum
 import logging
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from gateway.dispatch import Dispatcher
 from gateway.placement import Placement
@@ -62,6 +63,8 @@ class ModelRuntime:
         self.supervisor.on_ready = self._worker_ready
         self.error: str | None = None
         self.unloading = False
+        # Remote workers refused for a fingerprint that is not this model's, by uid.
+        self.refused: dict[str, dict[str, Any]] = {}
         self._on_failed = on_failed
         self._changed = asyncio.Event()
 

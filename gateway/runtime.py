@@ -234,10 +234,24 @@ class Runtime:
             log.warning("unexpected %r on channel %r from worker %s", kind, channel, uid)
 
     def _remote_model(self, uid: str, hello: dict[str, Any]) -> ModelRuntime | None:
-        """The model a remote worker's HELLO names; with no name, the only or default one."""
+        """The model a remote worker's HELLO names (the only or default one if it names
+        none), if its settings' fingerprint matches that model's; else None, and why is
+        logged and shown in /health."""
         name = hello.get("model")
         try:
-            return self.model(name if isinstance(name, str) else None)
+            model = self.model(name if isinstance(name, str) else None)
         except ModelNotFound as exc:
             log.warning("refusing remote worker %r: %s", uid, exc.message)
             return None
+        theirs = hello.get("fingerprint")
+        if theirs is not None and theirs != model.fingerprint:
+            reason = (
+                f"its settings fingerprint {theirs} is not model {model.name}'s "
+                f"{model.fingerprint}: another model file, or flags that change answers"
+            )
+            if uid not in model.refused:
+                log.warning("refusing remote worker %r from %s: %s", uid, hello.get("host"), reason)
+            model.refused[uid] = {"uid": uid, "host": hello.get("host"), "reason": reason}
+            return None
+        model.refused.pop(uid, None)
+        return model

@@ -17,7 +17,9 @@ the header; its ``t`` key names the message type. Payload frames follow raw:
     REQUEST   gateway -> data     [ {t, v, id, fmt, timeout_ms, queued, ctype?, + v2 fields}
                                     | body ]
     REPLY     data -> gateway     [ {t, id, code, message?, details?, fmt?, json_len?} | body? ]
-    HELLO     control -> gateway  [ {t, v, uid, slot, pid, host, device, cores, threads} ]
+    HELLO     control -> gateway  [ {t, v, uid, slot, pid, host, device, cores, threads,
+                                     model?, fingerprint?} ]  (a remote worker names its
+                                     model and its settings' fingerprint)
     LOADING   control -> gateway  [ {t, uid} ]
     READY     control -> gateway  [ {t, uid, load_s, capacity, input_shape?, input_dtype?,
                                      model_name, signature?, + memory fields} ]
@@ -223,7 +225,7 @@ class ReplyHeader(_Reply, total=False):
     json_len: int
 
 
-class HelloHeader(TypedDict):
+class _Hello(TypedDict):
     t: str
     v: int
     uid: str
@@ -233,6 +235,13 @@ class HelloHeader(TypedDict):
     device: str
     cores: list[int]
     threads: int
+
+
+class HelloHeader(_Hello, total=False):
+    # A remote worker's model (its --model-name) and shared.fingerprint of its
+    # settings, which the gateway compares with its own for that model.
+    model: str
+    fingerprint: str
 
 
 class LoadingHeader(TypedDict):

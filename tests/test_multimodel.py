@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ from gateway.cli import EXIT_CONFIG, main
 from gateway.placement import Demand, plan_models
 from shared.config import ConfigError
 from shared.modelconfig import load
-from tests.conftest import ROOT, Server, wait_for
+from tests.conftest import ROOT, Server, free_port, wait_for
 from tests.load import ROW, Load
 
 ADMIN = "admin-secret"
@@ -307,3 +307,37 @@ def test_serve_exits_when_every_model_failed_or_any_with_strict(tmp_path: Path) 
         )
         assert result.returncode == 1, result.stderr
         assert "NoSuchHandler" in result.stderr.strip().splitlines()[-1]
+
+
+def test_remote_workers_join_the_model_they_name_and_a_mismatch_is_refused(
+    serve: Callable[..., Server], tmp_path: Path
+) -> None:
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    config = write(tmp_path, "[models.demo]\nworkers = 0\n[models.twin]\nworkers = 1\n")
+    server = serve("--config", str(config), "--bind", endpoint, ready=1)
+    common = [sys.executable, "-m", "worker", "--connect", endpoint, "--heartbeat-s", "0.5"]
+    workers = [
+        subprocess.Popen([*common, "--model-name", "demo"], cwd=ROOT),
+        # The same model name with a flag that changes answers: another fingerprint.
+        subprocess.Popen([*common, "--model-name", "demo", "--input-dtype", "float64"], cwd=ROOT),
+    ]
+    try:
+        wait_for(
+            lambda: (
+                model_entry(server, "demo")["ready_workers"] == 1
+                and model_entry(server, "demo")["refused_workers"]
+            ),
+            90.0,
+            "one remote worker ready and one refused",
+        )
+        (refused,) = model_entry(server, "demo")["refused_workers"]
+        assert "fingerprint" in refused["reason"] and "demo" in refused["reason"]
+        joined = [w for w in server.health()["workers"] if w["model"] == "demo"]
+        assert len(joined) == 1 and joined[0]["host"]
+        answer = server.client.post("/predict/demo", json={"input_tensor": [ROW]})
+        assert answer.status_code == 200, answer.text
+    finally:
+        for worker in workers:
+            worker.terminate()
+        for worker in workers:
+            worker.wait(30)

@@ -15,6 +15,7 @@ after :func:`worker.pinning.apply` has set the thread and device variables.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import secrets
@@ -23,7 +24,7 @@ import socket
 import sys
 import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import zmq
 import zmq.auth
@@ -31,6 +32,7 @@ import zmq.auth
 from shared import protocol
 from shared.config import ConfigError, WorkerSettings, parse_settings
 from shared.errors import ModelLoadError
+from shared.fingerprint import fingerprint as settings_fingerprint
 from worker import pinning
 from worker.control import LINGER_MS, ControlThread, WorkerState
 from worker.signals import SignalWake
@@ -134,18 +136,24 @@ def run(
     signals: SignalWake,
 ) -> int:
     """HELLO, load, READY, serve, BYE; the exit status."""
-    control.send(
-        {
-            "t": protocol.HELLO,
-            "v": protocol.VERSION,
-            "slot": settings.slot,
-            "pid": os.getpid(),
-            "host": socket.gethostname(),
-            "device": pin.label,
-            "cores": list(pin.cores),
-            "threads": pin.threads,
-        }
-    )
+    hello: dict[str, Any] = {
+        "t": protocol.HELLO,
+        "v": protocol.VERSION,
+        "slot": settings.slot,
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "device": pin.label,
+        "cores": list(pin.cores),
+        "threads": pin.threads,
+    }
+    if settings.slot < 0:
+        # A remote worker says which model it serves and with what, so the gateway
+        # can refuse one started with another file or other flags.
+        if settings.model_name:
+            hello["model"] = settings.model_name
+        with contextlib.suppress(OSError):  # an unreadable file: loading says why
+            hello["fingerprint"] = settings_fingerprint(settings)
+    control.send(hello)
     control.send({"t": protocol.LOADING})
     started = time.monotonic()
     try:
