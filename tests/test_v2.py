@@ -272,7 +272,7 @@ def test_routes_and_unknown_models(demo_server: Server) -> None:
         assert response.status_code == 404 and list(response.json()) == ["error"], path
     response = demo_server.client.post("/v2/models/resnet/infer", json=v2_request(ROW, [1, 16]))
     assert response.status_code == 404
-    assert response.json() == {"error": "unknown model 'resnet'; this server serves 'demo'"}
+    assert response.json() == {"error": "unknown model 'resnet'; served: demo"}
 
 
 def test_without_ready_workers_everything_is_503_with_an_error(
