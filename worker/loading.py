@@ -21,7 +21,7 @@ import io
 import pickle
 import re
 import zipfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -56,6 +56,9 @@ class LoadedModel:
     postprocess: Callable[[Any], Any] | None = None
     # The v2 outputs (name, dtype, shape) seen at warm-up; None: not known.
     outputs: list[dict[str, Any]] | None = None
+    # A handler's predict_stream: one request's input -> a generator of outputs
+    # (sync or async); requests then run one at a time (worker.streaming).
+    stream: Callable[[Any], Iterator[Any]] | None = None
 
     def run(self, batch: torch.Tensor) -> Any:
         """Forward one batch, moving it to the model's device first."""
@@ -300,9 +303,11 @@ def _load_handler(class_path: str, kwargs: Mapping[str, Any], device: torch.devi
     handler = build(import_object(class_path, "--handler"), class_path, kwargs)
     predict = getattr(handler, "predict", None)
     load = getattr(handler, "load", None)
-    if not callable(predict) or not callable(load):
+    stream = optional_hook(handler, "predict_stream")
+    if not callable(load) or not (callable(predict) or stream is not None):
         raise ModelLoadError(
-            f"--handler {class_path} needs load(device) and predict(batch) methods"
+            f"--handler {class_path} needs load(device) and predict(batch) "
+            "(or predict_stream(x)) methods"
         )
     try:
         load(device)
@@ -323,13 +328,14 @@ def _load_handler(class_path: str, kwargs: Mapping[str, Any], device: torch.devi
             f"--handler {class_path}: input_shape {shape!r} is not a list of integers"
         ) from exc
     return LoadedModel(
-        predict,
+        predict if callable(predict) else stream,
         device,
         row,
         dtype or "float32",
         "handler",
         preprocess=optional_hook(handler, "preprocess"),
         postprocess=optional_hook(handler, "postprocess"),
+        stream=stream,
     )
 
 
@@ -380,7 +386,8 @@ def warm_up(model: LoadedModel) -> bool:
     ``model.outputs``.
     """
     shape = model.input_shape
-    if shape is None or any(dim < 0 for dim in shape):
+    if shape is None or any(dim < 0 for dim in shape) or model.stream is not None:
+        # A stream may run for long on any input: it is not run at boot.
         return False
     zeros = torch.zeros((1, *shape), dtype=getattr(torch, model.input_dtype))
     try:

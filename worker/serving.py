@@ -25,7 +25,7 @@ import zmq
 
 from shared import protocol
 from shared.errors import DeadlineExceeded, RequestError, TorchpoolError
-from worker import batching, codec, v2codec
+from worker import batching, codec, streaming, v2codec
 from worker.batching import Job
 from worker.control import ControlThread, WorkerState
 from worker.loading import LoadedModel
@@ -67,6 +67,17 @@ class Server:
         self._dtype = codec.torch_dtype(model.input_dtype)
         # Decoded requests that did not fit the last batch; they go first next time.
         self.pending: deque[Job] = deque()
+        # A model with predict_stream runs its requests one by one there, unbatched.
+        self._streams: streaming.StreamRunner | None = None
+        if model.stream is not None:
+            self._streams = streaming.StreamRunner(
+                data,
+                model,
+                state,
+                admit=self._admit,
+                send=self._send,
+                reply_error=self._reply_error,
+            )
 
     def serve(self, control: ControlThread, signals: SignalWake) -> Stop:
         """Answer requests until a signal, a STOP, or the parent's death."""
@@ -95,6 +106,9 @@ class Server:
 
     def step(self) -> None:
         """Collect one batch and answer every request in it."""
+        if self._streams is not None:
+            self._streams.step(self.pending, self._receive)
+            return
         jobs = batching.collect(self.pending, self._receive, self._max_rows, self._delay_s)
         if not jobs:
             return
@@ -129,6 +143,8 @@ class Server:
             print(f"torchpool worker: dropped an unreadable message: {exc}", file=sys.stderr)
             return None
         request_id = header.get("id")
+        if header["t"] in streaming.STREAM_CONTROL:
+            return None  # for a stream that has already ended
         if header["t"] != protocol.REQUEST or not isinstance(request_id, int):
             print(f"torchpool worker: dropped a {header['t']!r} message", file=sys.stderr)
             return None
@@ -140,9 +156,18 @@ class Server:
                 raise DeadlineExceeded("the request's deadline passed before it was read")
             if len(frames) < 2:
                 raise RequestError("the request has no body")
-            context: v2codec.V2Context | None = None
+            context: v2codec.V2Context | streaming.GenerateContext | None = None
             if fmt in v2codec.FORMATS:
                 tensor, context = v2codec.decode_request(
+                    header,
+                    frames[1].buffer,
+                    dtype=self._dtype,
+                    input_shape=self._model.input_shape,
+                    max_bytes=self._max_body,
+                    preprocess=self._model.preprocess,
+                )
+            elif fmt == protocol.FMT_GENERATE:
+                tensor, context = streaming.decode_generate(
                     header,
                     frames[1].buffer,
                     dtype=self._dtype,
@@ -165,7 +190,10 @@ class Server:
         except Exception as exc:
             self._reply_error(request_id, _internal("decoding the request", exc))
             return None
-        return Job(request_id, fmt, tensor, deadline, context)
+        job = Job(request_id, fmt, tensor, deadline, context)
+        if self._streams is not None:
+            self._streams.admitted(job, header)
+        return job
 
     # --- compute and reply --------------------------------------------------------
 
