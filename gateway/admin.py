@@ -1,8 +1,9 @@
 """Admin endpoints: resize the pool while it serves.
 
 Off (404) unless --admin-token is set; then every call needs
-``Authorization: Bearer <admin token>``. Scaling down drains the removed
-workers (they finish what they hold) before they stop; nothing is dropped.
+``Authorization: Bearer <admin token>`` (401 with ``WWW-Authenticate`` without).
+Scaling down drains the removed workers (they finish what they hold) before
+they stop; nothing is dropped.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from starlette.responses import Response
 
 from gateway.auth import token_matches
 from gateway.health import health_json
+from gateway.http import json_response, runtime_of
 from gateway.runtime import Runtime
 from shared.errors import RequestError, Unauthorized
 
@@ -32,15 +34,14 @@ def install(app: FastAPI, admin_token: str | None) -> None:
         header = request.headers.get("authorization")
         if not token_matches(header.encode() if header else None, [token]):
             raise Unauthorized("the admin token is required: Authorization: Bearer TOKEN")
-        runtime: Runtime = request.app.state.runtime
-        return runtime
+        return runtime_of(request)
 
     def pool_document(runtime: Runtime) -> Response:
         document: dict[str, Any] = {
             "target_workers": runtime.supervisor.target_workers,
             "health": health_json(runtime.pool),
         }
-        return Response(orjson.dumps(document), media_type="application/json")
+        return json_response(document)
 
     @router.get("/workers")
     async def get_workers(request: Request) -> Response:

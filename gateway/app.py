@@ -2,50 +2,39 @@
 
 The gateway does not look inside tensors: it checks the content type and the
 size of a body and passes the bytes to a worker, which parses, validates, runs
-and encodes. ``/predict`` itself is answered by :mod:`gateway.fastpath` ahead
+and encodes. ``/predict`` itself is answered by :mod:`gateway.predict` ahead
 of FastAPI; the other routes are FastAPI's. Errors from any layer are
-TorchpoolErrors, whose status and JSON body come from :mod:`shared.errors`.
+TorchpoolErrors, whose status and JSON body come from :mod:`shared.errors`
+and whose answers are made in :mod:`gateway.http`.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from http import HTTPStatus
 from typing import Any
 
-import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from gateway import admin, fastpath
+from gateway import admin, v2
 from gateway.auth import ApiKeyMiddleware, parse_tokens
-from gateway.dispatch import Reply
-from gateway.fastpath import (
-    PREDICT_PATH,
-    PredictHandler,
-    read_body,
-    timeout_header,
-    unless_client_leaves,
-)
 from gateway.health import health_json
+from gateway.http import JSON, error_response, json_response, not_ready_reason, runtime_of
 from gateway.metrics import Metrics
 from gateway.metrics import install as install_metrics
+from gateway.predict import PREDICT_PATH, PredictHandler
 from gateway.runtime import Runtime
 from gateway.sse import StreamPredictHandler
 from gateway.status import install as install_status_page
 from shared.config import ServeSettings
-from shared.errors import (
-    TorchpoolError,
-    Unavailable,
-)
+from shared.errors import TorchpoolError
 
-JSON = "application/json"
 MSGPACK = "application/msgpack"
-TIMEOUT_HEADER = fastpath.TIMEOUT_HEADER.decode()
 
 _ERROR_SCHEMA: dict[str, Any] = {
     "type": "object",
@@ -102,15 +91,9 @@ PREDICT_OPENAPI: dict[str, Any] = {
 }
 
 
-def json_response(
-    document: Any, status: int = 200, headers: dict[str, str] | None = None
-) -> Response:
-    return Response(orjson.dumps(document), status_code=status, media_type=JSON, headers=headers)
-
-
 class TorchpoolApp(FastAPI):
     """FastAPI for every route but the hot one: ``/predict`` goes straight to
-    :class:`gateway.fastpath.PredictHandler`, past routing and middleware."""
+    :class:`gateway.predict.PredictHandler`, past routing and middleware."""
 
     predict: PredictHandler | None = None
     # /predict asking for Server-Sent Events from a streaming model (gateway.sse).
@@ -133,7 +116,8 @@ class TorchpoolApp(FastAPI):
                 "post": {
                     "summary": "Predict",
                     "description": 'Run the model on ``{"input_tensor": [...]}``; answers '
-                    '``{"prediction": ...}``.',
+                    '``{"prediction": ...}``. A body of any other content type goes to the '
+                    "model's handler as it is (415 when it takes no raw input).",
                     "operationId": "predict",
                     **PREDICT_OPENAPI,
                 }
@@ -173,10 +157,6 @@ def create_app(
     app.add_exception_handler(HTTPException, _http_error)  # type: ignore[arg-type]
     app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
 
-    def runtime_of(request: Request) -> Runtime:
-        runtime: Runtime = request.app.state.runtime
-        return runtime
-
     app.predict = PredictHandler(
         lambda: app.state.runtime, settings.max_body_bytes, keys, metrics.observe_request
     )
@@ -201,17 +181,18 @@ def create_app(
     async def ready(request: Request) -> Response:
         """200 when at least --min-ready workers are ready and the server is not draining."""
         pool = runtime_of(request).pool
-        count = len(pool.ready_workers())
-        is_ready = count >= settings.min_ready and not pool.draining
+        is_ready = not_ready_reason(pool, settings.min_ready) is None
         return json_response(
-            {"ready": is_ready, "ready_workers": count, "min_ready": settings.min_ready},
+            {
+                "ready": is_ready,
+                "ready_workers": len(pool.ready_workers()),
+                "min_ready": settings.min_ready,
+            },
             200 if is_ready else 503,
         )
 
     install_metrics(app, metrics)
     install_status_page(app, metrics)
-    from gateway import v2  # imported here: it builds on this module's helpers
-
     v2.install(app)
     from gateway import generate
 
@@ -219,24 +200,8 @@ def create_app(
     return app
 
 
-def _timeout_header(value: str | None) -> float | None:
-    return timeout_header(None if value is None else value.encode())
-
-
-async def _unless_client_leaves(request: Request, waiting: Awaitable[Reply]) -> Reply:
-    """Wait for a queued request's reply, dropping it if the client disconnects first."""
-    return await unless_client_leaves(request.receive, waiting)
-
-
-async def _read_body(request: Request, limit: int) -> bytes:
-    """Read the body, refusing it (413) as soon as it is known to exceed ``limit``."""
-    declared = request.headers.get("content-length")
-    return await read_body(request.receive, None if declared is None else declared.encode(), limit)
-
-
 async def _torchpool_error(request: Request, exc: TorchpoolError) -> Response:
-    headers = {"Retry-After": str(exc.retry_after_s)} if isinstance(exc, Unavailable) else None
-    return json_response(exc.to_json(), exc.status, headers)
+    return error_response(exc)
 
 
 async def _http_error(request: Request, exc: HTTPException) -> Response:

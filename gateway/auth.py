@@ -11,8 +11,10 @@ from __future__ import annotations
 import hmac
 from collections.abc import Iterable
 
-import orjson
 from starlette.types import ASGIApp, Receive, Scope, Send
+
+from gateway.http import send_error
+from shared.errors import Unauthorized
 
 # Paths that need an API key when one is configured.
 PROTECTED_PREFIXES = ("/predict", "/v2/models")
@@ -42,22 +44,6 @@ def authorization(scope: Scope) -> bytes | None:
     return None
 
 
-async def send_unauthorized(send: Send, message: str) -> None:
-    body = orjson.dumps({"error": message, "code": "unauthorized"})
-    await send(
-        {
-            "type": "http.response.start",
-            "status": 401,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-                (b"www-authenticate", b'Bearer realm="torchpool"'),
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": body})
-
-
 class ApiKeyMiddleware:
     """401 for inference routes without a valid ``Authorization: Bearer <key>``."""
 
@@ -71,6 +57,7 @@ class ApiKeyMiddleware:
             and scope["path"].startswith(PROTECTED_PREFIXES)
             and not token_matches(authorization(scope), self.keys)
         ):
-            await send_unauthorized(send, "a valid API key is required: Authorization: Bearer KEY")
+            error = Unauthorized("a valid API key is required: Authorization: Bearer KEY")
+            await send_error(send, error)
             return
         await self.app(scope, receive, send)

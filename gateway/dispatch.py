@@ -103,10 +103,6 @@ class Dispatcher:
     def outstanding(self) -> int:
         return self._outstanding
 
-    async def submit(self, fmt: str, body: bytes, timeout_s: float | None = None) -> Reply:
-        """Run one request on some worker; raises a TorchpoolError on any failure."""
-        return await self.result(self.enqueue(fmt, body, timeout_s))
-
     def enqueue(
         self,
         fmt: str,

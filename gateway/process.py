@@ -22,7 +22,7 @@ STDERR_TAIL_LINES = 20
 
 
 class WorkerProcess:
-    """One spawned worker. ``returncode`` is None while it runs."""
+    """One spawned worker: signal it, wait for it, read its last stderr lines."""
 
     def __init__(self, proc: asyncio.subprocess.Process, label: str) -> None:
         self._proc = proc
@@ -47,10 +47,6 @@ class WorkerProcess:
     @property
     def pid(self) -> int:
         return self._proc.pid
-
-    @property
-    def returncode(self) -> int | None:
-        return self._proc.returncode
 
     def is_alive(self) -> bool:
         return self._proc.returncode is None

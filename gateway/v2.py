@@ -29,24 +29,21 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.routing import APIRoute
 from starlette.responses import Response
 
-from gateway.app import (
+from gateway.http import (
     TIMEOUT_HEADER,
-    _read_body,
-    _timeout_header,
-    _unless_client_leaves,
+    error_response,
     json_response,
+    not_ready_reason,
+    read_body,
+    run_request,
+    runtime_of,
+    timeout_header,
 )
 from gateway.pool import Pool, WorkerRecord
 from gateway.runtime import Runtime
 from shared import protocol
 from shared.config import ServeSettings
-from shared.errors import (
-    ModelNotFound,
-    RequestError,
-    TorchpoolError,
-    Unavailable,
-    v2_status,
-)
+from shared.errors import ModelNotFound, RequestError, TorchpoolError, Unavailable, v2_status
 
 VERSION: Final = "1"
 INPUT_NAME: Final = "input__0"
@@ -69,14 +66,9 @@ class _V2Route(APIRoute):
             try:
                 return await handler(request)
             except TorchpoolError as exc:
-                return error_response(exc)
+                return error_response(exc, {"error": exc.message}, v2_status(exc))
 
         return guarded
-
-
-def error_response(exc: TorchpoolError) -> Response:
-    headers = {"Retry-After": str(exc.retry_after_s)} if isinstance(exc, Unavailable) else None
-    return json_response({"error": exc.message}, v2_status(exc), headers)
 
 
 router = APIRouter(prefix="/v2", tags=["Open Inference Protocol"], route_class=_V2Route)
@@ -99,20 +91,11 @@ def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
     }
 
 
-def _runtime(request: Request) -> Runtime:
-    runtime: Runtime = request.app.state.runtime
-    return runtime
-
-
 def _check_model(settings: ServeSettings, name: str, version: str | None) -> None:
     if name != settings.served_name:
         raise ModelNotFound(f"unknown model {name!r}; this server serves {settings.served_name!r}")
     if version is not None and version != VERSION:
         raise ModelNotFound(f"model {name!r} has no version {version!r}; it has {VERSION!r}")
-
-
-def _model_ready(pool: Pool) -> bool:
-    return bool(pool.ready_workers()) and not pool.draining
 
 
 # --- server -------------------------------------------------------------------
@@ -138,14 +121,10 @@ async def server_live() -> Response:
 )
 async def server_ready(request: Request) -> Response:
     """200 when at least --min-ready workers are ready and the server is not draining."""
-    runtime = _runtime(request)
-    pool = runtime.pool
-    count, wanted = len(pool.ready_workers()), runtime.settings.min_ready
-    if pool.draining:
-        return json_response({"error": "the server is shutting down", "ready": False}, 503)
-    if count < wanted:
-        message = f"{count} workers ready, fewer than --min-ready {wanted}"
-        return json_response({"error": message, "ready": False}, 503)
+    runtime = runtime_of(request)
+    reason = not_ready_reason(runtime.pool, runtime.settings.min_ready)
+    if reason is not None:
+        return json_response({"error": reason, "ready": False}, 503)
     return json_response({"ready": True})
 
 
@@ -191,7 +170,7 @@ def _signature(runtime: Runtime, name: str) -> dict[str, Any]:
 
 async def model_metadata(request: Request, name: str, version: str | None = None) -> Response:
     """Name, versions, platform, and the inputs and outputs with -1 for variable dims."""
-    runtime = _runtime(request)
+    runtime = runtime_of(request)
     _check_model(runtime.settings, name, version)
     signature = _signature(runtime, name)
     return json_response(
@@ -207,9 +186,9 @@ async def model_metadata(request: Request, name: str, version: str | None = None
 
 async def model_ready(request: Request, name: str, version: str | None = None) -> Response:
     """200 while at least one worker serves the model, else 503."""
-    runtime = _runtime(request)
+    runtime = runtime_of(request)
     _check_model(runtime.settings, name, version)
-    if not _model_ready(runtime.pool):
+    if not_ready_reason(runtime.pool, 1) is not None:
         message = f"model {name!r} is not ready: no worker serves it now"
         return json_response({"error": message, "name": name, "ready": False}, 503)
     return json_response({"name": name, "ready": True})
@@ -217,7 +196,7 @@ async def model_ready(request: Request, name: str, version: str | None = None) -
 
 async def model_config(request: Request, name: str, version: str | None = None) -> Response:
     """The parts of a Triton model configuration that describe this model."""
-    runtime = _runtime(request)
+    runtime = runtime_of(request)
     settings = runtime.settings
     _check_model(settings, name, version)
     signature = _signature(runtime, name)
@@ -245,7 +224,7 @@ async def model_config(request: Request, name: str, version: str | None = None) 
 
 async def infer(request: Request, name: str, version: str | None = None) -> Response:
     """Run the model on a v2 inference request; the worker parses and answers it."""
-    runtime = _runtime(request)
+    runtime = runtime_of(request)
     settings = runtime.settings
     _check_model(settings, name, version)
     extra: protocol.RequestExtras = {"model": name, "version": VERSION}
@@ -262,25 +241,20 @@ async def infer(request: Request, name: str, version: str | None = None) -> Resp
                 f"got {header_length!r}"
             )
         extra["json_len"] = int(header_length)
-    timeout_s = _timeout_header(request.headers.get(TIMEOUT_HEADER))
-    try:
-        body = await _read_body(request, settings.max_body_bytes)
-    except RequestError as exc:
-        if type(exc) is not RequestError:
-            raise
-        raise RequestError('empty body; send an inference request {"inputs": [...]}') from exc
+    timeout_s = timeout_header(request.headers.get(TIMEOUT_HEADER))
+    body = await read_body(
+        request.receive,
+        request.headers.get("content-length"),
+        settings.max_body_bytes,
+        'empty body; send an inference request {"inputs": [...]}',
+    )
     if "json_len" in extra and "encoding" not in extra and extra["json_len"] > len(body):
         raise RequestError(
             f"Inference-Header-Content-Length {extra['json_len']} exceeds the body of "
             f"{len(body)} bytes"
         )
     fmt = protocol.FMT_V2_BINARY if "json_len" in extra else protocol.FMT_V2_JSON
-    dispatcher = runtime.dispatcher
-    pending = dispatcher.enqueue(fmt, body, timeout_s, extra)
-    if dispatcher.is_queued(pending):
-        reply = await _unless_client_leaves(request, dispatcher.result(pending))
-    else:
-        reply = await dispatcher.result(pending)
+    reply = await run_request(request.receive, runtime.dispatcher, fmt, body, timeout_s, extra)
     json_len = reply.extra.get("json_len")
     if reply.fmt == protocol.FMT_V2_BINARY and isinstance(json_len, int):
         return Response(

@@ -33,6 +33,22 @@ def test_api_key_guards_inference_but_not_probes(serve: Callable[..., Server]) -
     assert server.get("/health/live").status_code == 200
 
 
+def test_every_401_carries_a_bearer_challenge(serve: Callable[..., Server]) -> None:
+    server = serve("--workers", "0", env={**KEYS, "TORCHPOOL_ADMIN_TOKEN": "s3cret"}, ready=None)
+    wait_for(server.live, 60, "the gateway to answer")
+    for method, path in (
+        ("GET", "/admin/workers"),
+        ("PUT", "/admin/workers"),
+        ("POST", "/predict"),
+        ("POST", "/v2/models/demo/infer"),
+    ):
+        for headers in ({}, {"authorization": "Bearer wrong"}):
+            response = server.client.request(method, path, json={}, headers=headers)
+            assert response.status_code == 401, (method, path, response.text)
+            assert response.json()["code"] == "unauthorized"
+            assert response.headers["www-authenticate"] == 'Bearer realm="torchpool"', path
+
+
 def test_admin_endpoints_are_off_without_a_token(serve: Callable[..., Server]) -> None:
     server = serve("--workers", "1")
     assert server.client.put("/admin/workers", json={"workers": 2}).status_code == 404

@@ -77,7 +77,7 @@ class FakeWorker:
 @pytest.fixture
 def gateway(serve: Callable[..., Server]) -> Iterator[tuple[Server, str]]:
     endpoint = f"tcp://127.0.0.1:{free_port()}"
-    server = serve("--workers", "0", "--bind", endpoint, ready=None)
+    server = serve("--workers", "0", "--bind", endpoint, "--max-body-mb", "1", ready=None)
     wait_for(server.live, 60, "the gateway to answer")
     yield server, endpoint
 
@@ -116,3 +116,59 @@ def test_worker_of_another_protocol_version_is_refused(
     assert server.health()["total_workers"] == 0
     assert server.client.post("/predict", json={"input_tensor": [[1.0]]}).status_code == 503
     assert not fake_workers[0].requests
+
+
+@pytest.mark.parametrize(
+    ("content_type", "sent"),
+    [
+        ("image/png", "image/png"),
+        ("multipart/form-data; boundary=XyZ", "multipart/form-data; boundary=XyZ"),
+        ("text/plain; charset=utf-8", "text/plain; charset=utf-8"),
+        (None, "application/octet-stream"),
+    ],
+)
+def test_other_bodies_pass_through_raw_with_their_content_type(
+    gateway: tuple[Server, str],
+    fake_workers: list[FakeWorker],
+    content_type: str | None,
+    sent: str,
+) -> None:
+    server, endpoint = gateway
+    fake = FakeWorker(endpoint, "fake-raw")
+    fake_workers.append(fake)
+    server.wait_ready(1, timeout_s=30)
+    body = b"\x89PNG\r\n\x1a\n not parsed by the gateway \x00\xff"
+    headers = {} if content_type is None else {"content-type": content_type}
+    fake.answer = ({"code": protocol.OK, "fmt": protocol.FMT_JSON}, b'{"prediction": 1}')
+    answered = server.client.post("/predict", content=body, headers=headers)
+    assert answered.status_code == 200 and answered.json() == {"prediction": 1}
+    [(header, received)] = fake.requests
+    assert header["fmt"] == protocol.FMT_RAW and header["ctype"] == sent
+    assert received == body
+    # The worker decides what the model takes; its refusal comes back as it was made.
+    refusal = "this model takes a tensor, not image/png"
+    fake.answer = ({"code": "unsupported_media_type", "message": refusal}, b"")
+    refused = server.client.post("/predict", content=body, headers=headers)
+    assert refused.status_code == 415
+    assert refused.json() == {"error": refusal, "code": "unsupported_media_type"}
+
+
+def test_raw_body_over_the_limit_is_refused_before_it_reaches_a_worker(
+    gateway: tuple[Server, str], fake_workers: list[FakeWorker]
+) -> None:
+    server, endpoint = gateway
+    fake_workers.append(FakeWorker(endpoint, "fake-big"))
+    server.wait_ready(1, timeout_s=30)
+    big = b"\0" * (2 * 1024 * 1024)  # --max-body-mb 1
+    declared = server.client.post("/predict", content=big, headers={"content-type": "image/png"})
+    assert declared.status_code == 413, declared.text
+
+    def chunks() -> Iterator[bytes]:  # no Content-Length: refused while reading
+        for _ in range(32):
+            yield b"\0" * (64 * 1024)
+
+    streamed = server.client.post(
+        "/predict", content=chunks(), headers={"content-type": "audio/wav"}
+    )
+    assert streamed.status_code == 413, streamed.text
+    assert fake_workers[0].requests == []

@@ -124,10 +124,6 @@ MALFORMED: list[tuple[str, bytes, str | None, int]] = [
     ("bom-and-garbage", "\ufeff{\u202e\u0000}".encode(), JSON, 400),
     # orjson keeps the last of duplicate keys; here the last is a string.
     ("duplicate-keys", _json_row(*["1.0"] * 16)[:-1] + b', "input_tensor": "x"}', JSON, 400),
-    ("text-plain", _json_row(*["1.0"] * 16), "text/plain", 415),
-    ("form", b"input_tensor=1", "application/x-www-form-urlencoded", 415),
-    ("multipart", b"--b\r\n\r\n--b--\r\n", "multipart/form-data; boundary=b", 415),
-    ("no-content-type", _json_row(*["1.0"] * 16), None, 415),
     ("msgpack-bad-dtype", _tensor("complex64", [1, 16], b"\0" * 128), MSGPACK, 400),
     ("msgpack-object-dtype", _tensor("object", [1, 16], b"\0" * 128), MSGPACK, 400),
     ("msgpack-byte-count", _tensor("float32", [1, 16], b"\0" * 60), MSGPACK, 400),
@@ -185,9 +181,28 @@ def _assert_json_error(response: httpx.Response, status: int) -> None:
     assert isinstance(error["code"], str), error
 
 
+# Neither JSON nor msgpack: passed to the worker as fmt "raw", which the demo
+# model does not take (415 from the worker). That 415 comes with the worker's raw
+# decoding (branch hw-worker); until it is merged the worker answers 400 for an
+# unknown format. Strict: the mark must go once these pass.
+RAW_BODIES: list[tuple[str, bytes, str | None, int]] = [
+    ("text-plain", _json_row(*["1.0"] * 16), "text/plain", 415),
+    ("form", b"input_tensor=1", "application/x-www-form-urlencoded", 415),
+    ("multipart", b"--b\r\n\r\n--b--\r\n", "multipart/form-data; boundary=b", 415),
+    ("no-content-type", _json_row(*["1.0"] * 16), None, 415),
+]
+NEEDS_RAW = pytest.mark.xfail(
+    reason="needs the worker's raw body decoding (hw-worker)", strict=True
+)
+
+
 @pytest.mark.parametrize(
     ("body", "content_type", "status"),
-    [pytest.param(body, ctype, status, id=name) for name, body, ctype, status in MALFORMED],
+    [pytest.param(body, ctype, status, id=name) for name, body, ctype, status in MALFORMED]
+    + [
+        pytest.param(body, ctype, status, id=name, marks=NEEDS_RAW)
+        for name, body, ctype, status in RAW_BODIES
+    ],
 )
 def test_malformed_body_gets_its_exact_status(
     demo_server: Server,

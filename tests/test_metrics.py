@@ -155,10 +155,10 @@ def test_requests_move_the_counters_by_exactly_what_was_sent(demo_server: Server
         response = demo_server.predict({"input_tensor": [ROW] * rows})
         assert response.status_code == 200, response.text
     assert demo_server.predict({"input_tensor": [[1.0, 2.0]]}).status_code == 422
-    bad_type = demo_server.client.post(
-        "/predict", content=b"x", headers={"content-type": "text/plain"}
+    bad_timeout = demo_server.client.post(
+        "/predict", json={"input_tensor": [ROW]}, headers={"x-request-timeout": "soon"}
     )
-    assert bad_type.status_code == 415
+    assert bad_timeout.status_code == 400
     assert demo_server.get("/definitely/not/here").status_code == 404
     after = scrape(demo_server)
 
@@ -168,11 +168,11 @@ def test_requests_move_the_counters_by_exactly_what_was_sent(demo_server: Server
     requests = "torchpool_http_requests_total"
     assert moved(requests, route="/predict", code="200") == 3
     assert moved(requests, route="/predict", code="422") == 1
-    assert moved(requests, route="/predict", code="415") == 1
+    assert moved(requests, route="/predict", code="400") == 1
     assert moved(requests, route="other", code="404") == 1
     assert moved("torchpool_http_request_duration_seconds_count", route="/predict") == 5
     assert moved("torchpool_http_request_duration_seconds_sum", route="/predict") > 0
-    # The 415 never reached the dispatcher; the 422 did (the worker checks shapes).
+    # The 400 never reached the dispatcher; the 422 did (the worker checks shapes).
     assert moved("torchpool_queue_wait_seconds_count") == 4
     assert value(after, "torchpool_requests_queued") == 0
     assert value(after, "torchpool_requests_inflight") == 0

@@ -110,6 +110,15 @@ def test_probes(demo_server: Server) -> None:
     assert ready.json()["ready_workers"] == 2
 
 
+# A body that is neither JSON nor msgpack goes to the worker as fmt "raw"; the demo
+# model takes no raw input, so the worker answers 415. That answer comes with the
+# worker's raw decoding (branch hw-worker); until it is merged, the worker calls
+# "raw" an unknown format (400). Strict: the mark must go once it passes.
+NEEDS_RAW = pytest.mark.xfail(
+    reason="needs the worker's raw body decoding (hw-worker)", strict=True
+)
+
+
 @pytest.mark.parametrize(
     ("body", "content_type", "status", "needle"),
     [
@@ -122,8 +131,8 @@ def test_probes(demo_server: Server) -> None:
         (b'{"tensor": [[1.0]]}', "application/json", 400, "input_tensor"),
         (b"not json", "application/json", 400, "JSON"),
         (b"", "application/json", 400, "empty"),
-        (b'{"input_tensor": [[1.0]]}', "text/plain", 415, "content type"),
-        (b'{"input_tensor": [[1.0]]}', "", 415, "content type"),
+        pytest.param(b'{"input_tensor": [[1.0]]}', "text/plain", 415, "", marks=NEEDS_RAW),
+        pytest.param(b'{"input_tensor": [[1.0]]}', "", 415, "", marks=NEEDS_RAW),
     ],
 )
 def test_bad_input_is_a_clear_client_error(
