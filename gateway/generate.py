@@ -26,16 +26,21 @@ from fastapi import APIRouter, FastAPI, Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from gateway import sse, v2
-from gateway.app import TIMEOUT_HEADER, _read_body, _timeout_header, _unless_client_leaves
+from gateway import http, sse, v2
 from gateway.runtime import Runtime
 from shared import protocol
-from shared.errors import ModelNotFound, RequestError, TorchpoolError
+from shared.errors import ModelNotFound, RequestError, TorchpoolError, v2_status
+
+
+def error_response(error: TorchpoolError) -> Response:
+    """An error as the Open Inference Protocol answers it: ``{"error"}``, the /v2 status."""
+    return http.error_response(error, {"error": error.message}, v2_status(error))
+
 
 GENERATE_FRAMING: Final = sse.Framing(
     end=b"",  # Triton's stream just ends
     error_json=lambda error: orjson.dumps({"error": error.message}),
-    send_error=lambda send, error: v2.error_response(error)({"type": "http"}, _no_receive, send),
+    send_error=lambda send, error: error_response(error)({"type": "http"}, _no_receive, send),
 )
 
 
@@ -74,8 +79,13 @@ async def _prepare(
         raise RequestError(
             f"model {name!r} does not stream (its handler has no predict_stream): use /infer"
         )
-    timeout_s = _timeout_header(request.headers.get(TIMEOUT_HEADER))
-    body = await _read_body(request, runtime.settings.max_body_bytes)
+    timeout_s = http.timeout_header(request.headers.get(http.TIMEOUT_HEADER))
+    body = await http.read_body(
+        request.receive,
+        request.headers.get("content-length"),
+        runtime.settings.max_body_bytes,
+        'empty body; send a generate request {"text_input": ...}',
+    )
     extra: protocol.RequestExtras = {"model": name, "version": v2.VERSION}
     return runtime, (protocol.FMT_GENERATE, body, timeout_s, extra)
 
@@ -84,14 +94,11 @@ async def generate(request: Request, name: str, version: str | None = None) -> R
     """Run the model to the end of its outputs; one JSON answer."""
     try:
         runtime, (fmt, body, timeout_s, extra) = await _prepare(request, name, version)
-        dispatcher = runtime.dispatcher
-        pending = dispatcher.enqueue(fmt, body, timeout_s, extra)
-        if dispatcher.is_queued(pending):
-            reply = await _unless_client_leaves(request, dispatcher.result(pending))
-        else:
-            reply = await dispatcher.result(pending)
+        reply = await http.run_request(
+            request.receive, runtime.dispatcher, fmt, body, timeout_s, extra
+        )
     except TorchpoolError as error:
-        return v2.error_response(error)
+        return error_response(error)
     return Response(reply.body, media_type="application/json")
 
 
@@ -100,7 +107,7 @@ async def generate_stream(request: Request, name: str, version: str | None = Non
     try:
         runtime, prepared = await _prepare(request, name, version)
     except TorchpoolError as error:
-        return v2.error_response(error)
+        return error_response(error)
     return EventStream(runtime, prepared)
 
 

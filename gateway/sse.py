@@ -33,22 +33,16 @@ import orjson
 from starlette.types import Receive, Scope, Send
 
 from gateway import streams
-from gateway.auth import send_unauthorized, token_matches
-from gateway.fastpath import (
-    PREDICT_PATH,
-    TIMEOUT_HEADER,
-    Observer,
-    body_format,
-    read_body,
-    send_error,
-    timeout_header,
-)
+from gateway.auth import token_matches
+from gateway.http import read_body, send_error, timeout_header
 from gateway.pool import Pool
+from gateway.predict import PREDICT_PATH, TIMEOUT_HEADER, Observer, body_format
 from gateway.streams import StreamPending
 from shared import protocol
-from shared.errors import ClientClosed, TorchpoolError
+from shared.errors import ClientClosed, TorchpoolError, Unauthorized
 
 EVENT_STREAM: Final = b"text/event-stream"
+_EMPTY: Final = 'empty body; send {"input_tensor": ...}'
 _HEADERS: Final = [
     (b"content-type", EVENT_STREAM),
     (b"cache-control", b"no-cache"),
@@ -190,17 +184,13 @@ class StreamPredictHandler:
         status = 200
         try:
             headers = dict(scope["headers"])
-            if self._keys and not token_matches(headers.get(b"authorization"), self._keys):
-                status = 401
-                await send_unauthorized(
-                    send, "a valid API key is required: Authorization: Bearer KEY"
-                )
-                return
             try:
-                fmt = body_format(headers.get(b"content-type"))
+                if self._keys and not token_matches(headers.get(b"authorization"), self._keys):
+                    raise Unauthorized("a valid API key is required: Authorization: Bearer KEY")
+                fmt, extra = body_format(headers.get(b"content-type"))
                 timeout_s = timeout_header(headers.get(TIMEOUT_HEADER))
-                body = await read_body(receive, headers.get(b"content-length"), self._limit)
-                request = (fmt, body, timeout_s, protocol.RequestExtras())
+                body = await read_body(receive, headers.get(b"content-length"), self._limit, _EMPTY)
+                request = (fmt, body, timeout_s, extra or protocol.RequestExtras())
                 status = await write_stream(
                     self._runtime_of(), receive, send, request, PREDICT_FRAMING
                 )
