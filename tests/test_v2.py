@@ -25,6 +25,7 @@ from shared.errors import ModelFailure, PayloadTooLarge, RequestError
 from tests.conftest import Server, wait_for
 from worker import v2codec
 from worker.demo import build_demo_model
+from worker.inputs import InputSpec
 
 X = np.linspace(-1.0, 1.0, 3 * 16, dtype=np.float32).reshape(3, 16)
 INFER = "/v2/models/demo/infer"
@@ -220,7 +221,7 @@ ROW_JSON = json.dumps(v2_request(ROW, [1, 16])).encode()
         (json.dumps(v2_request(ROW, [0, 16])), "empty"),
         (json.dumps(v2_request(ROW, [16])), "expected shape [N, 16], received [16]"),
         (json.dumps(v2_request([1.5] * 16, [1, 16], "INT32")), "fractions"),
-        (json.dumps(v2_request([300] * 16, [1, 16], "INT8")), "do not fit int8"),
+        (json.dumps(v2_request([300] * 16, [1, 16], "INT8")), "does not fit int8"),
         (json.dumps(v2_request([[1, 2], [3]], [1, 16])), "ragged"),
         (json.dumps(v2_request(["1"] * 16, [1, 16])), "only numbers"),
         (json.dumps(v2_request(ROW, [1, 16], outputs=[{"name": "scores"}])), "unknown output"),
@@ -408,13 +409,11 @@ def decode(
     body: bytes, json_len: int | None = None, dtype: torch.dtype = torch.float32, **header: Any
 ) -> tuple[torch.Tensor, v2codec.V2Context]:
     fmt = protocol.FMT_V2_JSON if json_len is None else protocol.FMT_V2_BINARY
-    return v2codec.decode_request(
-        {"fmt": fmt, "json_len": json_len, "model": "m", "version": "1", **header},
-        body,
-        dtype=dtype,
-        input_shape=None,
-        max_bytes=LIMIT,
+    tensor, context = v2codec.V2Codec(InputSpec(dtype, None, LIMIT)).decode(
+        {"fmt": fmt, "json_len": json_len, "model": "m", "version": "1", **header}, body
     )
+    assert isinstance(tensor, torch.Tensor)
+    return tensor, context
 
 
 def binary_body(array: np.ndarray[Any, Any], datatype: str) -> tuple[bytes, int]:
@@ -443,7 +442,7 @@ def test_datatypes_convert_to_the_model_dtype() -> None:
     assert decode(flags)[0].tolist() == [[1.0, 0.0]]
     big = json.dumps(v2_request([2**40, -1], [1, 2], "INT64")).encode()
     assert decode(big, dtype=torch.int64)[0].tolist() == [[2**40, -1]]
-    with pytest.raises(RequestError, match="do not fit uint8"):
+    with pytest.raises(RequestError, match="does not fit uint8"):
         decode(json.dumps(v2_request([-1, 2], [1, 2], "UINT8")).encode())
 
 

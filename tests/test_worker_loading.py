@@ -140,7 +140,7 @@ def test_handler() -> None:
     model = load(handler="tests.models:DoubleHandler", model_kwargs={"width": 3})
     assert model.source == "handler" and model.input_shape == (3,)
     assert model.preprocess is not None and model.postprocess is not None
-    batch = model.preprocess([[1.0, 2.0, 3.0]])
+    batch = model.preprocess([[1.0, 2.0, 3.0]], "application/json")
     out = run(model, batch)
     torch.testing.assert_close(out, torch.tensor([[2.0, 4.0, 6.0]]))
     assert model.postprocess(out)["rows"] == 1

@@ -22,7 +22,7 @@ import pickle
 import re
 import zipfile
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
@@ -32,9 +32,10 @@ from torch import nn
 from shared import protocol
 from shared.config import ModelSettings
 from shared.errors import ModelLoadError
-from worker import demo, v2codec
-from worker.codec import dtype_name
-from worker.handler import optional_hook
+from worker import demo, pytree, v2codec
+from worker.batching import Assembly
+from worker.handler import accepts_of, assembly_of, optional_hook, preprocess_hook
+from worker.tensors import dtype_name
 
 # How many offending state_dict keys a message names before "(+N more)".
 _SHOWN_KEYS: Final = 3
@@ -52,19 +53,22 @@ class LoadedModel:
     input_dtype: str
     # demo, handler, state_dict, export, torchscript or pickle.
     source: str
-    preprocess: Callable[[Any], torch.Tensor] | None = None
+    # preprocess(payload, content_type); see worker.handler for these hooks.
+    preprocess: Callable[[Any, str], Any] | None = None
     postprocess: Callable[[Any], Any] | None = None
+    accepts: tuple[str, ...] | None = None
+    assembly: Assembly = field(default_factory=Assembly)
+    # Whether input_dtype was asked for (a flag, a handler's attribute).
+    dtype_asked: bool = False
     # The v2 outputs (name, dtype, shape) seen at warm-up; None: not known.
     outputs: list[dict[str, Any]] | None = None
     # A handler's predict_stream: one request's input -> a generator of outputs
     # (sync or async); requests then run one at a time (worker.streaming).
     stream: Callable[[Any], Iterator[Any]] | None = None
 
-    def run(self, batch: torch.Tensor) -> Any:
-        """Forward one batch, moving it to the model's device first."""
-        if batch.device != self.device:
-            batch = batch.to(self.device)
-        return self.forward(batch)
+    def run(self, batch: Any) -> Any:
+        """Forward one batch (a tensor or a pytree), moving it to the model's device first."""
+        return self.forward(pytree.to_device(batch, self.device))
 
 
 def one_line(text: str) -> str:
@@ -90,6 +94,7 @@ def load_model(settings: ModelSettings, device: torch.device) -> LoadedModel:
         model.input_shape = settings.input_shape
     if settings.input_dtype is not None:
         model.input_dtype = settings.input_dtype
+        model.dtype_asked = True
     return model
 
 
@@ -327,14 +332,20 @@ def _load_handler(class_path: str, kwargs: Mapping[str, Any], device: torch.devi
         raise ModelLoadError(
             f"--handler {class_path}: input_shape {shape!r} is not a list of integers"
         ) from exc
+    preprocess = preprocess_hook(handler)
     return LoadedModel(
         predict if callable(predict) else stream,
         device,
         row,
         dtype or "float32",
         "handler",
-        preprocess=optional_hook(handler, "preprocess"),
+        preprocess=preprocess,
         postprocess=optional_hook(handler, "postprocess"),
+        accepts=accepts_of(handler, class_path),
+        assembly=assembly_of(
+            handler, class_path, preprocess is not None or hasattr(handler, "pad_values")
+        ),
+        dtype_asked=dtype is not None,
         stream=stream,
     )
 

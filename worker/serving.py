@@ -25,9 +25,10 @@ import zmq
 
 from shared import protocol
 from shared.errors import DeadlineExceeded, RequestError, TorchpoolError
-from worker import batching, codec, streaming, v2codec
+from worker import batching, codec, rawbody, streaming, tensors, v2codec
 from worker.batching import Job
 from worker.control import ControlThread, WorkerState
+from worker.inputs import Codec, InputSpec
 from worker.loading import LoadedModel
 from worker.signals import SignalWake
 
@@ -63,8 +64,7 @@ class Server:
         self._state = state
         self._max_rows = max_batch_size
         self._delay_s = max_batch_delay_ms / 1000
-        self._max_body = max_body_bytes
-        self._dtype = codec.torch_dtype(model.input_dtype)
+        self._codecs = codecs(model, max_body_bytes)
         # Decoded requests that did not fit the last batch; they go first next time.
         self.pending: deque[Job] = deque()
         # A model with predict_stream runs its requests one by one there, unbatched.
@@ -74,6 +74,7 @@ class Server:
                 data,
                 model,
                 state,
+                self._codecs,
                 admit=self._admit,
                 send=self._send,
                 reply_error=self._reply_error,
@@ -149,48 +150,23 @@ class Server:
             print(f"torchpool worker: dropped a {header['t']!r} message", file=sys.stderr)
             return None
         fmt = str(header.get("fmt", protocol.FMT_JSON))
-        deadline_ms = header.get("deadline_ms")
-        deadline = deadline_ms / 1000 if isinstance(deadline_ms, int | float) else None
+        deadline = deadline_of(header, time.monotonic())
         try:
-            if deadline is not None and time.time() > deadline:
+            if deadline is not None and time.monotonic() > deadline:
                 raise DeadlineExceeded("the request's deadline passed before it was read")
             if len(frames) < 2:
                 raise RequestError("the request has no body")
-            context: v2codec.V2Context | streaming.GenerateContext | None = None
-            if fmt in v2codec.FORMATS:
-                tensor, context = v2codec.decode_request(
-                    header,
-                    frames[1].buffer,
-                    dtype=self._dtype,
-                    input_shape=self._model.input_shape,
-                    max_bytes=self._max_body,
-                    preprocess=self._model.preprocess,
-                )
-            elif fmt == protocol.FMT_GENERATE:
-                tensor, context = streaming.decode_generate(
-                    header,
-                    frames[1].buffer,
-                    dtype=self._dtype,
-                    input_shape=self._model.input_shape,
-                    max_bytes=self._max_body,
-                    preprocess=self._model.preprocess,
-                )
-            else:
-                tensor = codec.decode_request(
-                    fmt,
-                    frames[1].buffer,
-                    dtype=self._dtype,
-                    input_shape=self._model.input_shape,
-                    max_bytes=self._max_body,
-                    preprocess=self._model.preprocess,
-                )
+            format_codec = self._codecs.get(fmt)
+            if format_codec is None:
+                raise RequestError(f"unknown body format {fmt!r}")
+            inputs, context = format_codec.decode(header, frames[1].buffer)
         except TorchpoolError as err:
             self._reply_error(request_id, err)
             return None
         except Exception as exc:
             self._reply_error(request_id, _internal("decoding the request", exc))
             return None
-        job = Job(request_id, fmt, tensor, deadline, context)
+        job = Job(request_id, fmt, inputs, deadline, context)
         if self._streams is not None:
             self._streams.admitted(job, header)
         return job
@@ -198,17 +174,19 @@ class Server:
     # --- compute and reply --------------------------------------------------------
 
     def _run(self, jobs: list[Job]) -> None:
-        now = time.time()
+        now = time.monotonic()
         live: list[Job] = []
         for job in jobs:
             if job.deadline is not None and now > job.deadline:
                 self._reply_error(job.request_id, DeadlineExceeded("the request's deadline passed"))
             else:
                 live.append(job)
-        for grouped in batching.group(live):
+        assembly = self._model.assembly
+        for grouped in batching.group(live, assembly):
             self._state.count_batch(sum(job.rows for job in grouped))
             try:
-                results = batching.run_group(self._model.run, [job.tensor for job in grouped])
+                inputs = [job.inputs for job in grouped]
+                results = batching.run_group(self._model.run, inputs, assembly)
             except Exception as exc:
                 results = [_internal("running the batch", exc)] * len(grouped)
             for job, result in zip(grouped, results, strict=True):
@@ -223,11 +201,7 @@ class Server:
                     result = self._model.postprocess(result)
                 except Exception as exc:
                     raise batching.model_failure(exc) from exc
-            fmt, extra = job.fmt, dict[str, Any]()
-            if isinstance(job.context, v2codec.V2Context):
-                body, fmt, extra = v2codec.encode_reply(job.context, result)
-            else:
-                body = codec.encode_reply(job.fmt, result)
+            body, fmt, extra = self._codecs[job.fmt].encode(job.context, result)
         except TorchpoolError as err:
             self._reply_error(job.request_id, err)
         except Exception as exc:
@@ -260,6 +234,40 @@ class Server:
             # The gateway is not taking replies (gone, or flooded past the
             # high-water mark): it settles this request by its deadline.
             print("torchpool worker: a reply was dropped: gateway not reachable", file=sys.stderr)
+
+
+def codecs(model: LoadedModel, max_body_bytes: int) -> dict[str, Codec]:
+    """The codec of each wire format (``fmt``), all reading requests for ``model``."""
+    spec = InputSpec(
+        tensors.torch_dtype(model.input_dtype),
+        model.input_shape,
+        max_body_bytes,
+        model.preprocess,
+        model.dtype_asked,
+        model.accepts,
+    )
+    v2 = v2codec.V2Codec(spec)
+    return {
+        protocol.FMT_JSON: codec.JsonCodec(spec),
+        protocol.FMT_MSGPACK: codec.MsgpackCodec(spec),
+        protocol.FMT_RAW: rawbody.RawCodec(spec),
+        protocol.FMT_V2_JSON: v2,
+        protocol.FMT_V2_BINARY: v2,
+        protocol.FMT_GENERATE: streaming.GenerateCodec(spec),
+    }
+
+
+def deadline_of(header: dict[str, Any], arrived: float) -> float | None:
+    """The ``time.monotonic()`` past which the gateway no longer wants the answer.
+
+    The REQUEST carries ``timeout_ms``, the time it had left when sent, counted
+    here from its arrival: no two machines' clocks need to agree. None (no
+    deadline) when the header has none.
+    """
+    timeout_ms = header.get("timeout_ms")
+    if not isinstance(timeout_ms, int | float) or isinstance(timeout_ms, bool):
+        return None
+    return arrived + timeout_ms / 1000
 
 
 def _internal(doing: str, exc: Exception) -> TorchpoolError:

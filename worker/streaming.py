@@ -37,10 +37,17 @@ import torch
 import zmq
 
 from shared import protocol
-from shared.errors import DeadlineExceeded, ModelFailure, RequestError, TorchpoolError
-from worker import codec, v2codec
+from shared.errors import (
+    DeadlineExceeded,
+    ModelFailure,
+    PayloadTooLarge,
+    RequestError,
+    TorchpoolError,
+)
+from worker import pytree, v2codec
 from worker.batching import Job, model_failure
 from worker.control import WorkerState
+from worker.inputs import Codec, InputSpec, prepare
 from worker.loading import LoadedModel
 
 # Credit of a stream whose REQUEST names none.
@@ -74,39 +81,45 @@ class _Stream:
     cancelled: bool = False
 
 
-def decode_generate(
-    header: Mapping[str, Any],
-    body: bytes | memoryview,
-    *,
-    dtype: torch.dtype,
-    input_shape: tuple[int, ...] | None,
-    max_bytes: int,
-    preprocess: Callable[[Any], torch.Tensor] | None,
-) -> tuple[torch.Tensor, GenerateContext]:
-    """A generate body ``{"<input>": value, "parameters": {...}}`` -> input tensor and context.
+class GenerateCodec:
+    """``fmt == "generate"``: a generate body ``{"<input>": value, "parameters": {...}}``.
 
     The model has one input, so the request names exactly one (``text_input``
     by Triton's convention, though any name is taken); ``parameters`` are not
-    passed to the handler.
+    passed to the handler. The payload goes through ``preprocess`` as a JSON
+    body's ``input_tensor`` does.
     """
-    if len(body) > max_bytes:
-        raise RequestError(f"body of {len(body)} bytes exceeds the limit of {max_bytes}")
-    try:
-        doc = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise RequestError(f"body is not valid JSON: {exc}") from exc
-    if not isinstance(doc, dict):
-        raise RequestError('a generate body is an object like {"text_input": "..."}')
-    inputs = [key for key in doc if key != "parameters"]
-    if len(inputs) != 1:
-        raise RequestError(
-            f"a generate request names exactly one input (such as text_input); got {inputs}"
-        )
-    tensor = codec.prepare_input(
-        doc[inputs[0]], dtype=dtype, input_shape=input_shape, preprocess=preprocess
-    )
-    context = GenerateContext(str(header.get("model", "")), str(header.get("version", "")))
-    return tensor, context
+
+    content_type: Final = "application/json"
+
+    def __init__(self, spec: InputSpec) -> None:
+        self.spec = spec
+
+    def decode(
+        self, header: Mapping[str, Any], body: bytes | memoryview
+    ) -> tuple[Any, GenerateContext]:
+        if len(body) > self.spec.max_bytes:
+            raise PayloadTooLarge(
+                f"body of {len(body)} bytes exceeds the limit of {self.spec.max_bytes}"
+            )
+        try:
+            doc = orjson.loads(body)
+        except orjson.JSONDecodeError as exc:
+            raise RequestError(f"body is not valid JSON: {exc}") from exc
+        if not isinstance(doc, dict):
+            raise RequestError('a generate body is an object like {"text_input": "..."}')
+        names = [key for key in doc if key != "parameters"]
+        if len(names) != 1:
+            raise RequestError(
+                f"a generate request names exactly one input (such as text_input); got {names}"
+            )
+        value = prepare(doc[names[0]], self.content_type, self.spec, names[0])
+        context = GenerateContext(str(header.get("model", "")), str(header.get("version", "")))
+        return value, context
+
+    def encode(self, context: Any, result: Any) -> tuple[bytes, str, dict[str, Any]]:
+        """One answer from a model that does not stream (the gateway sends it none)."""
+        return dump_json(_generate_document(context, generate_fields(result))), "json", {}
 
 
 class StreamRunner:
@@ -117,6 +130,7 @@ class StreamRunner:
         data: zmq.Socket[bytes],
         model: LoadedModel,
         state: WorkerState,
+        codecs: Mapping[str, Codec],
         *,
         admit: Admit,
         send: Send,
@@ -127,6 +141,7 @@ class StreamRunner:
         self._model = model
         self._produce = model.stream
         self._state = state
+        self._codecs = codecs
         self._admit = admit
         self._send = send
         self._reply_error = reply_error
@@ -134,14 +149,13 @@ class StreamRunner:
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def admitted(self, job: Job, header: Mapping[str, Any]) -> None:
-        """Note what a just-decoded REQUEST asks for: stream or not, credit, time left."""
-        timeout_ms = header.get("timeout_ms")
-        timeout_s = timeout_ms / 1000 if isinstance(timeout_ms, int | float) else _NO_TIMEOUT_S
+        """Note what a just-decoded REQUEST asks for: stream or not, and its credit."""
         credit = header.get("credit")
+        deadline = job.deadline if job.deadline is not None else time.monotonic() + _NO_TIMEOUT_S
         self._streams[job.request_id] = _Stream(
             stream=header.get("stream") is True,
             credit=credit if isinstance(credit, int) and credit > 0 else DEFAULT_CREDIT,
-            deadline=time.monotonic() + timeout_s,
+            deadline=deadline,
         )
 
     def step(self, pending: deque[Job], receive: Callable[[float], Job | None]) -> None:
@@ -166,12 +180,10 @@ class StreamRunner:
     # --- one request ---------------------------------------------------------------
 
     def _run(self, job: Job, stream: _Stream, pending: deque[Job]) -> None:
-        tensor = job.tensor
-        if tensor.device != self._model.device:
-            tensor = tensor.to(self._model.device)
+        inputs = pytree.to_device(job.inputs, self._model.device)
         try:
             with torch.inference_mode():
-                outputs = self._produce(tensor)
+                outputs = self._produce(inputs)
         except Exception as exc:
             self._reply_error(job.request_id, model_failure(exc))
             return
@@ -290,14 +302,8 @@ class StreamRunner:
 
     def _chunk_body(self, job: Job, item: Any) -> bytes:
         if isinstance(job.context, GenerateContext):
-            document = {
-                "model_name": job.context.model,
-                "model_version": job.context.version,
-                **generate_fields(item),
-            }
-        else:
-            document = {"output": jsonable(item)}
-        return dump_json(document)
+            return dump_json(_generate_document(job.context, generate_fields(item)))
+        return dump_json({"output": jsonable(item)})
 
     def _send_chunk(self, request_id: int, seq: int, body: bytes) -> None:
         header = protocol.pack({"t": protocol.CHUNK, "id": request_id, "seq": seq})
@@ -307,19 +313,18 @@ class StreamRunner:
             print("torchpool worker: a chunk was dropped: gateway not reachable", file=sys.stderr)
 
     def _reply_collected(self, job: Job, outputs: list[Any]) -> None:
-        reply: dict[str, Any] = {"t": protocol.REPLY, "id": job.request_id, "code": protocol.OK}
+        extra: dict[str, Any] = {}
         if isinstance(job.context, GenerateContext):
-            document = {
-                "model_name": job.context.model,
-                "model_version": job.context.version,
-                **merge_fields([generate_fields(item) for item in outputs]),
-            }
-            body = dump_json(document)
-            reply["fmt"] = protocol.FMT_JSON
+            merged = merge_fields([generate_fields(item) for item in outputs])
+            body, fmt = dump_json(_generate_document(job.context, merged)), protocol.FMT_JSON
         else:
-            body = codec.encode_reply(job.fmt, outputs)
-            reply["fmt"] = job.fmt if job.fmt == protocol.FMT_MSGPACK else protocol.FMT_JSON
-        self._send([protocol.pack(reply), body])
+            body, fmt, extra = self._codecs[job.fmt].encode(job.context, outputs)
+        reply = {"t": protocol.REPLY, "id": job.request_id, "code": protocol.OK, "fmt": fmt}
+        self._send([protocol.pack({**reply, **extra}), body])
+
+
+def _generate_document(context: GenerateContext, fields: dict[str, Any]) -> dict[str, Any]:
+    return {"model_name": context.model, "model_version": context.version, **fields}
 
 
 def jsonable(obj: Any) -> Any:

@@ -28,24 +28,22 @@ from __future__ import annotations
 
 import math
 import struct
-import warnings
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
-import numpy as np
 import orjson
 import torch
 
 from shared import protocol
 from shared.errors import ModelFailure, PayloadTooLarge, RequestError
-from worker import codec
+from worker import tensors
+from worker.inputs import InputSpec, check_not_empty, prepare
 
 FORMATS: Final = frozenset({protocol.FMT_V2_JSON, protocol.FMT_V2_BINARY})
 BYTES: Final = "BYTES"
 
-_NUMERIC_KINDS: Final = frozenset("biuf")
 # zlib window bits for each Content-Encoding.
 _WBITS: Final = {"gzip": 31, "deflate": 15}
 _LENGTH_PREFIX = struct.Struct("<I")
@@ -71,19 +69,27 @@ class V2Context:
     binary_default: bool
 
 
+class V2Codec:
+    """``fmt`` ``v2json`` and ``v2binary``: an ``/infer`` request in, its response out."""
+
+    def __init__(self, spec: InputSpec) -> None:
+        self.spec = spec
+
+    def decode(self, header: Mapping[str, Any], body: bytes | memoryview) -> tuple[Any, V2Context]:
+        return decode_request(header, body, self.spec)
+
+    def encode(self, context: Any, result: Any) -> tuple[bytes, str, dict[str, Any]]:
+        return encode_reply(context, result)
+
+
 # --- decoding ---------------------------------------------------------------
 
 
 def decode_request(
-    header: Mapping[str, Any],
-    body: bytes | memoryview,
-    *,
-    dtype: torch.dtype,
-    input_shape: tuple[int, ...] | None,
-    max_bytes: int,
-    preprocess: codec.Preprocess | None = None,
-) -> tuple[torch.Tensor, V2Context]:
-    """A ``v2json``/``v2binary`` REQUEST -> the checked input tensor and the reply's context."""
+    header: Mapping[str, Any], body: bytes | memoryview, spec: InputSpec
+) -> tuple[Any, V2Context]:
+    """A ``v2json``/``v2binary`` REQUEST -> the model input and the reply's context."""
+    max_bytes = spec.max_bytes
     body = _inflate(body, header.get("encoding"), max_bytes)
     if len(body) > max_bytes:
         raise PayloadTooLarge(f"body of {len(body)} bytes exceeds the limit of {max_bytes}")
@@ -115,9 +121,9 @@ def decode_request(
         _wanted(doc.get("outputs"), binary_default),
         binary_default,
     )
-    value = _single_input(doc.get("inputs"), binary, max_bytes, takes_bytes=preprocess is not None)
-    tensor = codec.prepare_input(value, dtype=dtype, input_shape=input_shape, preprocess=preprocess)
-    return tensor, context
+    takes_bytes = spec.preprocess is not None
+    name, value = _single_input(doc.get("inputs"), binary, max_bytes, takes_bytes)
+    return prepare(value, "application/json", spec, f"input {name!r}"), context
 
 
 def _inflate(body: bytes | memoryview, encoding: Any, max_bytes: int) -> bytes | memoryview:
@@ -170,7 +176,10 @@ def _wanted(outputs: Any, binary_default: bool) -> tuple[Wanted, ...] | None:
     return tuple(wanted)
 
 
-def _single_input(inputs: Any, binary: memoryview, max_bytes: int, takes_bytes: bool) -> Any:
+def _single_input(
+    inputs: Any, binary: memoryview, max_bytes: int, takes_bytes: bool
+) -> tuple[str, Any]:
+    """The one input's name and value: a tensor of its datatype, or nested BYTES."""
     if not isinstance(inputs, list) or not inputs:
         raise RequestError("inference request needs an inputs list with one tensor")
     if len(inputs) != 1:
@@ -210,24 +219,18 @@ def _single_input(inputs: Any, binary: memoryview, max_bytes: int, takes_bytes: 
                 f"{', '.join(protocol.V2_DATATYPES)}"
             )
         elements = _split_bytes(name, binary) if size is not None else _flat(spec["data"])
-        return _nest(name, elements, shape)
+        return name, _nest(name, elements, shape)
     dtype_name = protocol.V2_DATATYPES.get(datatype) if isinstance(datatype, str) else None
     if dtype_name is None:
         raise RequestError(
             f"input {name!r}: unknown datatype {datatype!r}; expected one of "
             f"{', '.join([*protocol.V2_DATATYPES, BYTES])}"
         )
-    _check_not_empty(name, shape)
+    check_not_empty(shape, f"input {name!r}")
     if size is not None:
         protocol.check_tensor(dtype_name, list(shape), size, max_bytes)
-        # A view of the received frame (kept alive by the tensor), read-only to
-        # Python, so torch warns. The memory is this request's alone: a batch
-        # copies it, and a model that writes to its input only changes these bytes.
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            flat = torch.frombuffer(binary, dtype=codec.torch_dtype(dtype_name))
-        return flat.reshape(shape)
-    return _from_json(name, spec["data"], shape, dtype_name, max_bytes)
+        return name, tensors.from_bytes(binary, dtype_name, shape)
+    return name, _from_json(name, spec["data"], shape, dtype_name, max_bytes)
 
 
 def _shape(name: str, shape: Any) -> tuple[int, ...]:
@@ -242,13 +245,6 @@ def _shape(name: str, shape: Any) -> tuple[int, ...]:
     return tuple(shape)
 
 
-def _check_not_empty(name: str, shape: Sequence[int]) -> None:
-    if not shape:
-        raise RequestError(f"input {name!r} is a scalar; the first dimension is the batch")
-    if 0 in shape:
-        raise RequestError(f"input {name!r} is empty (shape {list(shape)})")
-
-
 def _from_json(
     name: str, data: Any, shape: tuple[int, ...], dtype_name: str, max_bytes: int
 ) -> torch.Tensor:
@@ -256,34 +252,12 @@ def _from_json(
     count = math.prod(shape)
     if count * protocol.DTYPE_SIZES[dtype_name] > max_bytes:
         raise PayloadTooLarge(f"input {name!r} of shape {list(shape)} exceeds {max_bytes} bytes")
-    try:
-        array = np.array(data)
-    except (ValueError, TypeError) as exc:
-        raise RequestError(f"input {name!r}: data is ragged") from exc
-    if array.dtype.kind not in _NUMERIC_KINDS:
-        raise RequestError(f"input {name!r}: data must hold only numbers (or true/false)")
-    if array.size != count:
+    tensor = tensors.from_list(data, tensors.torch_dtype(dtype_name), f"input {name!r}")
+    if tensor.numel() != count:
         raise RequestError(
-            f"input {name!r}: shape {list(shape)} needs {count} values, data holds {array.size}"
+            f"input {name!r}: shape {list(shape)} needs {count} values, data holds {tensor.numel()}"
         )
-    array = array.reshape(shape)
-    target = torch.float32 if dtype_name == "bfloat16" else codec.torch_dtype(dtype_name)
-    if not target.is_floating_point and target != torch.bool:
-        _check_integers(name, array, dtype_name)
-    tensor = torch.from_numpy(array.astype(np.dtype(codec.dtype_name(target))))
-    return tensor.to(torch.bfloat16) if dtype_name == "bfloat16" else tensor
-
-
-def _check_integers(name: str, array: np.ndarray[Any, Any], dtype_name: str) -> None:
-    if array.dtype.kind == "f" and not np.array_equal(array, np.trunc(array)):
-        raise RequestError(f"input {name!r} holds fractions but its datatype is integral")
-    info = np.iinfo(dtype_name)
-    low, high = array.min(), array.max()
-    if low < info.min or high > info.max:
-        raise RequestError(
-            f"input {name!r}: values from {low} to {high} do not fit {dtype_name} "
-            f"[{info.min}, {info.max}]"
-        )
+    return tensor.reshape(shape)
 
 
 def _split_bytes(name: str, binary: memoryview) -> list[bytes]:
@@ -359,7 +333,7 @@ def describe_outputs(result: Any) -> list[dict[str, Any]] | None:
     return [
         {
             "name": name,
-            "dtype": codec.dtype_name(tensor.dtype),
+            "dtype": tensors.dtype_name(tensor.dtype),
             "shape": [-1, *tensor.shape[1:]] if tensor.ndim else [],
         }
         for name, tensor in pairs
@@ -381,20 +355,18 @@ def encode_reply(context: V2Context, result: Any) -> tuple[bytes, str, dict[str,
             )
         chosen = [(w.name, by_name[w.name], w.binary) for w in context.wanted]
     outputs: list[dict[str, Any]] = []
-    buffers: list[np.ndarray[Any, Any]] = []
+    buffers: list[memoryview] = []
     for name, tensor, binary in chosen:
-        host = tensor.detach().cpu().contiguous()
-        datatype = protocol.V2_NAMES.get(codec.dtype_name(host.dtype))
+        datatype = protocol.V2_NAMES.get(tensors.dtype_name(tensor.dtype))
         if datatype is None:
-            raise ModelFailure(f"output {name} has dtype {host.dtype}, which v2 cannot carry")
-        output: dict[str, Any] = {"name": name, "datatype": datatype, "shape": list(host.shape)}
-        flat = host.reshape(-1)
+            raise ModelFailure(f"output {name} has dtype {tensor.dtype}, which v2 cannot carry")
+        output: dict[str, Any] = {"name": name, "datatype": datatype, "shape": list(tensor.shape)}
         if binary:
-            raw = flat.view(torch.uint8).numpy()
+            raw = tensors.to_bytes(tensor)
             output["parameters"] = {"binary_data_size": raw.nbytes}
             buffers.append(raw)
         else:
-            output["data"] = (flat.float() if host.dtype == torch.bfloat16 else flat).numpy()
+            output["data"] = tensors.json_ready(tensor.reshape(-1))
         outputs.append(output)
     document: dict[str, Any] = {"model_name": context.model, "model_version": context.version}
     if context.request_id is not None:
@@ -406,5 +378,5 @@ def encode_reply(context: V2Context, result: Any) -> tuple[bytes, str, dict[str,
         raise ModelFailure(f"model output cannot be encoded as JSON: {exc}") from exc
     if not buffers:
         return head, protocol.FMT_V2_JSON, {}
-    body = b"".join([head, *(buffer.data for buffer in buffers)])
+    body = b"".join([head, *buffers])
     return body, protocol.FMT_V2_BINARY, {"json_len": len(head)}
