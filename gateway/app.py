@@ -29,6 +29,7 @@ from gateway.metrics import Metrics
 from gateway.metrics import install as install_metrics
 from gateway.predict import PREDICT_PATH, PredictHandler
 from gateway.runtime import Runtime
+from gateway.sse import StreamPredictHandler
 from gateway.status import install as install_status_page
 from shared.config import ServeSettings
 from shared.errors import TorchpoolError
@@ -95,9 +96,14 @@ class TorchpoolApp(FastAPI):
     :class:`gateway.predict.PredictHandler`, past routing and middleware."""
 
     predict: PredictHandler | None = None
+    # /predict asking for Server-Sent Events from a streaming model (gateway.sse).
+    stream_predict: StreamPredictHandler | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["path"] == PREDICT_PATH and self.predict:
+            if self.stream_predict is not None and self.stream_predict.wants(scope):
+                await self.stream_predict(scope, receive, send)
+                return
             await self.predict(scope, receive, send)
             return
         await super().__call__(scope, receive, send)
@@ -154,6 +160,9 @@ def create_app(
     app.predict = PredictHandler(
         lambda: app.state.runtime, settings.max_body_bytes, keys, metrics.observe_request
     )
+    app.stream_predict = StreamPredictHandler(
+        lambda: app.state.runtime, settings.max_body_bytes, keys, metrics.observe_request
+    )
 
     @app.get("/health", responses={503: {"description": "No worker is ready", **_ANY_JSON}})
     async def health(request: Request) -> Response:
@@ -185,6 +194,9 @@ def create_app(
     install_metrics(app, metrics)
     install_status_page(app, metrics)
     v2.install(app)
+    from gateway import generate
+
+    generate.install(app)
     return app
 
 

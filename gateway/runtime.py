@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from gateway import streams
 from gateway.dispatch import Dispatcher
 from gateway.placement import plan
 from gateway.pool import Pool, WorkerRecord
@@ -90,6 +91,10 @@ class Runtime:
         if channel == protocol.DATA_SUFFIX and kind == protocol.REPLY:
             self.dispatcher.on_reply(worker, header, frames)
             if self._recycles:
+                self.supervisor.check_recycle(worker)
+        elif channel == protocol.DATA_SUFFIX and kind in protocol.STREAM_TYPES:
+            streams.on_message(self.dispatcher, worker, header, frames)
+            if kind == protocol.END and self._recycles:
                 self.supervisor.check_recycle(worker)
         elif channel == protocol.CONTROL_SUFFIX and kind in protocol.CONTROL_TYPES:
             self.supervisor.on_control(worker, header)
