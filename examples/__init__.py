@@ -5,6 +5,9 @@
   requests batch together, padded by the worker.
 - ``examples.image_classifier:ImageClassifier``: JPEG/PNG bytes in (a raw body or a
   multipart upload), top-k classes out, from a ResNet-18 (``examples.resnet``).
+- ``examples.text_generation:TextGenerator``: text generated character by character
+  from a small GPT-2-style ``transformers`` model built from a config (random weights),
+  streamed as Server-Sent Events (``predict_stream``).
 - ``examples.demo_models``: writes models with random weights for both, so the
   examples run without downloading anything (tests and the benchmark use it).
 

@@ -35,6 +35,7 @@ from gateway.metrics import Metrics
 from gateway.metrics import install as install_metrics
 from gateway.predict import PREDICT_PATH, PREDICT_PREFIX, PredictHandler
 from gateway.runtime import Runtime
+from gateway.sse import StreamPredictHandler
 from gateway.status import install as install_status_page
 from shared import modelconfig
 from shared.config import ServeSettings
@@ -102,15 +103,20 @@ class TorchpoolApp(FastAPI):
     :class:`gateway.predict.PredictHandler`, past routing and middleware."""
 
     predict: PredictHandler | None = None
+    # /predict asking for Server-Sent Events from a streaming model (gateway.sse).
+    stream_predict: StreamPredictHandler | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and self.predict:
             path: str = scope["path"]
-            if path == PREDICT_PATH:
-                await self.predict(scope, receive, send)
-                return
+            name: str | None = None
             if path.startswith(PREDICT_PREFIX) and "/" not in path[len(PREDICT_PREFIX) :]:
-                await self.predict(scope, receive, send, path[len(PREDICT_PREFIX) :])
+                name = path[len(PREDICT_PREFIX) :]
+            if path == PREDICT_PATH or name is not None:
+                if self.stream_predict is not None and self.stream_predict.wants(scope, name):
+                    await self.stream_predict(scope, receive, send, name)
+                    return
+                await self.predict(scope, receive, send, name)
                 return
         await super().__call__(scope, receive, send)
 
@@ -188,6 +194,9 @@ def create_app(
     app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
 
     app.predict = PredictHandler(lambda: app.state.runtime, keys, metrics.observe_request)
+    app.stream_predict = StreamPredictHandler(
+        lambda: app.state.runtime, keys, metrics.observe_request
+    )
 
     @app.get("/health", responses={503: {"description": "No worker is ready", **_ANY_JSON}})
     async def health(request: Request) -> Response:
@@ -220,6 +229,9 @@ def create_app(
     install_metrics(app, metrics)
     install_status_page(app, metrics)
     v2.install(app)
+    from gateway import generate
+
+    generate.install(app)
     return app
 
 

@@ -58,6 +58,11 @@ class Pending:
     # More REQUEST header fields for the worker, e.g. a v2 body's json_len.
     extra: protocol.RequestExtras | None = None
 
+    @property
+    def retryable(self) -> bool:
+        """Whether a worker's death may send this request to another worker."""
+        return True
+
     def settle(self, result: Reply | TorchpoolError) -> None:
         if self.future.done():
             return  # the caller gave up already (deadline)
@@ -104,11 +109,13 @@ class Dispatcher:
         body: bytes,
         timeout_s: float | None = None,
         extra: protocol.RequestExtras | None = None,
+        kind: type[Pending] = Pending,
     ) -> Pending:
         """Hand a request to a worker, or queue it; 503 at once when neither can be done.
 
         ``timeout_s`` can only shorten the server's deadline (--timeout-s);
-        ``extra`` adds fields to the REQUEST header.
+        ``extra`` adds fields to the REQUEST header; ``kind`` is the Pending
+        class to make (a stream's, see :mod:`gateway.streams`).
         """
         if self._pool.draining:
             raise Unavailable("the server is shutting down")
@@ -116,7 +123,7 @@ class Dispatcher:
             raise Unavailable(self._not_ready_message())
         timeout = self._timeout_s if timeout_s is None else min(timeout_s, self._timeout_s)
         loop = asyncio.get_running_loop()
-        pending = Pending(
+        pending = kind(
             next(self._ids),
             fmt,
             body,
@@ -214,7 +221,7 @@ class Dispatcher:
         others = [w for w in self._pool.ready_workers() if w is not worker]
         for pending in reversed(held):  # appendleft keeps their original order
             pending.attempts += 1
-            if retry and pending.attempts < MAX_ATTEMPTS and others:
+            if retry and pending.attempts < MAX_ATTEMPTS and others and pending.retryable:
                 self._queue.appendleft(pending)
                 pending.queued = True
             else:

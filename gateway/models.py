@@ -46,6 +46,7 @@ class ModelRuntime:
         taken: Callable[[], Sequence[int]] = tuple,
     ) -> None:
         self.name = name
+        self.transport = transport
         self.fingerprint = fingerprint(settings)
         self.pool = Pool(placements, name)
         self.dispatcher = Dispatcher(

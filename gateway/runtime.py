@@ -19,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from gateway import streams
 from gateway.models import ModelRuntime, ModelState
 from gateway.placement import Demand, plan_models
 from gateway.pool import WorkerRecord
@@ -227,6 +228,10 @@ class Runtime:
         if channel == protocol.DATA_SUFFIX and kind == protocol.REPLY:
             model.dispatcher.on_reply(worker, header, frames)
             if model.recycles:
+                model.supervisor.check_recycle(worker)
+        elif channel == protocol.DATA_SUFFIX and kind in protocol.STREAM_TYPES:
+            streams.on_message(model.dispatcher, worker, header, frames)
+            if kind == protocol.END and model.recycles:
                 model.supervisor.check_recycle(worker)
         elif channel == protocol.CONTROL_SUFFIX and kind in protocol.CONTROL_TYPES:
             model.supervisor.on_control(worker, header)

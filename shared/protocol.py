@@ -1,4 +1,4 @@
-"""The torchpool wire protocol, version 2: gateway <-> worker over ZeroMQ.
+"""The torchpool wire protocol, version 3: gateway <-> worker over ZeroMQ.
 
 The gateway binds one ROUTER socket. Every worker connects two DEALER sockets
 to it, each with its own routing id, so requests and lifecycle never share a
@@ -14,9 +14,13 @@ workers ``<slot>.<generation>``; a remote worker makes one up).
 Every message is a multipart ZeroMQ message whose first frame is a msgpack map,
 the header; its ``t`` key names the message type. Payload frames follow raw:
 
-    REQUEST   gateway -> data     [ {t, v, id, fmt, timeout_ms, queued, ctype?, + v2 fields}
-                                    | body ]
+    REQUEST   gateway -> data     [ {t, v, id, fmt, timeout_ms, queued, ctype?, stream?, credit?,
+                                     + v2 fields} | body ]
     REPLY     data -> gateway     [ {t, id, code, message?, details?, fmt?, json_len?} | body? ]
+    CHUNK     data -> gateway     [ {t, id, seq} | body ]    one output of a stream
+    END       data -> gateway     [ {t, id} ]                the stream is complete
+    CANCEL    gateway -> data     [ {t, id} ]                stop this stream (client gone)
+    CREDIT    gateway -> data     [ {t, id, n} ]             n more chunks may be sent
     HELLO     control -> gateway  [ {t, v, uid, slot, pid, host, device, cores, threads,
                                      model?, fingerprint?} ]  (a remote worker names its
                                      model and its settings' fingerprint)
@@ -68,9 +72,26 @@ and ``encoding`` (``gzip`` or ``deflate``) when the HTTP body was compressed.
 Their REPLY is ``v2json`` (a JSON response) or ``v2binary`` with ``json_len``:
 the JSON response, then the binary outputs' raw bytes.
 
+Streams (a handler with ``predict_stream``). A REQUEST with ``stream: true``
+is answered by CHUNKs, ``seq`` 0, 1, 2, ... in order, each body the UTF-8 JSON
+object of one Server-Sent Event's ``data`` line (no newline in it), then one
+END; or, at any point, an error REPLY, which ends the stream too. Flow
+control is a credit per stream: the REQUEST's ``credit`` is how many CHUNKs
+the worker may send before it must wait; each CREDIT adds ``n`` more, sent by
+the gateway once it has written earlier chunks to the client. A worker out
+of credit pauses the generator. CANCEL (the client left, or the gateway's
+deadline passed) makes the worker close the generator and send nothing more
+for that id; the gateway has forgotten it already. CANCEL and CREDIT for an
+id the worker no longer runs are ignored. A REQUEST without ``stream`` to a
+streaming model is answered by one REPLY holding every output in a list.
+Format ``generate`` is the Open Inference Protocol's generate extension: the
+body is its JSON request (``{"<input name>": value, "parameters": {...}}``),
+the REQUEST carries ``model`` and ``version``, and each CHUNK is a generate
+response object.
+
 READY's ``signature`` describes the model for ``/v2/models/{name}``:
 ``{"source": "demo" | "torchscript" | ..., "outputs": [{"name", "dtype",
-"shape"}] | null}``; output shapes put ``-1`` for the batch and are known
+"shape"}] | null, "stream": bool}``; output shapes put ``-1`` for the batch and are known
 only when the worker ran a warm-up forward.
 
 Tensors are never pickled. A tensor travels as a map
@@ -94,8 +115,9 @@ import msgpack
 from shared.errors import PayloadTooLarge, RequestError
 
 # Carried by REQUEST and HELLO; a worker of another version is refused. Version 2
-# replaced REQUEST's wall-clock ``deadline_ms`` with ``timeout_ms`` (time left).
-VERSION: Final = 2
+# replaced REQUEST's wall-clock ``deadline_ms`` with ``timeout_ms`` (time left);
+# version 3 added streams (REQUEST ``stream``/``credit``, CHUNK, END, CANCEL, CREDIT).
+VERSION: Final = 3
 
 # Message types.
 REQUEST: Final = "request"
@@ -108,6 +130,13 @@ ERROR: Final = "error"
 BYE: Final = "bye"
 BEAT: Final = "beat"
 STOP: Final = "stop"
+CHUNK: Final = "chunk"
+END: Final = "end"
+CANCEL: Final = "cancel"
+CREDIT: Final = "credit"
+
+# Worker -> gateway messages of a stream, on the data channel (besides REPLY).
+STREAM_TYPES: Final = frozenset({CHUNK, END})
 
 CONTROL_TYPES: Final = frozenset({HELLO, LOADING, READY, HEARTBEAT, ERROR, BYE})
 
@@ -117,6 +146,7 @@ FMT_MSGPACK: Final = "msgpack"
 FMT_V2_JSON: Final = "v2json"
 FMT_V2_BINARY: Final = "v2binary"
 FMT_RAW: Final = "raw"
+FMT_GENERATE: Final = "generate"
 
 # Reply code for success.
 OK: Final = "ok"
@@ -206,6 +236,8 @@ class RequestExtras(TypedDict, total=False):
     version: str
     json_len: int  # v2binary: bytes of JSON before the tensor bytes
     encoding: str  # v2 formats: gzip or deflate
+    stream: bool  # answer with CHUNKs and END instead of one REPLY
+    credit: int  # a stream's first credit: CHUNKs the worker may send unacknowledged
 
 
 class RequestHeader(_Request, RequestExtras):
@@ -223,6 +255,28 @@ class ReplyHeader(_Reply, total=False):
     details: dict[str, Any]
     fmt: str
     json_len: int
+
+
+class ChunkHeader(TypedDict):
+    t: str
+    id: int
+    seq: int
+
+
+class EndHeader(TypedDict):
+    t: str
+    id: int
+
+
+class CancelHeader(TypedDict):
+    t: str
+    id: int
+
+
+class CreditHeader(TypedDict):
+    t: str
+    id: int
+    n: int
 
 
 class _Hello(TypedDict):

@@ -101,7 +101,7 @@ def test_request_carries_time_left_not_a_wall_clock_deadline(
     )
     assert response.status_code == 200, response.text
     [(header, body)] = fake_workers[0].requests
-    assert header["v"] == protocol.VERSION == 2
+    assert header["v"] == protocol.VERSION == 3
     assert "deadline_ms" not in header
     assert isinstance(header["timeout_ms"], int) and 4000 < header["timeout_ms"] <= 5000
     assert header["fmt"] == protocol.FMT_JSON and body == b'{"input_tensor":[[1.0]]}'

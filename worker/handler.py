@@ -43,6 +43,17 @@ A handler is for models that need code around them. Only ``load`` and
    request's rows; the result must be a tensor, or JSON-able data (lists,
    dicts, numbers, strings) holding tensors.
 
+Streaming (generative models): a handler may define ``predict_stream(x)``, a
+generator (``def`` with ``yield``, or ``async def`` with ``yield``) that yields
+the outputs of one request one at a time; ``x`` is that request's input (what
+``preprocess`` returned) on ``device``, its first dimension the request's rows.
+Each yielded value goes through ``postprocess`` when defined and must then be
+a tensor or JSON-able data. Such a model is not batched: the worker runs one
+request at a time, iterating its generator to the end (or until the client
+leaves, or the deadline: then the generator is closed, so its ``finally``
+blocks run, within one yielded value). ``predict`` is then optional; requests
+that do not ask for a stream get every output in one list.
+
 Optional attributes, read after ``load``:
 
 - ``input_shape``: one row without the batch dimension, ``-1`` for a variable
@@ -74,7 +85,8 @@ from worker.batching import Assembly, PadValues
 
 @runtime_checkable
 class Handler(Protocol):
-    """What ``--handler`` names; everything but ``load`` and ``predict`` is optional."""
+    """What ``--handler`` names; everything but ``load`` and ``predict`` is optional
+    (and ``predict_stream`` may stand in for ``predict``)."""
 
     def load(self, device: torch.device) -> None:
         """Load the model onto ``device``; raise to fail the worker's boot."""

@@ -22,7 +22,7 @@ from __future__ import annotations
 import importlib
 import io
 import pickle
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -62,6 +62,9 @@ class LoadedModel:
     dtype_asked: bool = False
     # The v2 outputs (name, dtype, shape) seen at warm-up; None: not known.
     outputs: list[dict[str, Any]] | None = None
+    # A handler's predict_stream: one request's input -> a generator of outputs
+    # (sync or async); requests then run one at a time (worker.streaming).
+    stream: Callable[[Any], Iterator[Any]] | None = None
 
     def run(self, batch: Any) -> Any:
         """Forward one batch (a tensor or a pytree), moving it to the model's device first."""
@@ -266,9 +269,11 @@ def _load_handler(class_path: str, kwargs: Mapping[str, Any], device: torch.devi
     handler = build(import_object(class_path, "--handler"), class_path, kwargs)
     predict = getattr(handler, "predict", None)
     load = getattr(handler, "load", None)
-    if not callable(predict) or not callable(load):
+    stream = optional_hook(handler, "predict_stream")
+    if not callable(load) or not (callable(predict) or stream is not None):
         raise ModelLoadError(
-            f"--handler {class_path} needs load(device) and predict(batch) methods"
+            f"--handler {class_path} needs load(device) and predict(batch) "
+            "(or predict_stream(x)) methods"
         )
     try:
         load(device)
@@ -290,7 +295,7 @@ def _load_handler(class_path: str, kwargs: Mapping[str, Any], device: torch.devi
         ) from exc
     preprocess = preprocess_hook(handler)
     return LoadedModel(
-        predict,
+        predict if callable(predict) else stream,
         device,
         row,
         dtype or "float32",
@@ -302,6 +307,7 @@ def _load_handler(class_path: str, kwargs: Mapping[str, Any], device: torch.devi
             handler, class_path, preprocess is not None or hasattr(handler, "pad_values")
         ),
         dtype_asked=dtype is not None,
+        stream=stream,
     )
 
 
@@ -352,7 +358,8 @@ def warm_up(model: LoadedModel) -> bool:
     ``model.outputs``.
     """
     shape = model.input_shape
-    if shape is None or any(dim < 0 for dim in shape):
+    if shape is None or any(dim < 0 for dim in shape) or model.stream is not None:
+        # A stream may run for long on any input: it is not run at boot.
         return False
     zeros = torch.zeros((1, *shape), dtype=getattr(torch, model.input_dtype))
     try:

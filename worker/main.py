@@ -170,11 +170,16 @@ def run(
         {
             "t": protocol.READY,
             "load_s": round(load_s, 3),
-            "capacity": 2 * settings.max_batch_size,
+            # A streaming model runs one request at a time: more would wait behind a stream.
+            "capacity": 1 if model.stream is not None else 2 * settings.max_batch_size,
             "input_shape": None if model.input_shape is None else list(model.input_shape),
             "input_dtype": model.input_dtype,
             "model_name": settings.served_name,
-            "signature": {"source": model.source, "outputs": model.outputs},
+            "signature": {
+                "source": model.source,
+                "outputs": model.outputs,
+                "stream": model.stream is not None,
+            },
             "device": str(model.device) if pin.gpu is None else pin.label,
             **sampler.sample(),
         }

@@ -25,7 +25,7 @@ import zmq
 
 from shared import protocol
 from shared.errors import DeadlineExceeded, RequestError, TorchpoolError
-from worker import batching, codec, rawbody, tensors, v2codec
+from worker import batching, codec, rawbody, streaming, tensors, v2codec
 from worker.batching import Job
 from worker.control import ControlThread, WorkerState
 from worker.inputs import Codec, InputSpec
@@ -68,6 +68,18 @@ class Server:
         self._codecs = codecs(model, max_body_bytes)
         # Decoded requests that did not fit the last batch; they go first next time.
         self.pending: deque[Job] = deque()
+        # A model with predict_stream runs its requests one by one there, unbatched.
+        self._streams: streaming.StreamRunner | None = None
+        if model.stream is not None:
+            self._streams = streaming.StreamRunner(
+                data,
+                model,
+                state,
+                self._codecs,
+                admit=self._admit,
+                send=self._send,
+                reply_error=self._reply_error,
+            )
 
     def serve(self, control: ControlThread, signals: SignalWake) -> Stop:
         """Answer requests until a signal, a STOP, or the parent's death."""
@@ -96,6 +108,9 @@ class Server:
 
     def step(self) -> None:
         """Collect one batch and answer every request in it."""
+        if self._streams is not None:
+            self._streams.step(self.pending, self._receive)
+            return
         jobs = batching.collect(self.pending, self._receive, self._max_rows, self._pacer)
         if not jobs:
             return
@@ -130,6 +145,8 @@ class Server:
             print(f"torchpool worker: dropped an unreadable message: {exc}", file=sys.stderr)
             return None
         request_id = header.get("id")
+        if header["t"] in streaming.STREAM_CONTROL:
+            return None  # for a stream that has already ended
         if header["t"] != protocol.REQUEST or not isinstance(request_id, int):
             print(f"torchpool worker: dropped a {header['t']!r} message", file=sys.stderr)
             return None
@@ -153,7 +170,10 @@ class Server:
         except Exception as exc:
             self._reply_error(request_id, _internal("decoding the request", exc))
             return None
-        return Job(request_id, fmt, inputs, deadline, context, arrived)
+        job = Job(request_id, fmt, inputs, deadline, context, arrived)
+        if self._streams is not None:
+            self._streams.admitted(job, header)
+        return job
 
     # --- compute and reply --------------------------------------------------------
 
@@ -241,6 +261,7 @@ def codecs(model: LoadedModel, max_body_bytes: int) -> dict[str, Codec]:
         protocol.FMT_RAW: rawbody.RawCodec(spec),
         protocol.FMT_V2_JSON: v2,
         protocol.FMT_V2_BINARY: v2,
+        protocol.FMT_GENERATE: streaming.GenerateCodec(spec),
     }
 
 

@@ -1,0 +1,54 @@
+"""Streaming handlers the stream tests load by import path (``tests.streams:...``)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import torch
+
+
+class Counter:
+    """Yields 0, 1, 2, ... as the request's one row ``[count, interval_s, fail_at]`` says.
+
+    ``count`` outputs, one every ``interval_s``; at output ``fail_at`` (-1: never)
+    it raises. ``marker`` names a file the generator's ``finally`` appends
+    ``closed after N`` to, so a test sees when a stream was closed.
+    """
+
+    input_shape = (3,)
+    input_dtype = "float32"
+
+    def __init__(self, marker: str = "") -> None:
+        self.marker = marker
+
+    def load(self, device: torch.device) -> None:
+        self.device = device
+
+    def predict_stream(self, x: torch.Tensor) -> Iterator[torch.Tensor]:
+        count, interval_s, fail_at = (float(v) for v in x[0])
+        made = 0
+        try:
+            for i in range(int(count)):
+                if i == int(fail_at):
+                    raise ValueError(f"failed at output {i}")
+                if interval_s:
+                    time.sleep(interval_s)
+                yield torch.tensor(i)
+                made += 1
+        finally:
+            if self.marker:
+                with Path(self.marker).open("a") as file:
+                    file.write(f"closed after {made}\n")
+
+    def postprocess(self, output: torch.Tensor) -> int:
+        return int(output)
+
+
+class AsyncCounter(Counter):
+    """The same outputs from an ``async def`` generator (no failures, no pauses)."""
+
+    async def predict_stream(self, x: torch.Tensor) -> AsyncIterator[torch.Tensor]:  # type: ignore[override]
+        for i in range(int(x[0, 0])):
+            yield torch.tensor(i)

@@ -1,0 +1,167 @@
+"""Real tier: streamed answers over Server-Sent Events from a real pool.
+
+One server of two workers runs ``tests.streams:Counter``, whose request row
+``[count, interval_s, fail_at]`` says how long a stream runs and where it
+fails, so every case shares it; the worker-kill case runs last.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+
+from tests.conftest import Server, wait_for
+from worker.streaming import generate_fields, merge_fields
+
+SSE = {"accept": "text/event-stream"}
+FOREVER = 100_000  # outputs: a stream that would run for hours if not stopped
+FAST_BEATS = ("--heartbeat-s", "0.2", "--heartbeat-liveness", "3")
+
+
+@pytest.fixture(scope="module")
+def marker(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("streams") / "closed.txt"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, marker: Path) -> Iterator[Server]:
+    kwargs = orjson.dumps({"marker": str(marker)}).decode()
+    args = ["--workers", "2", "--handler", "tests.streams:Counter", "--model-kwargs", kwargs]
+    log = tmp_path_factory.mktemp("serve") / "serve.log"
+    server = Server([*args, *FAST_BEATS, "--model-name", "counter"], log)
+    try:
+        server.wait_ready(2)
+        yield server
+    finally:
+        server.stop()
+
+
+def events(response: httpx.Response) -> Iterator[tuple[str, Any, float]]:
+    """(event name, parsed data, monotonic arrival) for each Server-Sent Event."""
+    name, data = "message", ""
+    for line in response.iter_lines():
+        if line.startswith("event: "):
+            name = line[len("event: ") :]
+        elif line.startswith("data: "):
+            data = line[len("data: ") :]
+        elif line == "" and data:
+            yield name, orjson.loads(data), time.monotonic()
+            name, data = "message", ""
+
+
+def stream(server: Server, row: list[float], **headers: str) -> list[tuple[str, Any, float]]:
+    body = {"input_tensor": [row]}
+    with server.client.stream("POST", "/predict", json=body, headers={**SSE, **headers}) as r:
+        assert r.status_code == 200, r.read()
+        assert r.headers["content-type"] == "text/event-stream"
+        return list(events(r))
+
+
+def closed_count(marker: Path) -> int:
+    return len(marker.read_text().splitlines()) if marker.exists() else 0
+
+
+def test_events_arrive_one_by_one_in_order_then_end(server: Server) -> None:
+    received = stream(server, [8, 0.15, -1])
+    assert [data for _, data, _ in received[:-1]] == [{"output": i} for i in range(8)]
+    assert received[-1][:2] == ("end", {})
+    # The first event came while the generator still had about a second to run.
+    first, last = received[0][2], received[-2][2]
+    assert last - first > 0.6, f"events arrived together ({last - first:.2f}s apart)"
+
+
+def test_without_accept_the_outputs_come_once_in_a_list(server: Server) -> None:
+    response = server.predict({"input_tensor": [[4, 0, -1]]})
+    assert response.status_code == 200
+    assert response.json() == {"prediction": [0, 1, 2, 3]}
+
+
+def test_error_mid_stream_ends_it_and_the_worker_serves_on(server: Server) -> None:
+    received = stream(server, [6, 0, 2])
+    assert [data for _, data, _ in received[:2]] == [{"output": 0}, {"output": 1}]
+    name, data, _ = received[2]
+    assert name == "error" and data["code"] == "model_error"
+    assert "failed at output 2" in data["error"]
+    assert len(received) == 3
+    assert [d for _, d, _ in stream(server, [2, 0, -1])] == [{"output": 0}, {"output": 1}, {}]
+
+
+def test_bad_input_before_any_event_is_a_plain_error(server: Server) -> None:
+    response = server.client.post("/predict", json={"input_tensor": [[1, 2]]}, headers=SSE)
+    assert response.status_code == 422
+    assert response.json()["code"] == "shape_mismatch"
+
+
+def test_client_disconnect_closes_the_generator_and_frees_the_worker(
+    server: Server, marker: Path
+) -> None:
+    before = closed_count(marker)
+    body = {"input_tensor": [[FOREVER, 0.05, -1]]}
+    # Both workers get a stream that would run for hours; both clients leave.
+    for _ in range(2):
+        with server.client.stream("POST", "/predict", json=body, headers=SSE) as response:
+            _, data, _ = next(events(response))
+            assert data == {"output": 0}
+    wait_for(lambda: closed_count(marker) == before + 2, 5, "both generators to be closed")
+    started = time.monotonic()
+    answer = server.predict({"input_tensor": [[2, 0, -1]]})
+    assert answer.json() == {"prediction": [0, 1]}
+    assert time.monotonic() - started < 1.0
+
+
+def test_deadline_ends_a_stream_with_a_504_event(server: Server, marker: Path) -> None:
+    before = closed_count(marker)
+    received = stream(server, [FOREVER, 0.05, -1], **{"x-request-timeout": "1.5"})
+    name, data, _ = received[-1]
+    assert name == "error" and data["code"] == "deadline_exceeded"
+    assert len(received) > 2
+    wait_for(lambda: closed_count(marker) == before + 1, 5, "the generator to be closed")
+
+
+def test_generate_and_generate_stream(server: Server) -> None:
+    whole = server.client.post("/v2/models/counter/generate", json={"text_input": [[3, 0, -1]]})
+    assert whole.status_code == 200
+    assert whole.json() == {"model_name": "counter", "model_version": "1", "output__0": [0, 1, 2]}
+    body = {"text_input": [[2, 0, -1]], "parameters": {}}
+    with server.client.stream("POST", "/v2/models/counter/generate_stream", json=body) as r:
+        assert r.status_code == 200
+        got = [data for _, data, _ in events(r)]
+    assert got == [
+        {"model_name": "counter", "model_version": "1", "output__0": i} for i in range(2)
+    ]
+    unknown = server.client.post("/v2/models/nope/generate_stream", json=body)
+    assert unknown.status_code == 404
+
+
+def test_worker_killed_mid_stream_ends_it_with_an_error_event(server: Server) -> None:
+    body = {"input_tensor": [[FOREVER, 0.05, -1]]}
+    with server.client.stream("POST", "/predict", json=body, headers=SSE) as response:
+        received = events(response)
+        assert next(received)[1] == {"output": 0}
+        busy = wait_for(
+            lambda: [w for w in server.health()["workers"] if w["inflight"]],
+            5,
+            "the streaming worker to show",
+        )
+        os.kill(busy[0]["pid"], signal.SIGKILL)
+        rest = list(received)
+    name, data, _ = rest[-1]
+    assert name == "error" and data["code"] == "unavailable"
+    assert "not retried" in data["error"]
+    server.wait_ready(2, timeout_s=60)
+
+
+def test_generate_fields_name_outputs_and_merge_joins_text() -> None:
+    assert generate_fields("a") == {"text_output": "a"}
+    assert generate_fields({"x": 1}) == {"x": 1}
+    assert generate_fields(2) == {"output__0": 2}
+    merged = merge_fields([generate_fields("he"), generate_fields("llo")])
+    assert merged == {"text_output": "hello"}
