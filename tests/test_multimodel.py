@@ -341,3 +341,34 @@ def test_remote_workers_join_the_model_they_name_and_a_mismatch_is_refused(
             worker.terminate()
         for worker in workers:
             worker.wait(30)
+
+
+def test_default_model_takes_plain_predict_and_streams_per_model(
+    serve: Callable[..., Server], tmp_path: Path
+) -> None:
+    config = write(
+        tmp_path,
+        """
+        [server]
+        default_model = "counter"
+
+        [models.demo]
+        workers = 1
+
+        [models.counter]
+        handler = "tests.streams:Counter"
+        workers = 1
+        """,
+    )
+    server = serve("--config", str(config), ready=2)
+    events = {"accept": "text/event-stream"}
+    row = {"input_tensor": [[3, 0, -1]]}
+    with server.client.stream("POST", "/predict", json=row, headers=events) as plain:
+        assert plain.status_code == 200 and plain.headers["content-type"] == "text/event-stream"
+        text = plain.read().decode()
+    assert text.count("data: ") == 4 and "event: end" in text  # 3 outputs, then the end
+    with server.client.stream("POST", "/predict/counter", json=row, headers=events) as named:
+        assert named.status_code == 200 and named.read().decode() == text
+    # The demo model does not stream: the same header gets its plain JSON answer.
+    demo = server.client.post("/predict/demo", json={"input_tensor": [ROW]}, headers=events)
+    assert demo.status_code == 200 and "prediction" in demo.json()
