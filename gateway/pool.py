@@ -73,6 +73,8 @@ class WorkerRecord:
     last_seen: float | None = None  # time.monotonic() of the last control message
     spawned_at: float | None = None  # time.monotonic() of the last spawn
     recycling: bool = False  # a successor is on its way
+    # When a RESTARTING slot may be refilled (its backoff over); None: not waiting.
+    respawn_at: float | None = None
     # Declared lost while it was READY: its death is not a boot failure.
     lost_when_ready: bool = False
     # A reload's successor: resolved when it is ready (it then waits for the

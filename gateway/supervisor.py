@@ -1,6 +1,14 @@
 """Keeps the pool's processes alive: spawn, listen, reap, replace, stop.
 
-One method per supervisory act, as in gunicorn's arbiter. A worker that exits
+One method per supervisory act, as in gunicorn's arbiter. The local slots
+follow a wanted state: how many slots there should be (``scale_to``, the
+TTIN/TTOU signals) and, for a slot whose worker died, when it may be
+refilled (after its backoff). Those only record what is wanted; one
+reconcile step (:meth:`Supervisor.reconcile`, gunicorn's ``manage_workers``)
+compares it with what exists and fixes the difference: it adds and retires
+slots, and spawns a worker for every slot that wants one. So a slot scaled
+away while it waited out a backoff is simply no longer wanted, and nothing
+is spawned for it. A worker that exits
 is noticed at once by reaping; one that goes silent is noticed when its
 heartbeats stop, asked to stop, then killed. Either way the requests it held
 are settled by the dispatcher and its slot is refilled with exponential
@@ -61,6 +69,9 @@ class Supervisor:
         # Cores other models' workers hold, avoided when scaling up.
         self._taken = taken
         self._reloading = False
+        # The wanted state the reconcile step makes true: the number of local slots.
+        self._wanted = len(pool.workers)
+        self._reconciling = asyncio.Lock()
         self._pool = pool
         self._transport = transport
         self._dispatcher = dispatcher
@@ -88,8 +99,7 @@ class Supervisor:
     # --- lifecycle ------------------------------------------------------------
 
     async def start(self) -> None:
-        for worker in self._pool.workers:
-            await self.spawn(worker)
+        await self.reconcile()
         self._background(self._keep_alive())
 
     async def stop(self) -> None:
@@ -213,23 +223,63 @@ class Supervisor:
         delay = 0.0
         if worker.boot_failures:
             delay = min(BACKOFF_MAX_S, BACKOFF_BASE_S * 2 ** (worker.boot_failures - 1))
-        self._background(self._respawn_after(worker, delay))
-
-    async def _respawn_after(self, worker: WorkerRecord, delay: float) -> None:
-        if delay:
             log.info("restarting worker %d in %.1fs", worker.slot, delay)
+        worker.respawn_at = self._clock() + delay
+        self._background(self._reconcile_after(delay))
+
+    async def _reconcile_after(self, delay: float) -> None:
+        if delay:
             await self._sleep(delay)
-        # Scaled away or stopped while it waited: nothing tracks this slot any more.
-        if (
-            self._stopping
-            or worker.state is not State.RESTARTING
-            or not any(w is worker for w in self._pool.workers)
-        ):
-            return
-        worker.restarts += 1
-        self._pool.forget(worker)
-        worker.new_generation(self._pool.next_generation())
-        await self.spawn(worker)
+        await self.reconcile()
+
+    async def reconcile(self) -> None:
+        """Make the local slots what is wanted; the one place that adds, removes and refills.
+
+        Grows or shrinks the slot list to the wanted count (removed slots drain
+        before they stop), drops successors of removed slots, starts the next
+        generation of every slot whose backoff is over, and spawns every slot
+        that has no process yet. Passes run one at a time; any event may ask
+        for one, and a pass with nothing to do changes nothing.
+        """
+        async with self._reconciling:
+            if self._stopping:
+                return
+            workers = self._pool.workers
+            while len(workers) < self._wanted:
+                slot = len(workers)
+                placement = place_another(
+                    [w.placement for w in workers],
+                    slot,
+                    self._gpus,
+                    self._settings.cores_per_worker,
+                    taken=self._taken(),
+                )
+                workers.append(
+                    WorkerRecord(
+                        placement, generation=self._pool.next_generation(), model=self._pool.model
+                    )
+                )
+                log.info("scaling up: worker %d", slot)
+            while len(workers) > self._wanted:
+                worker = workers.pop()
+                log.info("scaling down: draining worker %d", worker.slot)
+                self._retire_record(worker)
+            for extra in list(self._pool.extra):
+                if extra.role is Role.SUCCESSOR and extra.slot >= self._wanted:
+                    self._retire_record(extra)
+            now = self._clock()
+            for worker in list(workers):
+                if self._stopping:
+                    return
+                if worker.state is State.RESTARTING and worker.respawn_at is not None:
+                    if now < worker.respawn_at:
+                        continue
+                    worker.respawn_at = None
+                    worker.restarts += 1
+                    self._pool.forget(worker)
+                    worker.new_generation(self._pool.next_generation())
+                if worker.state is State.STARTING and worker.process is None:
+                    await self.spawn(worker)
 
     def declare_lost(self, worker: WorkerRecord, how: str, cause: str, retry: bool = True) -> None:
         """Give up on a live but silent, hung or unreachable worker: settle, stop, reap.
@@ -391,7 +441,7 @@ class Supervisor:
 
     @property
     def target_workers(self) -> int:
-        return len(self._pool.workers)
+        return self._wanted
 
     async def scale_to(self, count: int) -> None:
         """Resize the local pool: new slots boot in the background; removed ones drain."""
@@ -399,34 +449,14 @@ class Supervisor:
             return
         if self._reloading:
             raise Conflict("the model is being reloaded; scale it when that is done")
-        workers = self._pool.workers
-        while len(workers) < count:
-            slot = len(workers)
-            placement = place_another(
-                [w.placement for w in workers],
-                slot,
-                self._gpus,
-                self._settings.cores_per_worker,
-                taken=self._taken(),
-            )
-            worker = WorkerRecord(
-                placement, generation=self._pool.next_generation(), model=self._pool.model
-            )
-            workers.append(worker)
-            log.info("scaling up: worker %d", slot)
-            await self.spawn(worker)
-        while len(workers) > count:
-            worker = workers.pop()
-            log.info("scaling down: draining worker %d", worker.slot)
-            self._retire_record(worker)
-        for extra in list(self._pool.extra):
-            if extra.role is Role.SUCCESSOR and extra.slot >= count:
-                self._retire_record(extra)
+        self._wanted = count
+        await self.reconcile()
 
     def scale_by(self, delta: int) -> None:
         """SIGTTIN (+1) / SIGTTOU (-1), as gunicorn does."""
         if not self._reloading:
-            self._background(self.scale_to(max(0, len(self._pool.workers) + delta)))
+            self._wanted = max(0, self._wanted + delta)
+            self._background(self.reconcile())
 
     def _retire_record(self, worker: WorkerRecord) -> None:
         """Take ``worker`` out of service; it finishes what it holds, then stops."""

@@ -9,6 +9,7 @@ handler cannot be imported) that the tests of this module share in order.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -291,6 +292,23 @@ def test_models_are_loaded_and_unloaded_at_run_time(gateway: tuple[Server, Path]
         "the unloaded model's workers to go",
     )
     assert server.client.delete("/admin/models/extra", headers=AUTH).status_code == 404
+
+
+def test_sighup_reloads_every_model_and_a_failure_spares_the_others(
+    gateway: tuple[Server, Path],
+) -> None:
+    server, _ = gateway  # mlp's file is junk since the failed reload above
+
+    def pids() -> dict[str, int]:
+        return {w["model"]: w["pid"] for w in server.health()["workers"] if w["state"] == "ready"}
+
+    before = pids()
+    server.proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: pids().get("demo") not in (None, before["demo"]), 90.0, "demo reloaded")
+    assert pids()["mlp"] == before["mlp"]  # its reload failed: the old worker serves on
+    for name in ("demo", "mlp"):
+        answer = server.client.post(f"/predict/{name}", json={"input_tensor": [ROW]})
+        assert answer.status_code == 200, answer.text
 
 
 def test_serve_exits_when_every_model_failed_or_any_with_strict(tmp_path: Path) -> None:
