@@ -6,7 +6,8 @@ Off (404) unless --admin-token is set; then every call needs
     GET/PUT  /admin/workers                    the one (or default) model's pool size
     GET/PUT  /admin/models/{name}/workers      one model's pool size: {"workers": N}
     PUT      /admin/models/{name}[?wait=false] load a model: body = its settings (as a
-                                               [models.NAME] table, in JSON); 201 when
+                                               [models.NAME] table, in JSON; a relative
+                                               path is from the gateway's directory); 201 when
                                                ready, 202 at once with wait=false, 409
                                                if the name is taken
     DELETE   /admin/models/{name}              unload: 404 for new requests from now
@@ -32,9 +33,9 @@ from gateway.health import health_json
 from gateway.http import json_response, runtime_of
 from gateway.models import ModelRuntime
 from gateway.runtime import Runtime
-from shared import modelconfig
+from shared import modelconfig, modelfile
 from shared.config import ConfigError
-from shared.errors import RequestError, Unauthorized
+from shared.errors import ModelLoadError, RequestError, Unauthorized
 
 MAX_WORKERS = 256
 
@@ -109,7 +110,14 @@ def install(app: FastAPI, admin_token: str | None) -> None:
             raise RequestError("send the model's settings as a JSON object")
         try:
             settings = modelconfig.model_settings(name, body, "request body")
-        except ConfigError as exc:
+            if settings.model and not settings.handler:
+                # What every worker would refuse, refused before one is spawned.
+                modelfile.check(
+                    settings.model,
+                    model_class=bool(settings.model_class),
+                    trust_pickle=settings.trust_pickle,
+                )
+        except (ConfigError, ModelLoadError) as exc:
             raise RequestError(str(exc)) from exc
         model = await runtime.load(name, settings, wait=wait)
         document = pool_document(runtime, model)

@@ -273,6 +273,8 @@ class Supervisor:
                     return
                 if worker.state is State.RESTARTING and worker.respawn_at is not None:
                     if now < worker.respawn_at:
+                        # Not yet (a timer may fire a little early): look again then.
+                        self._background(self._reconcile_after(worker.respawn_at - now))
                         continue
                     worker.respawn_at = None
                     worker.restarts += 1

@@ -269,7 +269,7 @@ def test_a_reload_that_fails_keeps_the_old_workers(gateway: tuple[Server, Path])
 
 
 def test_models_are_loaded_and_unloaded_at_run_time(gateway: tuple[Server, Path]) -> None:
-    server, _ = gateway
+    server, folder = gateway
     unload = server.client.delete("/admin/models/broken", headers=AUTH)
     assert unload.status_code == 200, unload.text
     assert server.get("/health/ready").status_code == 200  # every model left is ready
@@ -279,6 +279,10 @@ def test_models_are_loaded_and_unloaded_at_run_time(gateway: tuple[Server, Path]
     assert taken.status_code == 409
     bad = server.client.put("/admin/models/extra", headers=AUTH, json={"workrs": 1})
     assert bad.status_code == 400 and "workrs: unknown key" in bad.json()["error"]
+    junk = server.client.put(  # mlp.pt holds junk since the failed reload
+        "/admin/models/junk", headers=AUTH, json={"model": str(folder / "mlp.pt")}
+    )
+    assert junk.status_code == 400 and "mlp.pt" in junk.json()["error"]
     loaded = server.client.put(
         "/admin/models/extra", headers=AUTH, json={"workers": 1}, timeout=120
     )

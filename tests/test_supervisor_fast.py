@@ -9,6 +9,7 @@ test_chaos.py.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -68,7 +69,9 @@ class Gateway:
         self.supervisor.check_recycle(worker)
 
 
-def gateway(workers: int, **settings: Any) -> Gateway:
+def gateway(
+    workers: int, sleep: Callable[[float], Awaitable[None]] | None = None, **settings: Any
+) -> Gateway:
     config = ServeSettings(workers=workers, device="cpu", heartbeat_s=1.0, **settings)
     pool = Pool([Placement(slot, "cpu", None, (slot,)) for slot in range(workers)])
     wire = FakeTransport()
@@ -84,7 +87,7 @@ def gateway(workers: int, **settings: Any) -> Gateway:
         fatal.append,
         spawner=spawner,
         clock=clock,
-        sleep=clock.sleep,
+        sleep=sleep or clock.sleep,
     )
     gw = Gateway(config, pool, wire, dispatcher, supervisor, spawner, clock, fatal)
     supervisor.on_death = gw.deaths.append
@@ -299,3 +302,28 @@ async def test_a_successor_declared_lost_is_counted_as_one_death() -> None:
     await eventually(lambda: successor not in gw.pool.extra, "the successor to be reaped")
     assert gw.deaths == ["hello_timeout"]
     assert gw.pool.workers[0] is old and old.ready
+
+
+@on_loop
+async def test_a_backoff_timer_that_fires_early_still_refills_the_slot() -> None:
+    # uvloop's timers run on a cached loop time, so a sleep can end a few
+    # milliseconds before the monotonic clock says the backoff is over.
+    early = 0.01
+    clock_of: list[Any] = []
+
+    async def sleep(delay: float) -> None:
+        await clock_of[0].sleep(delay - early if delay > 2 * early else delay)
+
+    gw = gateway(1, sleep=sleep)
+    clock_of.append(gw.clock)
+    await gw.start()
+    worker = gw.pool.workers[0]
+    gw.spawner.of(worker).exit(1)  # dies booting: a backoff of BACKOFF_BASE_S
+    shortened = BACKOFF_BASE_S - early
+    await eventually(lambda: shortened in gw.clock.sleeping, "the backoff to start")
+    await gw.clock.advance(shortened)  # the timer fires, a little early
+    # Not due yet: the reconcile step looks again when it will be.
+    await eventually(lambda: any(d < 2 * early for d in gw.clock.sleeping), "a second look")
+    await gw.clock.advance(2 * early)
+    await gw.spawned(2)
+    assert worker.state is State.STARTING and worker.boot_failures == 1
