@@ -52,3 +52,29 @@ class AsyncCounter(Counter):
     async def predict_stream(self, x: torch.Tensor) -> AsyncIterator[torch.Tensor]:  # type: ignore[override]
         for i in range(int(x[0, 0])):
             yield torch.tensor(i)
+
+
+class Flood:
+    """Yields ``count`` outputs ``{"i": i, "pad": "x" * size}`` as fast as it can.
+
+    The request's one row is ``[count, size]``. ``marker`` names a file the
+    generator appends one byte to per output made, so a test reads how far it
+    got from the file's size.
+    """
+
+    input_shape = (2,)
+    input_dtype = "float32"
+
+    def __init__(self, marker: str) -> None:
+        self.marker = Path(marker)
+
+    def load(self, device: torch.device) -> None:
+        self.device = device
+
+    def predict_stream(self, x: torch.Tensor) -> Iterator[dict[str, object]]:
+        count, size = (int(v) for v in x[0])
+        pad = "x" * size
+        with self.marker.open("ab", buffering=0) as made:
+            for i in range(count):
+                made.write(b".")
+                yield {"i": i, "pad": pad}
