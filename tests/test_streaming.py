@@ -141,6 +141,18 @@ def test_generate_and_generate_stream(server: Server) -> None:
     assert unknown.status_code == 404
 
 
+def test_generate_parameters_reach_a_handler_that_takes_them(server: Server) -> None:
+    body = {"text_input": [[3, 0, -1]], "parameters": {"start": 10}}
+    whole = server.client.post("/v2/models/counter/generate", json=body)
+    assert whole.json()["output__0"] == [10, 11, 12]
+    with server.client.stream("POST", "/v2/models/counter/generate_stream", json=body) as r:
+        assert [data["output__0"] for _, data, _ in events(r)] == [10, 11, 12]
+    bad = {"text_input": [[3, 0, -1]], "parameters": [1]}
+    refused = server.client.post("/v2/models/counter/generate", json=bad)
+    assert refused.status_code == 400
+    assert "parameters must be a JSON object" in refused.json()["error"]
+
+
 def test_worker_killed_mid_stream_ends_it_with_an_error_event(server: Server) -> None:
     body = {"input_tensor": [[FOREVER, 0.05, -1]]}
     with server.client.stream("POST", "/predict", json=body, headers=SSE) as response:

@@ -29,7 +29,7 @@ import sys
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final
 
 import orjson
@@ -47,6 +47,7 @@ from shared.errors import (
 from worker import pytree, v2codec
 from worker.batching import Job, model_failure
 from worker.control import WorkerState
+from worker.handler import positional_count
 from worker.inputs import Codec, InputSpec, prepare
 from worker.loading import LoadedModel
 
@@ -65,10 +66,12 @@ ReplyError = Callable[[int, TorchpoolError], None]
 
 @dataclass(frozen=True, slots=True)
 class GenerateContext:
-    """A ``generate`` request's model name and version, echoed in every response."""
+    """A ``generate`` request's model name and version, echoed in every response, and
+    its ``parameters`` for the handler."""
 
     model: str
     version: str
+    parameters: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -85,9 +88,9 @@ class GenerateCodec:
     """``fmt == "generate"``: a generate body ``{"<input>": value, "parameters": {...}}``.
 
     The model has one input, so the request names exactly one (``text_input``
-    by Triton's convention, though any name is taken); ``parameters`` are not
-    passed to the handler. The payload goes through ``preprocess`` as a JSON
-    body's ``input_tensor`` does.
+    by Triton's convention, though any name is taken); ``parameters``, a JSON
+    object, go to a ``predict_stream`` that takes them (see :func:`with_parameters`).
+    The payload goes through ``preprocess`` as a JSON body's ``input_tensor`` does.
     """
 
     content_type: Final = "application/json"
@@ -108,13 +111,18 @@ class GenerateCodec:
             raise RequestError(f"body is not valid JSON: {exc}") from exc
         if not isinstance(doc, dict):
             raise RequestError('a generate body is an object like {"text_input": "..."}')
+        parameters = doc.get("parameters", {})
+        if not isinstance(parameters, dict):
+            raise RequestError(f"parameters must be a JSON object, got {parameters!r:.80}")
         names = [key for key in doc if key != "parameters"]
         if len(names) != 1:
             raise RequestError(
                 f"a generate request names exactly one input (such as text_input); got {names}"
             )
         value = prepare(doc[names[0]], self.content_type, self.spec, names[0])
-        context = GenerateContext(str(header.get("model", "")), str(header.get("version", "")))
+        context = GenerateContext(
+            str(header.get("model", "")), str(header.get("version", "")), parameters
+        )
         return value, context
 
     def encode(self, context: Any, result: Any) -> tuple[bytes, str, dict[str, Any]]:
@@ -139,7 +147,7 @@ class StreamRunner:
         assert model.stream is not None, "StreamRunner needs a model with predict_stream"
         self._data = data
         self._model = model
-        self._produce = model.stream
+        self._produce = with_parameters(model.stream)
         self._state = state
         self._codecs = codecs
         self._admit = admit
@@ -181,9 +189,10 @@ class StreamRunner:
 
     def _run(self, job: Job, stream: _Stream, pending: deque[Job]) -> None:
         inputs = pytree.to_device(job.inputs, self._model.device)
+        parameters = job.context.parameters if isinstance(job.context, GenerateContext) else {}
         try:
             with torch.inference_mode():
-                outputs = self._produce(inputs)
+                outputs = self._produce(inputs, parameters)
         except Exception as exc:
             self._reply_error(job.request_id, model_failure(exc))
             return
@@ -321,6 +330,18 @@ class StreamRunner:
             body, fmt, extra = self._codecs[job.fmt].encode(job.context, outputs)
         reply = {"t": protocol.REPLY, "id": job.request_id, "code": protocol.OK, "fmt": fmt}
         self._send([protocol.pack({**reply, **extra}), body])
+
+
+def with_parameters(stream: Callable[..., Any]) -> Callable[[Any, dict[str, Any]], Any]:
+    """A handler's ``predict_stream``, always called as ``(x, parameters)``.
+
+    The signature is read once: two positional parameters (or ``*args``) get a
+    generate request's ``parameters`` (``{}`` when it has none, and on
+    ``/predict``); one gets ``x`` alone.
+    """
+    if positional_count(stream) >= 2:
+        return stream
+    return lambda x, parameters: stream(x)
 
 
 def _generate_document(context: GenerateContext, fields: dict[str, Any]) -> dict[str, Any]:
