@@ -16,6 +16,9 @@ runner takes the next request; CREDIT adds credit; other REQUESTs are decoded
 and queued for after. A stream past its deadline is closed the same way and
 answered ``deadline_exceeded``; a generator that raises is answered
 ``model_error``. Either error REPLY ends the stream, and the worker lives on.
+A stop signal, or the gateway gone, also ends it between two outputs (even
+while it waits for credit): the generator is closed and the stream answered
+``unavailable``. A STOP from the gateway lets it finish, as a drain does.
 
 The wire messages are in :mod:`shared.protocol`.
 """
@@ -24,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import math
 import sys
 import time
 from collections import deque
@@ -43,6 +45,7 @@ from shared.errors import (
     PayloadTooLarge,
     RequestError,
     TorchpoolError,
+    Unavailable,
 )
 from worker import pytree, v2codec
 from worker.batching import Job, model_failure
@@ -62,6 +65,10 @@ STREAM_CONTROL: Final = frozenset({protocol.CANCEL, protocol.CREDIT})
 Admit = Callable[[list[zmq.Frame]], "Job | None"]
 Send = Callable[[list[bytes]], None]
 ReplyError = Callable[[int, TorchpoolError], None]
+# Why the running stream must end now (a stop signal, an orphaned worker), or None.
+Interrupted = Callable[[], "str | None"]
+# Sleep until the data socket or a reason to stop wakes the worker, at most this long.
+Wait = Callable[[float], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,6 +150,8 @@ class StreamRunner:
         admit: Admit,
         send: Send,
         reply_error: ReplyError,
+        interrupted: Interrupted,
+        wait: Wait,
     ) -> None:
         assert model.stream is not None, "StreamRunner needs a model with predict_stream"
         self._data = data
@@ -153,6 +162,8 @@ class StreamRunner:
         self._admit = admit
         self._send = send
         self._reply_error = reply_error
+        self._interrupted = interrupted
+        self._wait = wait
         self._streams: dict[int, _Stream] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -203,6 +214,12 @@ class StreamRunner:
                 self._poll(job.request_id, stream, pending)
                 if stream.cancelled:
                     return  # the gateway has forgotten this request: nothing to answer
+                if (reason := self._interrupted()) is not None:
+                    self._reply_error(
+                        job.request_id,
+                        Unavailable(f"the worker is stopping ({reason}) after {seq} outputs"),
+                    )
+                    return
                 if time.monotonic() > stream.deadline:
                     self._reply_error(
                         job.request_id,
@@ -281,9 +298,9 @@ class StreamRunner:
             if stream.cancelled or not stream.stream or stream.credit > 0:
                 return
             left = stream.deadline - time.monotonic()
-            if left <= 0:
+            if left <= 0 or self._interrupted() is not None:
                 return
-            self._data.poll(max(1, math.ceil(left * 1000)))
+            self._wait(left)
 
     def _read_waiting(self, request_id: int, stream: _Stream, pending: deque[Job]) -> None:
         while True:
