@@ -18,7 +18,9 @@ to see. Swap in ``AutoModelForCausalLM.from_pretrained`` and
 Each event is one new character (``{"output": "e"}``, or ``{"text_output": "e"}``
 from ``generate_stream``); ``/v2/models/gpt/generate`` answers the whole text at once.
 Generation samples from the model with a generator seeded per request, so the
-same prompt always gives the same text.
+same prompt always gives the same text. A generate request's ``parameters`` may
+set ``max_new_tokens`` (up to the server's), ``temperature`` and ``seed`` for
+that request: ``{"text_input": "Once upon", "parameters": {"max_new_tokens": 8}}``.
 """
 
 from __future__ import annotations
@@ -100,14 +102,18 @@ class TextGenerator:
         ids = encode(payload)[-(self.n_positions - self.max_new_tokens) :]
         return torch.tensor([ids], dtype=torch.int64)
 
-    def predict_stream(self, ids: torch.Tensor) -> Iterator[str]:
+    def predict_stream(self, ids: torch.Tensor, parameters: dict[str, Any]) -> Iterator[str]:
         """One character per step, reusing the attention cache (one token in per step)."""
-        generator = torch.Generator(device=self.device).manual_seed(self.seed)
+        # The prompt was cut to leave room for the server's max_new_tokens: never more.
+        steps = min(int(parameters.get("max_new_tokens", self.max_new_tokens)), self.max_new_tokens)
+        temperature = float(parameters.get("temperature", self.temperature))
+        seed = int(parameters.get("seed", self.seed))
+        generator = torch.Generator(device=self.device).manual_seed(seed)
         cache: dict[str, Any] = {}
         step = ids[:1]
-        for _ in range(self.max_new_tokens):
+        for _ in range(steps):
             out = self.model(input_ids=step, use_cache=True, **cache)
             cache = {self.cache_arg: out[self.cache_arg]}
-            probs = torch.softmax(out.logits[:, -1] / self.temperature, dim=-1)
+            probs = torch.softmax(out.logits[:, -1] / temperature, dim=-1)
             step = torch.multinomial(probs, 1, generator=generator)
             yield VOCAB[int(step)]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -13,7 +14,8 @@ class Counter:
     """Yields 0, 1, 2, ... as the request's one row ``[count, interval_s, fail_at]`` says.
 
     ``count`` outputs, one every ``interval_s``; at output ``fail_at`` (-1: never)
-    it raises. ``marker`` names a file the generator's ``finally`` appends
+    it raises. A generate request's ``{"parameters": {"start": k}}`` counts from
+    ``k`` instead. ``marker`` names a file the generator's ``finally`` appends
     ``closed after N`` to, so a test sees when a stream was closed.
     """
 
@@ -26,8 +28,9 @@ class Counter:
     def load(self, device: torch.device) -> None:
         self.device = device
 
-    def predict_stream(self, x: torch.Tensor) -> Iterator[torch.Tensor]:
+    def predict_stream(self, x: torch.Tensor, parameters: dict[str, Any]) -> Iterator[torch.Tensor]:
         count, interval_s, fail_at = (float(v) for v in x[0])
+        start = int(parameters.get("start", 0))
         made = 0
         try:
             for i in range(int(count)):
@@ -35,7 +38,7 @@ class Counter:
                     raise ValueError(f"failed at output {i}")
                 if interval_s:
                     time.sleep(interval_s)
-                yield torch.tensor(i)
+                yield torch.tensor(start + i)
                 made += 1
         finally:
             if self.marker:
@@ -52,3 +55,29 @@ class AsyncCounter(Counter):
     async def predict_stream(self, x: torch.Tensor) -> AsyncIterator[torch.Tensor]:  # type: ignore[override]
         for i in range(int(x[0, 0])):
             yield torch.tensor(i)
+
+
+class Flood:
+    """Yields ``count`` outputs ``{"i": i, "pad": "x" * size}`` as fast as it can.
+
+    The request's one row is ``[count, size]``. ``marker`` names a file the
+    generator appends one byte to per output made, so a test reads how far it
+    got from the file's size.
+    """
+
+    input_shape = (2,)
+    input_dtype = "float32"
+
+    def __init__(self, marker: str) -> None:
+        self.marker = Path(marker)
+
+    def load(self, device: torch.device) -> None:
+        self.device = device
+
+    def predict_stream(self, x: torch.Tensor) -> Iterator[dict[str, object]]:
+        count, size = (int(v) for v in x[0])
+        pad = "x" * size
+        with self.marker.open("ab", buffering=0) as made:
+            for i in range(count):
+                made.write(b".")
+                yield {"i": i, "pad": pad}

@@ -10,12 +10,13 @@ from __future__ import annotations
 import os
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import orjson
+import psutil
 import pytest
 
 from tests.conftest import Server, wait_for
@@ -141,17 +142,68 @@ def test_generate_and_generate_stream(server: Server) -> None:
     assert unknown.status_code == 404
 
 
+def test_generate_parameters_reach_a_handler_that_takes_them(server: Server) -> None:
+    body = {"text_input": [[3, 0, -1]], "parameters": {"start": 10}}
+    whole = server.client.post("/v2/models/counter/generate", json=body)
+    assert whole.json()["output__0"] == [10, 11, 12]
+    with server.client.stream("POST", "/v2/models/counter/generate_stream", json=body) as r:
+        assert [data["output__0"] for _, data, _ in events(r)] == [10, 11, 12]
+    bad = {"text_input": [[3, 0, -1]], "parameters": [1]}
+    refused = server.client.post("/v2/models/counter/generate", json=bad)
+    assert refused.status_code == 400
+    assert "parameters must be a JSON object" in refused.json()["error"]
+
+
+def streaming_worker(server: Server) -> dict[str, Any]:
+    busy = wait_for(
+        lambda: [w for w in server.health()["workers"] if w["inflight"]],
+        5,
+        "the streaming worker to show",
+    )
+    worker: dict[str, Any] = busy[0]
+    return worker
+
+
+def test_sigterm_mid_stream_closes_the_generator_and_ends_the_stream(
+    server: Server, marker: Path
+) -> None:
+    before = closed_count(marker)
+    body = {"input_tensor": [[FOREVER, 0.05, -1]]}
+    with server.client.stream("POST", "/predict", json=body, headers=SSE) as response:
+        received = events(response)
+        assert next(received)[1] == {"output": 0}
+        os.kill(streaming_worker(server)["pid"], signal.SIGTERM)
+        rest = list(received)
+    name, data, _ = rest[-1]
+    assert name == "error" and data["code"] == "unavailable"
+    assert "the worker is stopping (signal SIGTERM)" in data["error"]
+    wait_for(lambda: closed_count(marker) == before + 1, 5, "the generator to be closed")
+    server.wait_ready(2, timeout_s=60)
+
+
+def test_an_orphaned_worker_closes_its_stream_and_exits(
+    serve: Callable[..., Server], tmp_path: Path
+) -> None:
+    marker = tmp_path / "closed.txt"
+    kwargs = orjson.dumps({"marker": str(marker)}).decode()
+    server = serve("--handler", "tests.streams:Counter", "--model-kwargs", kwargs, *FAST_BEATS)
+    body = {"input_tensor": [[FOREVER, 0.05, -1]]}
+    with server.client.stream("POST", "/predict", json=body, headers=SSE) as response:
+        received = events(response)  # kept: dropping it would close the connection
+        assert next(received)[1] == {"output": 0}
+        worker = psutil.Process(streaming_worker(server)["pid"])
+        server.proc.kill()  # the gateway dies mid-stream
+    # The generator's finally ran: the worker ended the stream, not a hard exit.
+    wait_for(lambda: closed_count(marker) == 1, 10, "the orphaned stream to be closed")
+    wait_for(lambda: not worker.is_running(), 10, "the orphaned worker to exit")
+
+
 def test_worker_killed_mid_stream_ends_it_with_an_error_event(server: Server) -> None:
     body = {"input_tensor": [[FOREVER, 0.05, -1]]}
     with server.client.stream("POST", "/predict", json=body, headers=SSE) as response:
         received = events(response)
         assert next(received)[1] == {"output": 0}
-        busy = wait_for(
-            lambda: [w for w in server.health()["workers"] if w["inflight"]],
-            5,
-            "the streaming worker to show",
-        )
-        os.kill(busy[0]["pid"], signal.SIGKILL)
+        os.kill(streaming_worker(server)["pid"], signal.SIGKILL)
         rest = list(received)
     name, data, _ = rest[-1]
     assert name == "error" and data["code"] == "unavailable"

@@ -38,6 +38,10 @@ def test_gpt2_example_streams_one_character_per_event(serve: Callable[..., Serve
     whole = server.client.post("/v2/models/gpt/generate", json={"text_input": "Once upon a time"})
     # Sampling is seeded per request: the same prompt gives the same text.
     assert whole.json()["text_output"] == "".join(chars)
+    # A request's parameters may ask for fewer characters than the server's maximum.
+    five = {"text_input": "Once upon a time", "parameters": {"max_new_tokens": 5}}
+    shorter = server.client.post("/v2/models/gpt/generate", json=five)
+    assert shorter.json()["text_output"] == "".join(chars[:5])
     refused = server.client.post("/predict", json={"input_tensor": "caf\u00e9"}, headers=SSE)
     assert refused.status_code == 400
     assert "printable ASCII" in refused.json()["error"]

@@ -52,7 +52,10 @@ a tensor or JSON-able data. Such a model is not batched: the worker runs one
 request at a time, iterating its generator to the end (or until the client
 leaves, or the deadline: then the generator is closed, so its ``finally``
 blocks run, within one yielded value). ``predict`` is then optional; requests
-that do not ask for a stream get every output in one list.
+that do not ask for a stream get every output in one list. Defined with a
+second positional parameter, ``predict_stream(x, parameters)`` also receives
+the ``parameters`` object of a ``/v2/models/{name}/generate[_stream]`` request
+(``{}`` when it has none, and on ``/predict``).
 
 Optional attributes, read after ``load``:
 
@@ -110,13 +113,14 @@ def preprocess_hook(handler: object) -> Callable[[Any, str], Any] | None:
     hook = optional_hook(handler, "preprocess")
     if hook is None:
         return None
-    if _positional_count(hook) >= 2:
+    if positional_count(hook) >= 2:
         two: Callable[[Any, str], Any] = hook
         return two
     return lambda payload, content_type: hook(payload)
 
 
-def _positional_count(fn: Callable[..., Any]) -> int:
+def positional_count(fn: Callable[..., Any]) -> int:
+    """How many positional arguments ``fn`` takes (2 for ``*args``; 1 if unreadable)."""
     try:
         parameters = inspect.signature(fn).parameters.values()
     except (TypeError, ValueError):

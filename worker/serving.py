@@ -15,6 +15,7 @@ Whatever goes wrong with one request becomes that request's error reply
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from collections import deque
@@ -68,6 +69,10 @@ class Server:
         self._codecs = codecs(model, max_body_bytes)
         # Decoded requests that did not fit the last batch; they go first next time.
         self.pending: deque[Job] = deque()
+        # Set by serve(): what wakes the loop, and why it must stop once it must.
+        self._poller: zmq.Poller | None = None
+        self._watched: tuple[ControlThread, SignalWake] | None = None
+        self._stop: Stop | None = None
         # A model with predict_stream runs its requests one by one there, unbatched.
         self._streams: streaming.StreamRunner | None = None
         if model.stream is not None:
@@ -79,6 +84,8 @@ class Server:
                 admit=self._admit,
                 send=self._send,
                 reply_error=self._reply_error,
+                interrupted=self._stream_interrupted,
+                wait=self._wait,
             )
 
     def serve(self, control: ControlThread, signals: SignalWake) -> Stop:
@@ -87,19 +94,54 @@ class Server:
         poller.register(self._data, zmq.POLLIN)
         poller.register(control.main_end, zmq.POLLIN)
         poller.register(signals.fd, zmq.POLLIN)
+        self._poller, self._watched = poller, (control, signals)
         while True:
-            events = dict(poller.poll(0 if self.pending else None))
-            if signals.fd in events:
-                signals.drain()
-            if (reason := signals.stop_reason) is not None:
-                return Stop(reason, drain=True)
-            if control.main_end in events:
-                while (event := control.read_event()) is not None:
-                    kind, reason = event
-                    # A dead parent or control thread leaves nobody to answer.
-                    return Stop(reason, drain=kind == "stop", status=int(kind == "failed"))
+            # A stream may have taken in a reason to stop already (see _watch).
+            events = dict(poller.poll(0 if self.pending or self._stop else None))
+            if (stop := self._watch()) is not None:
+                return stop
             if self._data in events or self.pending:
                 self.step()
+
+    def _watch(self) -> Stop | None:
+        """Why serving must stop, once there is a reason: a stop signal, or the control
+        thread's event (STOP from the gateway, the parent gone, the thread dead).
+
+        The first reason is kept, except that losing the parent or the control
+        thread also cuts a drain short: nobody is left to answer.
+        """
+        if self._watched is None:
+            return None
+        control, signals = self._watched
+        signals.drain()
+        if self._stop is None and (reason := signals.stop_reason) is not None:
+            self._stop = Stop(reason, drain=True)
+        while (event := control.read_event()) is not None:
+            kind, reason = event
+            stop = Stop(reason, drain=kind == "stop", status=int(kind == "failed"))
+            if self._stop is None or not stop.drain:
+                self._stop = stop
+        return self._stop
+
+    def _stream_interrupted(self) -> str | None:
+        """Why the stream running now must end before its next output, if it must.
+
+        A stop signal, or nobody left to answer, ends it; a STOP from the gateway
+        lets it run to its end, as a drain answers every request held (the
+        supervisor escalates to SIGTERM past --drain-timeout-s).
+        """
+        stop = self._watch()
+        if stop is not None and not stop.drain:
+            return stop.reason
+        return None if self._watched is None else self._watched[1].stop_reason
+
+    def _wait(self, timeout_s: float) -> None:
+        """Sleep until a message, a signal or a control event comes, at most ``timeout_s``."""
+        timeout_ms = max(1, math.ceil(timeout_s * 1000))
+        if self._poller is None:
+            self._data.poll(timeout_ms)
+        else:
+            self._poller.poll(timeout_ms)
 
     def drain(self) -> None:
         """Answer everything held or already queued on the socket, then return."""

@@ -16,6 +16,9 @@ runner takes the next request; CREDIT adds credit; other REQUESTs are decoded
 and queued for after. A stream past its deadline is closed the same way and
 answered ``deadline_exceeded``; a generator that raises is answered
 ``model_error``. Either error REPLY ends the stream, and the worker lives on.
+A stop signal, or the gateway gone, also ends it between two outputs (even
+while it waits for credit): the generator is closed and the stream answered
+``unavailable``. A STOP from the gateway lets it finish, as a drain does.
 
 The wire messages are in :mod:`shared.protocol`.
 """
@@ -24,12 +27,11 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import math
 import sys
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final
 
 import orjson
@@ -43,10 +45,12 @@ from shared.errors import (
     PayloadTooLarge,
     RequestError,
     TorchpoolError,
+    Unavailable,
 )
 from worker import pytree, v2codec
 from worker.batching import Job, model_failure
 from worker.control import WorkerState
+from worker.handler import positional_count
 from worker.inputs import Codec, InputSpec, prepare
 from worker.loading import LoadedModel
 
@@ -61,14 +65,20 @@ STREAM_CONTROL: Final = frozenset({protocol.CANCEL, protocol.CREDIT})
 Admit = Callable[[list[zmq.Frame]], "Job | None"]
 Send = Callable[[list[bytes]], None]
 ReplyError = Callable[[int, TorchpoolError], None]
+# Why the running stream must end now (a stop signal, an orphaned worker), or None.
+Interrupted = Callable[[], "str | None"]
+# Sleep until the data socket or a reason to stop wakes the worker, at most this long.
+Wait = Callable[[float], None]
 
 
 @dataclass(frozen=True, slots=True)
 class GenerateContext:
-    """A ``generate`` request's model name and version, echoed in every response."""
+    """A ``generate`` request's model name and version, echoed in every response, and
+    its ``parameters`` for the handler."""
 
     model: str
     version: str
+    parameters: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -85,9 +95,9 @@ class GenerateCodec:
     """``fmt == "generate"``: a generate body ``{"<input>": value, "parameters": {...}}``.
 
     The model has one input, so the request names exactly one (``text_input``
-    by Triton's convention, though any name is taken); ``parameters`` are not
-    passed to the handler. The payload goes through ``preprocess`` as a JSON
-    body's ``input_tensor`` does.
+    by Triton's convention, though any name is taken); ``parameters``, a JSON
+    object, go to a ``predict_stream`` that takes them (see :func:`with_parameters`).
+    The payload goes through ``preprocess`` as a JSON body's ``input_tensor`` does.
     """
 
     content_type: Final = "application/json"
@@ -108,13 +118,18 @@ class GenerateCodec:
             raise RequestError(f"body is not valid JSON: {exc}") from exc
         if not isinstance(doc, dict):
             raise RequestError('a generate body is an object like {"text_input": "..."}')
+        parameters = doc.get("parameters", {})
+        if not isinstance(parameters, dict):
+            raise RequestError(f"parameters must be a JSON object, got {parameters!r:.80}")
         names = [key for key in doc if key != "parameters"]
         if len(names) != 1:
             raise RequestError(
                 f"a generate request names exactly one input (such as text_input); got {names}"
             )
         value = prepare(doc[names[0]], self.content_type, self.spec, names[0])
-        context = GenerateContext(str(header.get("model", "")), str(header.get("version", "")))
+        context = GenerateContext(
+            str(header.get("model", "")), str(header.get("version", "")), parameters
+        )
         return value, context
 
     def encode(self, context: Any, result: Any) -> tuple[bytes, str, dict[str, Any]]:
@@ -135,16 +150,20 @@ class StreamRunner:
         admit: Admit,
         send: Send,
         reply_error: ReplyError,
+        interrupted: Interrupted,
+        wait: Wait,
     ) -> None:
         assert model.stream is not None, "StreamRunner needs a model with predict_stream"
         self._data = data
         self._model = model
-        self._produce = model.stream
+        self._produce = with_parameters(model.stream)
         self._state = state
         self._codecs = codecs
         self._admit = admit
         self._send = send
         self._reply_error = reply_error
+        self._interrupted = interrupted
+        self._wait = wait
         self._streams: dict[int, _Stream] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -181,9 +200,10 @@ class StreamRunner:
 
     def _run(self, job: Job, stream: _Stream, pending: deque[Job]) -> None:
         inputs = pytree.to_device(job.inputs, self._model.device)
+        parameters = job.context.parameters if isinstance(job.context, GenerateContext) else {}
         try:
             with torch.inference_mode():
-                outputs = self._produce(inputs)
+                outputs = self._produce(inputs, parameters)
         except Exception as exc:
             self._reply_error(job.request_id, model_failure(exc))
             return
@@ -194,6 +214,12 @@ class StreamRunner:
                 self._poll(job.request_id, stream, pending)
                 if stream.cancelled:
                     return  # the gateway has forgotten this request: nothing to answer
+                if (reason := self._interrupted()) is not None:
+                    self._reply_error(
+                        job.request_id,
+                        Unavailable(f"the worker is stopping ({reason}) after {seq} outputs"),
+                    )
+                    return
                 if time.monotonic() > stream.deadline:
                     self._reply_error(
                         job.request_id,
@@ -272,9 +298,9 @@ class StreamRunner:
             if stream.cancelled or not stream.stream or stream.credit > 0:
                 return
             left = stream.deadline - time.monotonic()
-            if left <= 0:
+            if left <= 0 or self._interrupted() is not None:
                 return
-            self._data.poll(max(1, math.ceil(left * 1000)))
+            self._wait(left)
 
     def _read_waiting(self, request_id: int, stream: _Stream, pending: deque[Job]) -> None:
         while True:
@@ -321,6 +347,18 @@ class StreamRunner:
             body, fmt, extra = self._codecs[job.fmt].encode(job.context, outputs)
         reply = {"t": protocol.REPLY, "id": job.request_id, "code": protocol.OK, "fmt": fmt}
         self._send([protocol.pack({**reply, **extra}), body])
+
+
+def with_parameters(stream: Callable[..., Any]) -> Callable[[Any, dict[str, Any]], Any]:
+    """A handler's ``predict_stream``, always called as ``(x, parameters)``.
+
+    The signature is read once: two positional parameters (or ``*args``) get a
+    generate request's ``parameters`` (``{}`` when it has none, and on
+    ``/predict``); one gets ``x`` alone.
+    """
+    if positional_count(stream) >= 2:
+        return stream
+    return lambda x, parameters: stream(x)
 
 
 def _generate_document(context: GenerateContext, fields: dict[str, Any]) -> dict[str, Any]:
