@@ -8,9 +8,11 @@ reconcile step (:meth:`Supervisor.reconcile`, gunicorn's ``manage_workers``)
 compares it with what exists and fixes the difference: it adds and retires
 slots, and spawns a worker for every slot that wants one. So a slot scaled
 away while it waited out a backoff is simply no longer wanted, and nothing
-is spawned for it. A worker that exits
-is noticed at once by reaping; one that goes silent is noticed when its
-heartbeats stop, asked to stop, then killed. Either way the requests it held
+is spawned for it. Replacing a live worker (recycling, a reload) goes through
+a successor that takes over only once it is ready.
+
+A worker that exits is noticed at once by reaping; one that goes silent is
+noticed when its heartbeats stop, asked to stop, then killed. Either way the requests it held
 are settled by the dispatcher and its slot is refilled with exponential
 backoff. A worker whose model cannot load before the pool has ever served is
 not restarted: when every slot has failed that way the server stops with the
