@@ -132,14 +132,20 @@ for _base in ("/models/{name}", "/models/{name}/versions/{version}"):
         generate,
         methods=["POST"],
         openapi_extra=_BODY,
-        responses={200: {"content": {"application/json": {"schema": {}}}}},
+        responses={
+            200: {"content": {"application/json": {"schema": {}}}},
+            **v2.errors_openapi(400, 404, 413, 415, 500, 503, 504),
+        },
     )
     router.add_api_route(
         _base + "/generate_stream",
         generate_stream,
         methods=["POST"],
         openapi_extra=_BODY,
-        responses={200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}}},
+        responses={
+            200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}},
+            **v2.errors_openapi(400, 404, 413, 415, 500, 503, 504),
+        },
     )
 
 

@@ -83,7 +83,7 @@ _ERROR_SCHEMA: Final[dict[str, Any]] = {
 }
 
 
-def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+def errors_openapi(*statuses: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI entries for the error statuses a route answers."""
     return {
         status: {
@@ -120,7 +120,7 @@ async def server_live() -> Response:
 
 @router.get(
     "/health/ready",
-    responses={503: {"description": "Not ready, or draining", **_errors(503)[503]}},
+    responses={503: {"description": "Not ready, or draining", **errors_openapi(503)[503]}},
 )
 async def server_ready(request: Request) -> Response:
     """200 when at least --min-ready workers are ready and the server is not draining."""
@@ -321,14 +321,14 @@ _INFER_RESPONSES: dict[int | str, dict[str, Any]] = {
         "description": "The outputs: JSON, or with binary outputs the binary tensor extension",
         "content": {"application/json": {"schema": {}}, OCTET_STREAM: {"schema": {}}},
     },
-    **_errors(400, 404, 413, 500, 503, 504),
+    **errors_openapi(400, 404, 413, 500, 503, 504),
 }
 
 # Each model route also under /versions/{version}, as the protocol has it.
 for _suffix, _endpoint, _method, _openapi, _responses in (
-    ("", model_metadata, "GET", None, _errors(404, 503)),
-    ("/ready", model_ready, "GET", None, _errors(404, 503)),
-    ("/config", model_config, "GET", None, _errors(404, 503)),
+    ("", model_metadata, "GET", None, errors_openapi(404, 503)),
+    ("/ready", model_ready, "GET", None, errors_openapi(404, 503)),
+    ("/config", model_config, "GET", None, errors_openapi(404, 503)),
     ("/infer", infer, "POST", INFER_OPENAPI, _INFER_RESPONSES),
 ):
     for _base in ("/models/{name}", "/models/{name}/versions/{version}"):
