@@ -179,12 +179,20 @@ class Container:
         result = podman("logs", self.name)
         return result.stdout + result.stderr
 
-    def wait_ready(self, timeout_s: float = 180.0) -> None:
+    def wait_ready(self, workers: int, timeout_s: float = 180.0) -> None:
+        """Until /health/ready answers 200 and all ``workers`` are ready.
+
+        /health/ready needs only --min-ready workers (1 by default); the
+        checks that follow look at every worker, so wait for all of them.
+        """
+
         def ready() -> bool:
             state = self.state()
             assert state["Running"], f"the container exited ({state['ExitCode']}):\n{self.logs()}"
             with contextlib.suppress(httpx.HTTPError):
-                return self.client.get("/health/ready").status_code == 200
+                if self.client.get("/health/ready").status_code != 200:
+                    return False
+                return bool(self.client.get("/health").json()["ready_workers"] == workers)
             return False
 
         wait_for(ready, timeout_s, "/health/ready in the container", interval_s=0.25)

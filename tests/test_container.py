@@ -109,14 +109,14 @@ def check_processes(container: Container, image: Image, workers: int) -> None:
 
 
 def test_image_serves_the_demo_model_as_its_declared_user(run: Any, image: Image) -> None:
+    workers = parse_settings(ServeSettings, [], {}).workers
     container = run()
-    container.wait_ready()
+    container.wait_ready(workers)
     response = container.client.post("/predict", json={"input_tensor": ROWS})
     assert response.status_code == 200, response.text
     with torch.inference_mode():
         want = build_demo_model()(torch.tensor(ROWS))
     assert_close(response.json()["prediction"], want)
-    workers = parse_settings(ServeSettings, [], {}).workers
     check_processes(container, image, workers)
     # The image's own HEALTHCHECK, run inside it, agrees that it is ready.
     health = container.healthcheck()
@@ -144,7 +144,7 @@ def test_mounted_model_with_settings_drains_on_stop(run: Any, image: Image, tmp_
         ServeSettings, [], {k: v for k, v in settings.items() if k != "TORCHPOOL_MODEL"}
     ).drain_timeout_s
     container = run(env=settings, volumes=[f"{models}:/models:ro"])
-    container.wait_ready()
+    container.wait_ready(workers)
 
     response = container.client.post("/predict", json={"input_tensor": ROWS})
     assert response.status_code == 200, response.text
