@@ -44,8 +44,6 @@ if TYPE_CHECKING:
 PROG: Final = "torchpool worker"
 # linux/prctl.h
 _PR_SET_PDEATHSIG: Final = 1
-# A reply blocked this long on a gateway that stopped reading is given up.
-_SEND_TIMEOUT_MS: Final = 10_000
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -78,7 +76,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     data: zmq.Socket[bytes] = ctx.socket(zmq.DEALER)
     data.setsockopt(zmq.IDENTITY, protocol.data_identity(uid))
     data.setsockopt(zmq.LINGER, LINGER_MS)
-    data.setsockopt(zmq.SNDTIMEO, _SEND_TIMEOUT_MS)
     secure(data)
     data.connect(settings.connect)
     try:
