@@ -159,8 +159,9 @@ async def test_scaling_down_during_a_recycle_leaves_no_untracked_worker() -> Non
     gw.supervisor.check_recycle(marked)
     assert marked.recycling
     await gw.supervisor.scale_to(1)
-    for _ in range(3):
+    for _ in range(3):  # with turns of the loop between, for anything started meanwhile
         await gw.supervisor.reconcile()
+        await asyncio.sleep(0)
     assert len(gw.spawner.processes) == 4 and untracked(gw) == []
 
     for retiring in list(gw.pool.extra):
