@@ -556,8 +556,7 @@ class Supervisor:
             self._count_death(death_cause(worker.exit_code))
             worker.last_error = self._death_note(worker, process, how)
         worker.state = State.STOPPED
-        log.error("replacement for worker %d (pid %d) %s", worker.slot, process.pid, how)
-        self._reconcile_soon()
+        self._reconcile_soon()  # which decides what its death means, and logs it
 
     # --- helpers ---------------------------------------------------------------
 
