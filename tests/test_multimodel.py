@@ -24,6 +24,7 @@ from shared.config import ConfigError
 from shared.modelconfig import load
 from tests.conftest import ROOT, Server, free_port, wait_for
 from tests.load import ROW, Load
+from tests.test_metrics import parse, value
 
 ADMIN = "admin-secret"
 AUTH = {"authorization": f"Bearer {ADMIN}"}
@@ -213,6 +214,16 @@ def test_each_model_answers_at_its_own_route(gateway: tuple[Server, Path]) -> No
     assert server.get("/v2/models/demo/ready").status_code == 200
     assert server.get("/v2/models/broken/ready").status_code == 503
     assert server.get("/v2/models/nope").status_code == 404
+    # HTTP metrics tell the models apart; a name that is not served is no label.
+    samples = parse(server.get("/metrics").text)
+    requests = "torchpool_http_requests_total"
+    named = {"route": "/predict/{name}", "code": "200"}
+    assert value(samples, requests, **named, model="demo") == 1
+    assert value(samples, requests, **named, model="mlp") == 1
+    assert value(samples, requests, route="/predict/{name}", model="", code="404") == 1
+    infer = {"route": "/v2/models/{name}/infer", "model": "mlp"}
+    assert value(samples, requests, **infer, code="200") == 1
+    assert value(samples, "torchpool_http_request_duration_seconds_count", **infer) == 1
 
 
 def test_a_model_that_cannot_load_fails_alone(gateway: tuple[Server, Path]) -> None:
