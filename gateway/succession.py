@@ -160,7 +160,12 @@ class Succession:
                     return  # it failed meanwhile; nothing more to start
                 if old.slot not in reload.successors:
                     reload.successors[old.slot] = successor = self._successor_for(old)
-                    await self._acts.spawn(successor, reload.settings)
+                    try:
+                        await self._acts.spawn(successor, reload.settings)
+                    except OSError as exc:  # no interpreter to start: the caller hears why
+                        note = f"worker {old.slot} could not be started: {exc}"
+                        self.fail_reload(ModelLoadError(note))
+                        return
             return
         for old in list(self._pool.workers):
             if old.recycling and old.role is Role.CURRENT and not self._has_successor(old.slot):

@@ -114,6 +114,22 @@ async def test_a_reload_whose_successor_fails_keeps_the_old_workers_and_says_why
 
 
 @on_loop
+async def test_a_reload_whose_successor_cannot_start_fails_with_why() -> None:
+    gw = gateway(2)
+    await gw.start()
+    olds = list(gw.pool.workers)
+    for worker in olds:
+        gw.ready(worker)
+    gw.spawner.cannot_start[3] = OSError(24, "Too many open files")  # the second successor
+    reload = asyncio.ensure_future(gw.supervisor.reload())
+    await eventually(reload.done, "the reload to fail")
+    with pytest.raises(ModelLoadError, match=r"worker 1 could not be started: .*open files"):
+        await reload
+    await eventually(lambda: not gw.pool.extra, "the started successor to be let go of")
+    assert gw.pool.workers == olds and all(w.ready for w in olds) and untracked(gw) == []
+
+
+@on_loop
 async def test_a_reload_successor_declared_lost_is_one_death_and_fails_the_reload() -> None:
     gw = gateway(1)
     await gw.start()
