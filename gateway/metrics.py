@@ -5,8 +5,11 @@ apps in one process never share or clash over a series. Figures come from
 three places, each as cheap as it can be on the request path:
 
 - HTTP: :class:`MetricsMiddleware` (pure ASGI) times every request and counts
-  it by route template and status code. A path that matched no route is
-  labelled ``other``, so a scanner cannot blow up the label set.
+  it by route template, model and status code. A path that matched no route is
+  labelled ``other``, so a scanner cannot blow up the label set; ``model`` is
+  the served model an inference route's request was for (a name that is not
+  served is ``""``, as on every other route), so it is bounded the same way.
+  ``/predict`` is answered before the middleware and reports its own.
 - Hooks: the dispatcher reports each request's wait before its first send to a
   worker (``Dispatcher.on_first_send``), the supervisor each unplanned worker
   death (``Supervisor.on_death``).
@@ -76,6 +79,10 @@ DEATH_CAUSES = (
 OTHER_ROUTE = "other"
 RECENT_SIZE = 4096  # inference requests the status page's window can hold
 RECENT_WINDOW_S = 10.0
+
+
+# Routes ending so name their model in the path parameter ``name``.
+MODEL_ROUTE_ENDS = ("/infer", "/generate", "/generate_stream")
 
 
 def is_inference_route(route: str) -> bool:
@@ -148,11 +155,12 @@ def _quantile(ordered: list[float], q: float) -> float | None:
 class _RouteSeries:
     """The labelled children of one route, looked up once and kept."""
 
-    __slots__ = ("by_status", "duration", "inference", "route")
+    __slots__ = ("by_status", "duration", "inference", "model", "route")
 
-    def __init__(self, metrics: Metrics, route: str) -> None:
+    def __init__(self, metrics: Metrics, route: str, model: str) -> None:
         self.route = route
-        self.duration = metrics.request_duration.labels(route)
+        self.model = model
+        self.duration = metrics.request_duration.labels(route, model)
         self.by_status: dict[int, Any] = {}
         self.inference = is_inference_route(route)
 
@@ -164,15 +172,16 @@ class Metrics:
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "http_requests",
-            "HTTP requests answered, by route template and status code.",
-            ["route", "code"],
+            "HTTP requests answered, by route template, model and status code.",
+            ["route", "model", "code"],
             namespace=NAMESPACE,
             registry=self.registry,
         )
         self.request_duration = Histogram(
             "http_request_duration_seconds",
-            "Time from receiving an HTTP request to the end of its answer, by route template.",
-            ["route"],
+            "Time from receiving an HTTP request to the end of its answer, by route template "
+            "and model.",
+            ["route", "model"],
             namespace=NAMESPACE,
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
@@ -199,7 +208,7 @@ class Metrics:
         self.runtime: Runtime | None = None
         self.registry.register(PoolCollector(self))
         self.recent = RecentWindow()
-        self._routes: dict[str, _RouteSeries] = {}
+        self._routes: dict[tuple[str, str], _RouteSeries] = {}
 
     def attach(self, runtime: Runtime) -> None:
         """Read ``runtime``'s pools at scrape time, and take each model's dispatcher's and
@@ -215,13 +224,15 @@ class Metrics:
         model.dispatcher.on_first_send = self.queue_wait.labels(model.name).observe
         model.supervisor.on_death = lambda cause: self.deaths.labels(model.name, cause).inc()
 
-    def observe_request(self, route: str, status: int, seconds: float) -> None:
-        series = self._routes.get(route)
+    def observe_request(self, route: str, status: int, seconds: float, model: str = "") -> None:
+        """One answered request; ``model``: the served model it was for, "" if none."""
+        key = (route, model)
+        series = self._routes.get(key)
         if series is None:
-            series = self._routes[route] = _RouteSeries(self, route)
+            series = self._routes[key] = _RouteSeries(self, route, model)
         counter = series.by_status.get(status)
         if counter is None:
-            counter = series.by_status[status] = self.requests.labels(route, str(status))
+            counter = series.by_status[status] = self.requests.labels(route, model, str(status))
         counter.inc()
         series.duration.observe(seconds)
         if series.inference:
@@ -259,7 +270,18 @@ class MetricsMiddleware:
         finally:
             # The router leaves the matched route in the scope; its path is the template.
             route = getattr(scope.get("route"), "path", None) or self._template(scope)
-            self.metrics.observe_request(route, status, time.perf_counter() - started)
+            seconds = time.perf_counter() - started
+            self.metrics.observe_request(route, status, seconds, self._model(scope, route))
+
+    def _model(self, scope: Scope, route: str) -> str:
+        """The served model an inference route's request was for; "" for any other."""
+        if not route.endswith(MODEL_ROUTE_ENDS):
+            return ""
+        name = scope.get("path_params", {}).get("name")
+        runtime = self.metrics.runtime
+        if isinstance(name, str) and runtime is not None and name in runtime.models:
+            return name
+        return ""
 
     def _template(self, scope: Scope) -> str:
         """The route of a request answered before routing (a 401, say), or "other"."""

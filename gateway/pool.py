@@ -7,7 +7,6 @@ reads them. Everything runs on the gateway's one event loop, so no locks.
 
 from __future__ import annotations
 
-import asyncio
 import enum
 import itertools
 import time
@@ -26,8 +25,8 @@ class Role(str, enum.Enum):
     """Where a record stands in its slot; only CURRENT records take new requests."""
 
     CURRENT = "current"  # the slot's worker
-    SUCCESSOR = "successor"  # booting to replace a recycled worker; not yet serving
-    RETIRING = "retiring"  # replaced; finishing what it holds, then stopping
+    SUCCESSOR = "successor"  # booting to replace the slot's worker (recycle, reload); not serving
+    RETIRING = "retiring"  # replaced or let go of; finishing what it holds, then stopping
 
 
 class State(str, enum.Enum):
@@ -72,14 +71,12 @@ class WorkerRecord:
     boot_failures: int = 0
     last_seen: float | None = None  # time.monotonic() of the last control message
     spawned_at: float | None = None  # time.monotonic() of the last spawn
-    recycling: bool = False  # a successor is on its way
+    # Wants a successor (recycling): the reconcile step starts one and hands over.
+    recycling: bool = False
     # When a RESTARTING slot may be refilled (its backoff over); None: not waiting.
     respawn_at: float | None = None
     # Declared lost while it was READY: its death is not a boot failure.
     lost_when_ready: bool = False
-    # A reload's successor: resolved when it is ready (it then waits for the
-    # others before taking over), or failed with why it died first.
-    handover: asyncio.Future[None] | None = None
     recycle_not_before: float = 0.0  # after a failed recycle, when to try again
     exit_code: int | None = None
     last_error: str | None = None
@@ -162,7 +159,7 @@ class Pool:
 
     ``workers`` holds the local slots (index == slot), ``remote`` the workers that
     joined over --bind; both serve. ``extra`` holds the successors and retiring
-    workers of a recycle or a scale-down: alive, but not (or no longer) serving.
+    workers of a recycle, a reload or a scale-down: alive, but not (or no longer) serving.
     """
 
     REMOTE_IDS_FROM = 1000

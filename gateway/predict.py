@@ -52,8 +52,8 @@ _BODY_FORMATS = {
 _MEDIA_TYPES = {protocol.FMT_JSON: JSON, protocol.FMT_MSGPACK: MSGPACK}
 _EMPTY = 'empty body; send {"input_tensor": [[...], ...]}'
 
-# (route, status, seconds) -> None
-Observer = Callable[[str, int, float], None]
+# (route, status, seconds, model: the served model it was for, or "") -> None
+Observer = Callable[[str, int, float, str], None]
 
 
 def body_format(content_type: bytes | None) -> tuple[str, protocol.RequestExtras | None]:
@@ -92,6 +92,7 @@ class PredictHandler:
         """``model_name``: the model of ``/predict/{name}``; None for ``/predict``."""
         started = time.perf_counter()
         status = 200
+        served = ""  # the model's name for metrics, once the request found it
         try:
             if scope["method"] != "POST":
                 status = 405
@@ -113,6 +114,7 @@ class PredictHandler:
                 if self._keys and not token_matches(authorization, self._keys):
                     raise Unauthorized("a valid API key is required: Authorization: Bearer KEY")
                 model = self._runtime_of().model(model_name)
+                served = model.name
                 fmt, extra_fields = body_format(content_type)
                 timeout_s = timeout_header(timeout)
                 limit = model.settings.max_body_bytes
@@ -129,4 +131,4 @@ class PredictHandler:
             raise
         finally:
             route = PREDICT_PATH if model_name is None else PREDICT_NAMED
-            self._observe(route, status, time.perf_counter() - started)
+            self._observe(route, status, time.perf_counter() - started, served)

@@ -249,11 +249,21 @@ class Runtime:
             log.warning("refusing remote worker %r: %s", uid, exc.message)
             return None
         theirs = hello.get("fingerprint")
-        if theirs is not None and theirs != model.fingerprint:
+        reason = None
+        if theirs is None:
+            # An older build, or one that could not read its model file: nothing to
+            # check it against, so it is not trusted to give this model's answers.
+            reason = (
+                f"it sent no settings fingerprint, so the gateway cannot check that it "
+                f"serves model {model.name} (an older torchpool worker, or one that "
+                f"could not read its model file)"
+            )
+        elif theirs != model.fingerprint:
             reason = (
                 f"its settings fingerprint {theirs} is not model {model.name}'s "
                 f"{model.fingerprint}: another model file, or flags that change answers"
             )
+        if reason is not None:
             if uid not in model.refused:
                 log.warning("refusing remote worker %r from %s: %s", uid, hello.get("host"), reason)
             model.refused[uid] = {"uid": uid, "host": hello.get("host"), "reason": reason}

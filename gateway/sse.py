@@ -190,12 +190,14 @@ class StreamPredictHandler:
         """``model_name``: the model of ``/predict/{name}``; None for ``/predict``."""
         started = time.perf_counter()
         status = 200
+        served = ""  # the model's name for metrics, once the request found it
         try:
             headers = dict(scope["headers"])
             try:
                 if self._keys and not token_matches(headers.get(b"authorization"), self._keys):
                     raise Unauthorized("a valid API key is required: Authorization: Bearer KEY")
                 model = self._runtime_of().model(model_name)
+                served = model.name
                 fmt, extra = body_format(headers.get(b"content-type"))
                 timeout_s = timeout_header(headers.get(TIMEOUT_HEADER))
                 limit = model.settings.max_body_bytes
@@ -212,4 +214,4 @@ class StreamPredictHandler:
             raise
         finally:
             route = PREDICT_PATH if model_name is None else PREDICT_NAMED
-            self._observe(route, status, time.perf_counter() - started)
+            self._observe(route, status, time.perf_counter() - started, served)

@@ -8,13 +8,10 @@ reconcile step (:meth:`Supervisor.reconcile`, gunicorn's ``manage_workers``)
 compares it with what exists and fixes the difference: it adds and retires
 slots, and spawns a worker for every slot that wants one. So a slot scaled
 away while it waited out a backoff is simply no longer wanted, and nothing
-is spawned for it. Replacing a live worker (recycling, a reload) goes through
-a successor that takes over only once it is ready.
-
-This module is past the ~600 lines the style guide asks for. The recycling and
-reload code below (successors) should become its own module when it is
-folded into the reconcile step, which issue #10 leaves open; splitting it
-before then would only move the special case.
+is spawned for it. Replacing a live worker (recycling, a reload) is wanted
+state too: a slot marked for recycling, or a pending reload. The same step
+starts their successors, hands each slot over once its successor is ready,
+and drops successors that died (see :mod:`gateway.succession`).
 
 A worker that exits is noticed at once by reaping; one that goes silent is
 noticed when its heartbeats stop, asked to stop, then killed. Either way the requests it held
@@ -41,10 +38,11 @@ from gateway.dispatch import Dispatcher
 from gateway.placement import Placement, choose_gpus, format_cores, place_another
 from gateway.pool import Pool, Role, State, WorkerRecord
 from gateway.process import ProcessHandle, Spawner, WorkerProcess, describe_exit
+from gateway.succession import Succession
 from gateway.transport import REMOTE, Transport
 from shared import protocol
 from shared.config import ENV_PREFIX, PoolSettings, worker_argv
-from shared.errors import Conflict, ModelLoadError, Unavailable
+from shared.errors import Conflict, Unavailable
 
 log = logging.getLogger("torchpool.supervisor")
 
@@ -54,8 +52,6 @@ STOP_GRACE_S = 5.0  # after STOP/SIGTERM, before SIGKILL
 MAX_BOOT_FAILURES = 5  # deaths before ready, in a row, before a slot is failed
 BACKOFF_BASE_S = 0.5
 BACKOFF_MAX_S = 30.0
-RECYCLE_RETRY_S = 30.0  # after a replacement failed to boot
-MIB = 1024 * 1024
 THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS")
 
 
@@ -75,7 +71,6 @@ class Supervisor:
         self._settings = settings
         # Cores other models' workers hold, avoided when scaling up.
         self._taken = taken
-        self._reloading = False
         # The wanted state the reconcile step makes true: the number of local slots.
         self._wanted = len(pool.workers)
         self._reconciling = asyncio.Lock()
@@ -87,6 +82,8 @@ class Supervisor:
         self._spawner = spawner
         self._clock = clock
         self._sleep = sleep
+        # Successors wanted and booting: recycled slots, a pending reload.
+        self._succession = Succession(pool, self, clock)
         self._stopping = False
         self._tasks: set[asyncio.Task[Any]] = set()
         self._gpus = choose_gpus(settings.device)
@@ -112,6 +109,7 @@ class Supervisor:
     async def stop(self) -> None:
         """Drain in-flight requests, then stop every worker: ask, wait, kill, reap."""
         self._stopping = True
+        self._succession.fail_reload(Unavailable("the server is shutting down"))
         self.begin_drain()
         await self.drain()
         # Remote workers are services of their own: they outlive this gateway and
@@ -181,6 +179,10 @@ class Supervisor:
         worker.process = process
         worker.pid = process.pid
         worker.spawned_at = self._clock()
+        if self._stopping or worker.state is State.STOPPED:
+            # Let go of while it started (a shutdown, an abandoned reload): no
+            # record will serve from it, so it stops now; reaping still ends it.
+            self._background(process.stop(STOP_GRACE_S))
         log.info(
             "worker %d spawned: pid %d, %s, cores %s",
             worker.slot, process.pid, placement.label, format_cores(placement.cores),
@@ -193,8 +195,11 @@ class Supervisor:
             return  # a process we had already given up on
         worker.exit_code = code
         how = describe_exit(code)
-        if worker.role is not Role.CURRENT:
-            self._recycle_ended(worker, process, how)
+        if worker.role is Role.RETIRING:
+            self._retired(worker, how)
+            return
+        if worker.role is Role.SUCCESSOR:
+            self._successor_died(worker, process, how)
             return
         if self._stopping or worker.state is State.STOPPED:
             worker.state = State.STOPPED
@@ -243,52 +248,61 @@ class Supervisor:
         """Make the local slots what is wanted; the one place that adds, removes and refills.
 
         Grows or shrinks the slot list to the wanted count (removed slots drain
-        before they stop), drops successors of removed slots, starts the next
-        generation of every slot whose backoff is over, and spawns every slot
-        that has no process yet. Passes run one at a time; any event may ask
-        for one, and a pass with nothing to do changes nothing.
+        before they stop); drops successors that died or whose slot is gone,
+        hands slots over to ready successors and starts the ones wanted
+        (:class:`gateway.succession.Succession`); starts the next generation
+        of every slot whose backoff is over, and spawns every slot that has no
+        process yet. Passes run one at a time; any event may ask for one, and
+        a pass with nothing to do changes nothing.
         """
         async with self._reconciling:
             if self._stopping:
                 return
-            workers = self._pool.workers
-            while len(workers) < self._wanted:
-                slot = len(workers)
-                placement = place_another(
-                    [w.placement for w in workers],
-                    slot,
-                    self._gpus,
-                    self._settings.cores_per_worker,
-                    taken=self._taken(),
+            self._scale()
+            self._succession.settle()
+            await self._succession.start(self._settings)
+            await self._refill()
+
+    def _scale(self) -> None:
+        """Add or retire slots until there are as many as wanted."""
+        workers = self._pool.workers
+        while len(workers) < self._wanted:
+            slot = len(workers)
+            placement = place_another(
+                [w.placement for w in workers],
+                slot,
+                self._gpus,
+                self._settings.cores_per_worker,
+                taken=self._taken(),
+            )
+            workers.append(
+                WorkerRecord(
+                    placement, generation=self._pool.next_generation(), model=self._pool.model
                 )
-                workers.append(
-                    WorkerRecord(
-                        placement, generation=self._pool.next_generation(), model=self._pool.model
-                    )
-                )
-                log.info("scaling up: worker %d", slot)
-            while len(workers) > self._wanted:
-                worker = workers.pop()
-                log.info("scaling down: draining worker %d", worker.slot)
-                self._retire_record(worker)
-            for extra in list(self._pool.extra):
-                if extra.role is Role.SUCCESSOR and extra.slot >= self._wanted:
-                    self._retire_record(extra)
-            now = self._clock()
-            for worker in list(workers):
-                if self._stopping:
-                    return
-                if worker.state is State.RESTARTING and worker.respawn_at is not None:
-                    if now < worker.respawn_at:
-                        # Not yet (a timer may fire a little early): look again then.
-                        self._background(self._reconcile_after(worker.respawn_at - now))
-                        continue
-                    worker.respawn_at = None
-                    worker.restarts += 1
-                    self._pool.forget(worker)
-                    worker.new_generation(self._pool.next_generation())
-                if worker.state is State.STARTING and worker.process is None:
-                    await self.spawn(worker)
+            )
+            log.info("scaling up: worker %d", slot)
+        while len(workers) > self._wanted:
+            worker = workers.pop()
+            log.info("scaling down: draining worker %d", worker.slot)
+            self.retire(worker, "scaled down")
+
+    async def _refill(self) -> None:
+        """Spawn every slot that wants a process: new, or dead with its backoff over."""
+        now = self._clock()
+        for worker in list(self._pool.workers):
+            if self._stopping:
+                return
+            if worker.state is State.RESTARTING and worker.respawn_at is not None:
+                if now < worker.respawn_at:
+                    # Not yet (a timer may fire a little early): look again then.
+                    self._background(self._reconcile_after(worker.respawn_at - now))
+                    continue
+                worker.respawn_at = None
+                worker.restarts += 1
+                self._pool.forget(worker)
+                worker.new_generation(self._pool.next_generation())
+            if worker.state is State.STARTING and worker.process is None:
+                await self.spawn(worker)
 
     def declare_lost(self, worker: WorkerRecord, how: str, cause: str, retry: bool = True) -> None:
         """Give up on a live but silent, hung or unreachable worker: settle, stop, reap.
@@ -404,8 +418,6 @@ class Supervisor:
     def _on_ready(self, worker: WorkerRecord, message: protocol.ReadyHeader) -> None:
         if worker.state not in (State.STARTING, State.LOADING):
             return
-        if worker.role is Role.SUCCESSOR and worker.handover is None:
-            self._take_over(worker)
         worker.state = State.READY
         worker.take_memory(message)
         worker.load_seconds = message.get("load_s")
@@ -417,13 +429,10 @@ class Supervisor:
         worker.last_error = None
         self._pool.ever_ready = True
         log.info("worker %d ready in %.2fs", worker.slot, worker.load_seconds or 0.0)
-        if worker.handover is not None:
-            if not worker.handover.done():
-                worker.handover.set_result(None)
+        if worker.role is Role.SUCCESSOR:
+            self._reconcile_soon()  # which hands its slot over
             return
-        self._dispatcher.pump()
-        if self.on_ready is not None:
-            self.on_ready(worker)
+        self.serve(worker)
 
     def admit_remote(self, uid: str, message: dict[str, Any]) -> WorkerRecord | None:
         """A worker we did not spawn says hello over --bind (CURVE already checked it)."""
@@ -456,121 +465,23 @@ class Supervisor:
         """Resize the local pool: new slots boot in the background; removed ones drain."""
         if self._stopping:
             return
-        if self._reloading:
+        if self._succession.reloading:
             raise Conflict("the model is being reloaded; scale it when that is done")
         self._wanted = count
         await self.reconcile()
 
     def scale_by(self, delta: int) -> None:
         """SIGTTIN (+1) / SIGTTOU (-1), as gunicorn does."""
-        if not self._reloading:
+        if not self._succession.reloading:
             self._wanted = max(0, self._wanted + delta)
-            self._background(self.reconcile())
+            self._reconcile_soon()
 
-    def _retire_record(self, worker: WorkerRecord) -> None:
-        """Take ``worker`` out of service; it finishes what it holds, then stops."""
-        if worker in self._pool.extra:
-            self._pool.extra.remove(worker)
-        process = worker.process
-        if process is None or not process.is_alive():
-            self._pool.forget(worker)
-            worker.state = State.STOPPED
-            return
-        worker.role = Role.RETIRING
-        self._pool.extra.append(worker)
-        self._send_control(worker, {"t": protocol.STOP, "reason": "scaled down"})
-        self._background(self._retire(process))
-
-    # --- recycling ---------------------------------------------------------------
+    # --- replacing live workers ---------------------------------------------------
 
     def check_recycle(self, worker: WorkerRecord) -> None:
-        """Start replacing ``worker`` if it passed its request count or memory ceiling."""
-        settings = self._settings
-        if (
-            worker.recycling
-            or self._reloading
-            or worker.remote
-            or worker.role is not Role.CURRENT
-            or worker.state is not State.READY
-            or self._stopping
-            or self._clock() < worker.recycle_not_before
-        ):
-            return
-        reason = None
-        limit = settings.max_requests_per_worker
-        if limit and worker.requests_served >= limit:
-            reason = f"served {worker.requests_served} requests (limit {limit})"
-        ceiling = settings.max_worker_rss_mb * MIB
-        if ceiling and worker.rss_bytes is not None and worker.rss_bytes > ceiling:
-            reason = (
-                f"RSS {worker.rss_bytes / MIB:.0f} MiB is over {settings.max_worker_rss_mb:g} MiB"
-            )
-        if reason is None:
-            return
-        log.info("recycling worker %d: %s", worker.slot, reason)
-        worker.recycling = True
-        self._background(self.spawn(self._successor_for(worker)))
-
-    def _successor_for(
-        self, old: WorkerRecord, handover: asyncio.Future[None] | None = None
-    ) -> WorkerRecord:
-        """A new record that boots on ``old``'s placement and takes over once ready."""
-        successor = WorkerRecord(
-            old.placement,
-            generation=self._pool.next_generation(),
-            role=Role.SUCCESSOR,
-            model=self._pool.model,
-            restarts=old.restarts,
-            handover=handover,
-        )
-        self._pool.extra.append(successor)
-        return successor
-
-    def _take_over(self, successor: WorkerRecord) -> None:
-        """A successor is ready: it takes the slot, the old worker drains and stops."""
-        slot = successor.slot
-        if slot >= len(self._pool.workers):
-            self._retire_record(successor)  # its slot was scaled away meanwhile
-            return
-        old = self._pool.workers[slot]
-        self._pool.extra.remove(successor)
-        successor.role = Role.CURRENT
-        self._pool.workers[slot] = successor
-        log.info("worker %d replaced by pid %s; draining pid %s", slot, successor.pid, old.pid)
-        # A worker answers all it holds before it acts on STOP; it gets no new work.
-        self._retire_record(old)
-
-    async def _retire(self, process: ProcessHandle) -> None:
-        try:
-            await asyncio.wait_for(asyncio.shield(process.wait()), self._settings.drain_timeout_s)
-        except asyncio.TimeoutError:
-            await process.stop(STOP_GRACE_S)
-
-    def _recycle_ended(self, worker: WorkerRecord, process: ProcessHandle, how: str) -> None:
-        """A retiring worker exited, or a successor died before it was ready."""
-        if worker in self._pool.extra:
-            self._pool.extra.remove(worker)
-        self._pool.forget(worker)
-        declared_lost = worker.state is State.RESTARTING  # declare_lost() counted it
-        worker.state = State.STOPPED
-        self._dispatcher.worker_lost(worker, how)  # normally holds nothing by now
-        if worker.role is Role.SUCCESSOR and not declared_lost:
-            self._count_death(death_cause(worker.exit_code))
-        if worker.handover is not None:
-            if not worker.handover.done():
-                note = self._death_note(worker, process, how)
-                worker.handover.set_exception(ModelLoadError(note))
-            return
-        if worker.role is Role.SUCCESSOR and worker.slot < len(self._pool.workers):
-            current = self._pool.workers[worker.slot]
-            current.recycling = False
-            current.recycle_not_before = self._clock() + RECYCLE_RETRY_S
-            log.error(
-                "replacement for worker %d %s before it was ready; keeping the old one: %s",
-                worker.slot, how, self._death_note(worker, process, how),
-            )  # fmt: skip
-
-    # --- reloading ---------------------------------------------------------------
+        """Ask for a successor to ``worker`` if it passed its request count or memory ceiling."""
+        if not self._stopping and self._succession.want_successor(worker, self._settings):
+            self._reconcile_soon()
 
     async def reload(self, settings: PoolSettings | None = None) -> None:
         """Replace every local worker with one that loads the model again (``settings``).
@@ -580,59 +491,72 @@ class Supervisor:
         and then each old worker finishes what it holds and stops, so nothing
         is dropped. If a successor dies before it is ready, the others are
         stopped, the old workers go on serving, and ModelLoadError says why.
+        This only asks for the reload; the reconcile step carries it out.
         """
         if self._stopping:
             raise Unavailable("the server is shutting down")
-        if self._reloading:
-            raise Conflict("a reload of this model is already under way")
-        settings = settings or self._settings
-        self._reloading = True
-        successors: list[WorkerRecord] = []
+        reload = self._succession.begin_reload(settings or self._settings)
+        self._reconcile_soon()
         try:
-            for extra in list(self._pool.extra):
-                if extra.role is Role.SUCCESSOR:  # a recycle would bring the old model back
-                    self._abandon(extra)
-            for old in self._pool.workers:
-                old.recycling = False
-                successor = self._successor_for(old, asyncio.get_running_loop().create_future())
-                successors.append(successor)
-                await self.spawn(successor, settings)
-            futures = [cast(asyncio.Future[None], s.handover) for s in successors]
-            if futures:
-                done, _ = await asyncio.wait(futures, return_when=asyncio.FIRST_EXCEPTION)
-                failed = next((f for f in done if f.exception() is not None), None)
-                if failed is not None:
-                    raise cast(BaseException, failed.exception())
-        except BaseException:
-            for successor in successors:
-                self._abandon(successor)
+            await reload.outcome
+        except asyncio.CancelledError:
+            self._reconcile_soon()  # which stops its successors
             raise
-        finally:
-            self._reloading = False
-        self._settings = settings
-        for successor in successors:
-            successor.handover = None
-            self._take_over(successor)
-        self._dispatcher.pump()
-        log.info("reloaded %d workers", len(successors))
 
-    def _abandon(self, successor: WorkerRecord) -> None:
-        """Stop a successor that will not take over (its reload failed, or it was superseded)."""
-        if successor in self._pool.extra:
-            self._pool.extra.remove(successor)
-        self._pool.forget(successor)
-        successor.role = Role.RETIRING
-        successor.state = State.STOPPED
-        handover, successor.handover = successor.handover, None
-        if handover is not None:
-            if not handover.done():
-                handover.cancel()
-            elif not handover.cancelled():
-                handover.exception()  # retrieved, so asyncio does not warn about it
-        process = successor.process
-        if process is not None and process.is_alive():
-            self._send_control(successor, {"t": protocol.STOP, "reason": "reload abandoned"})
-            self._background(process.stop(STOP_GRACE_S))
+    # The acts succession asks for (gateway.succession.Acts).
+
+    def retire(self, worker: WorkerRecord, reason: str, drain: bool = True) -> None:
+        """Take ``worker`` out of service and stop it: after what it holds, with ``drain``."""
+        if worker in self._pool.extra:
+            self._pool.extra.remove(worker)
+        worker.role = Role.RETIRING
+        if not drain:
+            worker.state = State.STOPPED
+        process = worker.process
+        if process is None or not process.is_alive():
+            self._pool.forget(worker)
+            worker.state = State.STOPPED
+            return
+        self._pool.extra.append(worker)  # until it is reaped
+        self._send_control(worker, {"t": protocol.STOP, "reason": reason})
+        # A worker answers all it holds before it acts on STOP; it gets no new work.
+        self._background(self._drain_then_stop(process) if drain else process.stop(STOP_GRACE_S))
+
+    def serve(self, worker: WorkerRecord) -> None:
+        """``worker`` is ready in its slot: give it the waiting work, tell the observer."""
+        self._dispatcher.pump()
+        if self.on_ready is not None:
+            self.on_ready(worker)
+
+    def adopt(self, settings: PoolSettings) -> None:
+        self._settings = settings
+
+    async def _drain_then_stop(self, process: ProcessHandle) -> None:
+        try:
+            await asyncio.wait_for(asyncio.shield(process.wait()), self._settings.drain_timeout_s)
+        except asyncio.TimeoutError:
+            await process.stop(STOP_GRACE_S)
+
+    def _retired(self, worker: WorkerRecord, how: str) -> None:
+        """A retiring worker exited (drained, or let go of)."""
+        if worker in self._pool.extra:
+            self._pool.extra.remove(worker)
+        self._pool.forget(worker)
+        worker.state = State.STOPPED
+        self._dispatcher.worker_lost(worker, how)  # normally holds nothing by now
+
+    def _successor_died(self, worker: WorkerRecord, process: ProcessHandle, how: str) -> None:
+        """A successor died before it took over: record why; reconcile lets it go."""
+        self._pool.forget(worker)
+        self._dispatcher.worker_lost(worker, how)  # holds nothing: it never served
+        if self._stopping:
+            worker.state = State.STOPPED
+            return
+        if worker.state is not State.RESTARTING:  # else declare_lost() counted it, and said why
+            self._count_death(death_cause(worker.exit_code))
+            worker.last_error = self._death_note(worker, process, how)
+        worker.state = State.STOPPED
+        self._reconcile_soon()  # which decides what its death means, and logs it
 
     # --- helpers ---------------------------------------------------------------
 
@@ -652,6 +576,9 @@ class Supervisor:
         tail = [line for line in process.stderr_tail if line.strip()]
         note = f"worker {worker.slot} {how}"
         return f"{note}: {tail[-1]}" if tail else note
+
+    def _reconcile_soon(self) -> None:
+        self._background(self.reconcile())
 
     def _background(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)

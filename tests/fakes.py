@@ -140,10 +140,15 @@ class FakeSpawner:
     def __init__(self) -> None:
         self.processes: list[FakeProcess] = []
         self._pids = itertools.count(10_000)
+        # Raised instead of starting the process that would be number N (from 0).
+        self.cannot_start: dict[int, OSError] = {}
 
     async def __call__(
         self, argv: Sequence[str], env: Mapping[str, str], label: str
     ) -> FakeProcess:
+        error = self.cannot_start.pop(len(self.processes), None)
+        if error is not None:
+            raise error
         process = FakeProcess(next(self._pids), argv, env, label)
         self.processes.append(process)
         return process

@@ -12,6 +12,8 @@ import pytest
 import zmq
 
 from shared import protocol
+from shared.config import ServeSettings
+from shared.fingerprint import fingerprint
 from tests.conftest import Server, free_port, wait_for
 
 
@@ -28,7 +30,8 @@ class FakeWorker:
         self._stop = threading.Event()
         self._send_control(
             {"t": protocol.HELLO, "v": version, "slot": -1, "pid": 1, "host": "fake",
-             "device": "cpu", "cores": [0], "threads": 1}
+             "device": "cpu", "cores": [0], "threads": 1,
+             "fingerprint": fingerprint(ServeSettings())}  # the demo model's
         )  # fmt: skip
         self._send_control(
             {"t": protocol.READY, "load_s": 0.0, "capacity": 4, "model_name": "demo",

@@ -73,7 +73,7 @@ def test_each_app_has_its_own_registry() -> None:
         assert get(first, "/no/such/path").status_code == 404
     assert get(second, "/no/such/path").status_code == 404
     one, two = parse(get(first, "/metrics").text), parse(get(second, "/metrics").text)
-    key = {"route": "other", "code": "404"}
+    key = {"route": "other", "model": "", "code": "404"}
     assert value(one, "torchpool_http_requests_total", **key) == 3
     assert value(two, "torchpool_http_requests_total", **key) == 1
     # Unknown paths never become labels of their own.
@@ -91,7 +91,9 @@ def test_requests_refused_before_routing_keep_their_route() -> None:
 
     assert asyncio.run(refused()) == 401
     samples = parse(get(app, "/metrics").text)
-    assert value(samples, "torchpool_http_requests_total", route="/predict", code="401") == 1
+    # Refused before it named a model: no model label.
+    key = {"route": "/predict", "model": "", "code": "401"}
+    assert value(samples, "torchpool_http_requests_total", **key) == 1
 
 
 def test_openmetrics_when_the_scraper_asks() -> None:
@@ -192,12 +194,13 @@ def test_requests_move_the_counters_by_exactly_what_was_sent(demo_server: Server
         return value(after, name, **labels) - value(before, name, **labels)
 
     requests = "torchpool_http_requests_total"
-    assert moved(requests, route="/predict", code="200") == 3
-    assert moved(requests, route="/predict", code="422") == 1
-    assert moved(requests, route="/predict", code="400") == 1
-    assert moved(requests, route="other", code="404") == 1
-    assert moved("torchpool_http_request_duration_seconds_count", route="/predict") == 5
-    assert moved("torchpool_http_request_duration_seconds_sum", route="/predict") > 0
+    predict = {"route": "/predict", "model": "demo"}  # the one model takes plain /predict
+    assert moved(requests, **predict, code="200") == 3
+    assert moved(requests, **predict, code="422") == 1
+    assert moved(requests, **predict, code="400") == 1
+    assert moved(requests, route="other", model="", code="404") == 1
+    assert moved("torchpool_http_request_duration_seconds_count", **predict) == 5
+    assert moved("torchpool_http_request_duration_seconds_sum", **predict) > 0
     # The 400 never reached the dispatcher; the 422 did (the worker checks shapes).
     assert moved("torchpool_queue_wait_seconds_count", model="demo") == 4
     assert value(after, "torchpool_requests_queued", model="demo") == 0

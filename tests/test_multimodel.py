@@ -17,13 +17,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import zmq
 
 from gateway.cli import EXIT_CONFIG, main
 from gateway.placement import Demand, plan_models
+from shared import protocol
 from shared.config import ConfigError
 from shared.modelconfig import load
 from tests.conftest import ROOT, Server, free_port, wait_for
 from tests.load import ROW, Load
+from tests.test_metrics import parse, value
 
 ADMIN = "admin-secret"
 AUTH = {"authorization": f"Bearer {ADMIN}"}
@@ -213,6 +216,16 @@ def test_each_model_answers_at_its_own_route(gateway: tuple[Server, Path]) -> No
     assert server.get("/v2/models/demo/ready").status_code == 200
     assert server.get("/v2/models/broken/ready").status_code == 503
     assert server.get("/v2/models/nope").status_code == 404
+    # HTTP metrics tell the models apart; a name that is not served is no label.
+    samples = parse(server.get("/metrics").text)
+    requests = "torchpool_http_requests_total"
+    named = {"route": "/predict/{name}", "code": "200"}
+    assert value(samples, requests, **named, model="demo") == 1
+    assert value(samples, requests, **named, model="mlp") == 1
+    assert value(samples, requests, route="/predict/{name}", model="", code="404") == 1
+    infer = {"route": "/v2/models/{name}/infer", "model": "mlp"}
+    assert value(samples, requests, **infer, code="200") == 1
+    assert value(samples, "torchpool_http_request_duration_seconds_count", **infer) == 1
 
 
 def test_a_model_that_cannot_load_fails_alone(gateway: tuple[Server, Path]) -> None:
@@ -343,22 +356,36 @@ def test_remote_workers_join_the_model_they_name_and_a_mismatch_is_refused(
         # The same model name with a flag that changes answers: another fingerprint.
         subprocess.Popen([*common, "--model-name", "demo", "--input-dtype", "float64"], cwd=ROOT),
     ]
+    # An older build's HELLO carries no fingerprint: nothing to check, so refused too.
+    context = zmq.Context()
+    older = context.socket(zmq.DEALER)
+    older.setsockopt(zmq.IDENTITY, protocol.control_identity("older-build"))
+    older.setsockopt(zmq.LINGER, 0)
+    older.connect(endpoint)
+    hello = {"t": protocol.HELLO, "v": protocol.VERSION, "slot": -1, "pid": 1, "host": "old",
+             "device": "cpu", "cores": [0], "threads": 1, "model": "demo"}  # fmt: skip
+    older.send(protocol.pack(hello))
     try:
         wait_for(
             lambda: (
                 model_entry(server, "demo")["ready_workers"] == 1
-                and model_entry(server, "demo")["refused_workers"]
+                and len(model_entry(server, "demo")["refused_workers"]) == 2
             ),
             90.0,
-            "one remote worker ready and one refused",
+            "one remote worker ready and two refused",
         )
-        (refused,) = model_entry(server, "demo")["refused_workers"]
-        assert "fingerprint" in refused["reason"] and "demo" in refused["reason"]
+        refused = {r["uid"]: r["reason"] for r in model_entry(server, "demo")["refused_workers"]}
+        unsure = refused.pop("older-build")
+        assert "sent no settings fingerprint" in unsure and "demo" in unsure
+        (mismatch,) = refused.values()
+        assert "fingerprint" in mismatch and "is not model demo's" in mismatch
         joined = [w for w in server.health()["workers"] if w["model"] == "demo"]
         assert len(joined) == 1 and joined[0]["host"]
         answer = server.client.post("/predict/demo", json={"input_tensor": [ROW]})
         assert answer.status_code == 200, answer.text
     finally:
+        older.close()
+        context.term()
         for worker in workers:
             worker.terminate()
         for worker in workers:

@@ -18,13 +18,8 @@ import pytest
 from gateway.dispatch import Dispatcher
 from gateway.placement import Placement
 from gateway.pool import Pool, Role, State, WorkerRecord
-from gateway.supervisor import (
-    BACKOFF_BASE_S,
-    BACKOFF_MAX_S,
-    MAX_BOOT_FAILURES,
-    RECYCLE_RETRY_S,
-    Supervisor,
-)
+from gateway.succession import RECYCLE_RETRY_S
+from gateway.supervisor import BACKOFF_BASE_S, BACKOFF_MAX_S, MAX_BOOT_FAILURES, Supervisor
 from shared import protocol
 from shared.config import ServeSettings
 from shared.errors import Unavailable
@@ -200,9 +195,10 @@ async def test_recycling_hands_over_to_a_ready_successor_before_draining_the_old
     for _ in range(2):
         pending = gw.dispatcher.enqueue("json", b"{}")
         gw.answer(old, pending.id)
-    assert [w.role for w in gw.pool.extra] == [Role.SUCCESSOR] and old.recycling
-    (successor,) = gw.pool.extra
+    assert old.recycling  # wanted; the reconcile step starts the successor
     await gw.spawned(2)
+    assert [w.role for w in gw.pool.extra] == [Role.SUCCESSOR]
+    (successor,) = gw.pool.extra
 
     # Until the successor is ready, the old worker keeps serving.
     held = gw.dispatcher.enqueue("json", b"{}")
@@ -212,9 +208,9 @@ async def test_recycling_hands_over_to_a_ready_successor_before_draining_the_old
     assert gw.pool.workers[0] is old and gw.wire.controls(old, protocol.STOP) == []
 
     gw.ready(successor)
-    assert gw.pool.workers[0] is successor and successor.role is Role.CURRENT
-    assert old.role is Role.RETIRING
-    assert gw.wire.controls(old, protocol.STOP) == [{"t": protocol.STOP, "reason": "scaled down"}]
+    await eventually(lambda: gw.pool.workers[0] is successor, "the successor to take over")
+    assert successor.role is Role.CURRENT and old.role is Role.RETIRING
+    assert gw.wire.controls(old, protocol.STOP) == [{"t": protocol.STOP, "reason": "replaced"}]
     after = gw.dispatcher.enqueue("json", b"{}")
     assert gw.wire.requests(successor) == [after.id]
 
@@ -233,8 +229,8 @@ async def test_a_successor_that_dies_keeps_the_old_worker_and_retries_later() ->
     old = gw.pool.workers[0]
     gw.ready(old)
     gw.answer(old, gw.dispatcher.enqueue("json", b"{}").id)
-    (successor,) = gw.pool.extra
     await gw.spawned(2)
+    (successor,) = gw.pool.extra
 
     gw.spawner.of(successor).exit(protocol.EXIT_LOAD_FAILED)
     await eventually(lambda: not gw.pool.extra, "the successor to be forgotten")
@@ -248,8 +244,8 @@ async def test_a_successor_that_dies_keeps_the_old_worker_and_retries_later() ->
     assert not gw.pool.extra
     await gw.clock.advance(1.0)
     gw.say(old, protocol.HEARTBEAT)
-    assert [w.role for w in gw.pool.extra] == [Role.SUCCESSOR]
     await gw.spawned(3)
+    assert [w.role for w in gw.pool.extra] == [Role.SUCCESSOR]
 
 
 # --- regressions (issue #10, item 6) ------------------------------------------------
@@ -293,8 +289,8 @@ async def test_a_successor_declared_lost_is_counted_as_one_death() -> None:
     old = gw.pool.workers[0]
     gw.ready(old)
     gw.answer(old, gw.dispatcher.enqueue("json", b"{}").id)
-    (successor,) = gw.pool.extra
     await gw.spawned(2)
+    (successor,) = gw.pool.extra
     process = gw.spawner.of(successor)
     while not process.killed:  # the successor never says hello; the old one beats on
         await gw.clock.advance(1.0)
