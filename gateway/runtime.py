@@ -251,12 +251,11 @@ class Runtime:
         theirs = hello.get("fingerprint")
         reason = None
         if theirs is None:
-            # An older build, or one that could not read its model file: nothing to
-            # check it against, so it is not trusted to give this model's answers.
+            # Nothing to check it against, so it is not trusted to give this model's answers.
+            why = hello.get("fingerprint_error")
             reason = (
                 f"it sent no settings fingerprint, so the gateway cannot check that it "
-                f"serves model {model.name} (an older torchpool worker, or one that "
-                f"could not read its model file)"
+                f"serves model {model.name}: " + (str(why) if why else "an older torchpool worker?")
             )
         elif theirs != model.fingerprint:
             reason = (

@@ -296,6 +296,8 @@ class HelloHeader(_Hello, total=False):
     # settings, which the gateway compares with its own for that model.
     model: str
     fingerprint: str
+    # Why a remote worker sends no fingerprint (its model file is unreadable).
+    fingerprint_error: str
 
 
 class LoadingHeader(TypedDict):

@@ -365,18 +365,26 @@ def test_remote_workers_join_the_model_they_name_and_a_mismatch_is_refused(
     hello = {"t": protocol.HELLO, "v": protocol.VERSION, "slot": -1, "pid": 1, "host": "old",
              "device": "cpu", "cores": [0], "threads": 1, "model": "demo"}  # fmt: skip
     older.send(protocol.pack(hello))
+    # One that could not read its model file says so, and /health shows why.
+    unreadable = context.socket(zmq.DEALER)
+    unreadable.setsockopt(zmq.IDENTITY, protocol.control_identity("unreadable"))
+    unreadable.setsockopt(zmq.LINGER, 0)
+    unreadable.connect(endpoint)
+    why = "cannot read its model file: [Errno 13] Permission denied: 'model.pt'"
+    unreadable.send(protocol.pack({**hello, "fingerprint_error": why}))
     try:
         wait_for(
             lambda: (
                 model_entry(server, "demo")["ready_workers"] == 1
-                and len(model_entry(server, "demo")["refused_workers"]) == 2
+                and len(model_entry(server, "demo")["refused_workers"]) == 3
             ),
             90.0,
-            "one remote worker ready and two refused",
+            "one remote worker ready and three refused",
         )
         refused = {r["uid"]: r["reason"] for r in model_entry(server, "demo")["refused_workers"]}
         unsure = refused.pop("older-build")
         assert "sent no settings fingerprint" in unsure and "demo" in unsure
+        assert why in refused.pop("unreadable")
         (mismatch,) = refused.values()
         assert "fingerprint" in mismatch and "is not model demo's" in mismatch
         joined = [w for w in server.health()["workers"] if w["model"] == "demo"]
@@ -385,6 +393,7 @@ def test_remote_workers_join_the_model_they_name_and_a_mismatch_is_refused(
         assert answer.status_code == 200, answer.text
     finally:
         older.close()
+        unreadable.close()
         context.term()
         for worker in workers:
             worker.terminate()

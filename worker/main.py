@@ -15,7 +15,6 @@ after :func:`worker.pinning.apply` has set the thread and device variables.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import os
 import secrets
@@ -148,8 +147,11 @@ def run(
         # can refuse one started with another file or other flags.
         if settings.model_name:
             hello["model"] = settings.model_name
-        with contextlib.suppress(OSError):  # an unreadable file: loading says why
+        try:
             hello["fingerprint"] = settings_fingerprint(settings)
+        except OSError as exc:
+            # The gateway refuses a worker it cannot check; this says why in /health.
+            hello["fingerprint_error"] = f"cannot read its model file: {exc}"
     control.send(hello)
     control.send({"t": protocol.LOADING})
     started = time.monotonic()
