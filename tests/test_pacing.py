@@ -10,6 +10,7 @@ from shared import protocol
 from tests.test_worker_batching import Arrivals, ids, job
 from worker.batching import Job, collect
 from worker.pacing import Pacer, WaitHistogram
+from worker.serving import await_message
 
 
 def test_no_wait_before_any_forward_is_measured_is_bounded_by_the_delay() -> None:
@@ -88,3 +89,39 @@ def test_wait_histogram_buckets_and_sum() -> None:
     assert counts[protocol.WAIT_BUCKETS_S.index(0.005)] == 1
     assert counts[-1] == 1  # past the last bound
     assert report["sum"] == pytest.approx(1.00335)
+
+
+class _Socket:
+    """A data socket on which a message shows up at ``ready_at`` on a fake clock."""
+
+    def __init__(self, clock: list[float], ready_at: float, step_s: float) -> None:
+        self.clock, self.ready_at, self.step_s = clock, ready_at, step_s
+        self.timeouts: list[int | None] = []
+
+    def poll(self, timeout: int | None = None, flags: int = 0) -> int:
+        self.timeouts.append(timeout)
+        self.clock[0] += self.step_s if timeout == 0 else (timeout or 0) / 1000
+        return int(self.clock[0] >= self.ready_at)
+
+
+def test_a_wait_under_a_millisecond_never_sleeps_a_whole_one() -> None:
+    # zmq's poll counts whole milliseconds: a 30 us patience must not become 1 ms.
+    clock = [0.0]
+    sock = _Socket(clock, ready_at=1.0, step_s=5e-6)
+    assert not await_message(sock, give_up=30e-6, clock=lambda: clock[0])
+    assert set(sock.timeouts) == {0}
+    assert clock[0] == pytest.approx(30e-6)
+
+
+def test_a_sub_millisecond_wait_sees_a_message_that_comes_in_time() -> None:
+    clock = [0.0]
+    sock = _Socket(clock, ready_at=20e-6, step_s=5e-6)
+    assert await_message(sock, give_up=100e-6, clock=lambda: clock[0])
+    assert clock[0] < 30e-6
+
+
+def test_longer_waits_sleep_in_poll_to_the_nearest_millisecond() -> None:
+    clock = [0.0]
+    sock = _Socket(clock, ready_at=1.0, step_s=5e-6)
+    assert not await_message(sock, give_up=0.0024, clock=lambda: clock[0])
+    assert sock.timeouts == [2]

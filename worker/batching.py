@@ -25,6 +25,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, Final
 
 import torch
@@ -133,8 +134,9 @@ class Job:
     # time.monotonic() when the worker read it off the socket.
     arrived: float = 0.0
 
-    @property
+    @cached_property
     def rows(self) -> int:
+        # Read once: batching asks for it several times per request.
         return int(pytree.leaves(self.inputs)[0].shape[0])
 
 

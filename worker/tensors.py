@@ -70,8 +70,20 @@ def from_list(value: Any, dtype: torch.dtype, what: str) -> torch.Tensor:
     if array.ndim > protocol.MAX_NDIM:
         raise RequestError(f"{what} has {array.ndim} dimensions; at most {protocol.MAX_NDIM}")
     check_fits(array, dtype, what)
-    via = torch.float32 if dtype in _THROUGH_FLOAT32 else dtype
-    return torch.from_numpy(array.astype(dtype_name(via))).to(dtype)
+    if dtype in _THROUGH_FLOAT32:
+        return torch.from_numpy(array.astype(np.float32)).to(dtype)
+    return torch.from_numpy(array.astype(_numpy_dtype(dtype)))
+
+
+def _numpy_dtype(dtype: torch.dtype) -> np.dtype[Any]:
+    # Looked up once per dtype: building it from the name costs each request.
+    found = _NUMPY_DTYPES.get(dtype)
+    if found is None:
+        found = _NUMPY_DTYPES[dtype] = np.dtype(dtype_name(dtype))
+    return found
+
+
+_NUMPY_DTYPES: dict[torch.dtype, np.dtype[Any]] = {}
 
 
 def from_bytes(data: Any, dtype: str, shape: tuple[int, ...]) -> torch.Tensor:
@@ -109,10 +121,16 @@ def check_fits(array: np.ndarray[Any, Any], dtype: torch.dtype, what: str) -> No
     if dtype.is_floating_point:
         # Integers wider than a float's mantissa round, as any float input does;
         # only a finite value past the float's range (70000 for float16) is refused.
-        values = array[np.isfinite(array)] if array.dtype.kind == "f" else array
-        if dtype == torch.float64 or values.size == 0:
+        if dtype == torch.float64:
             return
-        limit = float(torch.finfo(dtype).max)
+        limit = _float_limit(dtype)
+        # The common case in one pass: every magnitude in range (an inf or a
+        # NaN fails this test and takes the exact path below).
+        if float(np.abs(array).max()) <= limit:
+            return
+        values = array[np.isfinite(array)] if array.dtype.kind == "f" else array
+        if values.size == 0:
+            return
         worst = values.flat[int(np.abs(values.astype(np.float64)).argmax())]
         if abs(float(worst)) > limit:
             raise _does_not_fit(what, worst, name, f"[{-limit:g}, {limit:g}]")
@@ -134,6 +152,16 @@ def check_fits(array: np.ndarray[Any, Any], dtype: torch.dtype, what: str) -> No
         raise _does_not_fit(what, smallest, name, f"[{low}, {high}]")
     if largest > high:
         raise _does_not_fit(what, largest, name, f"[{low}, {high}]")
+
+
+def _float_limit(dtype: torch.dtype) -> float:
+    limit = _FLOAT_LIMITS.get(dtype)
+    if limit is None:
+        limit = _FLOAT_LIMITS[dtype] = float(torch.finfo(dtype).max)
+    return limit
+
+
+_FLOAT_LIMITS: dict[torch.dtype, float] = {}
 
 
 def _int_range(dtype: torch.dtype) -> tuple[int, int]:
