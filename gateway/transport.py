@@ -42,6 +42,16 @@ Handler = Callable[[int, bytes, dict[str, object], list[bytes]], None]
 # zero-copy frame. Bigger bodies (large tensors) go zero-copy.
 ZERO_COPY_BYTES = 64 * 1024
 
+# pyzmq's constants are enum.Flag members, and every operation on one (``|``,
+# ``&``, and send_multipart's ``SNDMORE | flags``) builds a Flag through
+# enum's Python code: several microseconds per request on the hot path.
+# Plain ints cost nothing.
+_EVENTS = int(zmq.EVENTS)
+_POLLIN = int(zmq.POLLIN)
+_NOBLOCK = int(zmq.NOBLOCK)
+_MORE = int(zmq.SNDMORE) | _NOBLOCK
+_RCVMORE = int(zmq.RCVMORE)
+
 
 @dataclass(frozen=True)
 class Curve:
@@ -132,12 +142,17 @@ class ZmqTransport:
 
     def send(self, identity: bytes, frames: Sequence[bytes], link: int = LOCAL) -> None:
         """Send without blocking; raises zmq.ZMQError (EHOSTUNREACH) if the peer is gone."""
+        # send_multipart, unrolled with int flags (see _MORE). A failed first
+        # frame (the peer is gone) sends nothing; later ones cannot fail then.
+        sock = self._links[link].sock
         try:
-            self._links[link].sock.send_multipart(
-                [identity, *frames],
-                flags=zmq.NOBLOCK,
-                copy=len(frames[-1]) < ZERO_COPY_BYTES,
-            )
+            sock.send(identity, _MORE)
+            last = len(frames) - 1
+            for i, frame in enumerate(frames):
+                if i < last:
+                    sock.send(frame, _MORE)
+                else:
+                    sock.send(frame, _NOBLOCK, copy=len(frame) < ZERO_COPY_BYTES)
         finally:
             self._schedule_drain()
 
@@ -153,8 +168,8 @@ class ZmqTransport:
             return
         for index, link in enumerate(self._links):
             sock = link.sock
-            while not sock.closed and cast(int, sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
-                frames = sock.recv_multipart(flags=zmq.NOBLOCK)
+            while not sock.closed and cast(int, sock.getsockopt(_EVENTS)) & _POLLIN:
+                frames = _recv_multipart(sock)
                 if len(frames) < 2:
                     continue
                 identity = frames[0]
@@ -177,3 +192,11 @@ class ZmqTransport:
         if self._auth is not None:
             self._auth.stop()
         self._ctx.term()
+
+
+def _recv_multipart(sock: zmq.Socket[bytes]) -> list[bytes]:
+    """``sock.recv_multipart(NOBLOCK)`` with int options (see _MORE)."""
+    frames = [sock.recv(_NOBLOCK)]
+    while sock.getsockopt(_RCVMORE):
+        frames.append(sock.recv(_NOBLOCK))
+    return frames
