@@ -122,6 +122,10 @@ class ZmqTransport:
         self._handler: Handler | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._drain_scheduled = False
+        # The link _drain is reading now (-1: none). A send to it or to a link
+        # read later in that drain needs no drain of its own: EVENTS is read
+        # again before the drain moves on.
+        self._draining = -1
 
     @property
     def endpoint(self) -> str:
@@ -154,7 +158,8 @@ class ZmqTransport:
                 else:
                     sock.send(frame, _NOBLOCK, copy=len(frame) < ZERO_COPY_BYTES)
         finally:
-            self._schedule_drain()
+            if link < self._draining or self._draining < 0:
+                self._schedule_drain()
 
     def _schedule_drain(self) -> None:
         if self._loop is not None and not self._drain_scheduled:
@@ -166,23 +171,29 @@ class ZmqTransport:
         handler = self._handler
         if handler is None:
             return
-        for index, link in enumerate(self._links):
-            sock = link.sock
-            while not sock.closed and cast(int, sock.getsockopt(_EVENTS)) & _POLLIN:
-                frames = _recv_multipart(sock)
-                if len(frames) < 2:
-                    continue
-                identity = frames[0]
-                try:
-                    header = protocol.unpack_header(frames[1])
-                except ValueError as exc:
-                    log.warning("dropping a malformed message from %r: %s", identity, exc)
-                    continue
-                try:
-                    handler(index, identity, header, frames[2:])
-                except Exception:
-                    # One bad message must not stop the reader: log it with its cause.
-                    log.exception("error handling %s from %r", header.get("t"), identity)
+        try:
+            for index, link in enumerate(self._links):
+                self._draining = index
+                self._drain_link(index, link.sock, handler)
+        finally:
+            self._draining = -1
+
+    def _drain_link(self, index: int, sock: zmq.Socket[bytes], handler: Handler) -> None:
+        while not sock.closed and cast(int, sock.getsockopt(_EVENTS)) & _POLLIN:
+            frames = _recv_multipart(sock)
+            if len(frames) < 2:
+                continue
+            identity = frames[0]
+            try:
+                header = protocol.unpack_header(frames[1])
+            except ValueError as exc:
+                log.warning("dropping a malformed message from %r: %s", identity, exc)
+                continue
+            try:
+                handler(index, identity, header, frames[2:])
+            except Exception:
+                # One bad message must not stop the reader: log it with its cause.
+                log.exception("error handling %s from %r", header.get("t"), identity)
 
     def close(self) -> None:
         for link in self._links:
