@@ -93,6 +93,7 @@ class Dispatcher:
         self._outstanding = 0
         self._idle = asyncio.Event()
         self._idle.set()
+        self._pack = protocol.packer()  # the event loop's thread only
         # Observer for metrics: called with the seconds a request waited in the
         # gateway (queued or not) before its first send to a worker.
         self.on_first_send: Callable[[float], None] | None = None
@@ -121,7 +122,8 @@ class Dispatcher:
         """
         if self._pool.draining:
             raise Unavailable("the server is shutting down")
-        if not self._pool.ready_workers():
+        worker = self._pool.pick()  # one with credit is ready: no need to list the ready ones
+        if worker is None and not self._pool.ready_workers():
             raise Unavailable(self._not_ready_message())
         timeout = self._timeout_s if timeout_s is None else min(timeout_s, self._timeout_s)
         loop = asyncio.get_running_loop()
@@ -135,7 +137,6 @@ class Dispatcher:
             enqueued=now,
             extra=extra,
         )
-        worker = self._pool.pick()
         while worker is not None and not self._send(worker, pending):
             # on_unreachable took that worker out of rotation: try the next one.
             worker = None if worker.ready else self._pool.pick()
@@ -284,7 +285,7 @@ class Dispatcher:
             "timeout_ms": int(remaining_ms),
         }
         try:
-            frames = [protocol.pack(header), pending.body]
+            frames = [self._pack(header), pending.body]
             self._transport.send(worker.data_identity, frames, worker.link)
         except zmq.ZMQError as exc:
             log.warning("worker %d is unreachable (%s)", worker.slot, exc)
