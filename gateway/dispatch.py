@@ -57,6 +57,8 @@ class Pending:
     enqueued: float = field(default_factory=time.monotonic)
     # More REQUEST header fields for the worker, e.g. a v2 body's json_len.
     extra: protocol.RequestExtras | None = None
+    # Fails the future at the deadline (504); cancelled once the caller has its answer.
+    timer: asyncio.TimerHandle | None = None
 
     @property
     def retryable(self) -> bool:
@@ -91,6 +93,7 @@ class Dispatcher:
         self._outstanding = 0
         self._idle = asyncio.Event()
         self._idle.set()
+        self._pack = protocol.packer()  # the event loop's thread only
         # Observer for metrics: called with the seconds a request waited in the
         # gateway (queued or not) before its first send to a worker.
         self.on_first_send: Callable[[float], None] | None = None
@@ -119,19 +122,21 @@ class Dispatcher:
         """
         if self._pool.draining:
             raise Unavailable("the server is shutting down")
-        if not self._pool.ready_workers():
+        worker = self._pool.pick()  # one with credit is ready: no need to list the ready ones
+        if worker is None and not self._pool.ready_workers():
             raise Unavailable(self._not_ready_message())
         timeout = self._timeout_s if timeout_s is None else min(timeout_s, self._timeout_s)
         loop = asyncio.get_running_loop()
+        now = time.monotonic()
         pending = kind(
             next(self._ids),
             fmt,
             body,
-            time.monotonic() + timeout,
+            now + timeout,
             loop.create_future(),
+            enqueued=now,
             extra=extra,
         )
-        worker = self._pool.pick()
         while worker is not None and not self._send(worker, pending):
             # on_unreachable took that worker out of rotation: try the next one.
             worker = None if worker.ready else self._pool.pick()
@@ -144,6 +149,9 @@ class Dispatcher:
         else:
             self._queue.append(pending)
             pending.queued = True
+        # A timer per request rather than asyncio.wait_for around each wait: no
+        # extra future, callback or loop turn per reply (it was a profile hot spot).
+        pending.timer = loop.call_later(timeout, self._expire, pending)
         self._outstanding += 1
         self._idle.clear()
         return pending
@@ -154,13 +162,11 @@ class Dispatcher:
     async def result(self, pending: Pending) -> Reply:
         """Wait for ``pending`` until its deadline (504). Cancelling drops it if still queued."""
         try:
-            timeout = max(0.0, pending.deadline - time.monotonic())
-            return await asyncio.wait_for(pending.future, timeout)
-        except asyncio.TimeoutError:
-            raise DeadlineExceeded(
-                f"no answer within the deadline of {self._deadline_text(pending)}"
-            ) from None
+            return await pending.future
         finally:
+            if pending.timer is not None:
+                pending.timer.cancel()
+                pending.timer = None
             if pending.queued:
                 # Not started: nobody will ever want it (deadline passed, or the client left).
                 self._queue.remove(pending)
@@ -168,6 +174,13 @@ class Dispatcher:
             self._outstanding -= 1
             if self._outstanding == 0:
                 self._idle.set()
+
+    def _expire(self, pending: Pending) -> None:
+        """The deadline passed: answer 504 (a reply that comes later is dropped)."""
+        pending.timer = None
+        if not pending.future.done():
+            text = self._deadline_text(pending)
+            pending.settle(DeadlineExceeded(f"no answer within the deadline of {text}"))
 
     def _deadline_text(self, pending: Pending) -> str:
         return f"{pending.deadline - pending.enqueued:.3g}s"
@@ -272,7 +285,7 @@ class Dispatcher:
             "timeout_ms": int(remaining_ms),
         }
         try:
-            frames = [protocol.pack(header), pending.body]
+            frames = [self._pack(header), pending.body]
             self._transport.send(worker.data_identity, frames, worker.link)
         except zmq.ZMQError as exc:
             log.warning("worker %d is unreachable (%s)", worker.slot, exc)

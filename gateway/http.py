@@ -24,7 +24,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Receive, Send
 
-from gateway.dispatch import Dispatcher, Reply
+from gateway.dispatch import Dispatcher, Pending, Reply
 from shared import protocol
 from shared.errors import (
     ClientClosed,
@@ -165,16 +165,19 @@ async def run_request(
     pending = dispatcher.enqueue(fmt, body, timeout_s, extra)
     if not dispatcher.is_queued(pending):
         return await dispatcher.result(pending)
-    result = asyncio.ensure_future(dispatcher.result(pending))
+    # One watcher task, whose end answers the request ClientClosed; the reply is
+    # awaited here, not in a second task (fewer tasks and futures per request).
     watcher = asyncio.ensure_future(_disconnected(receive))
+    watcher.add_done_callback(lambda w: _on_left(w, pending))
     try:
-        await asyncio.wait({result, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        return await dispatcher.result(pending)  # drops the request from the queue if there
     finally:
         watcher.cancel()
-    if not result.done():
-        result.cancel()  # Dispatcher.result drops the request from the queue
-        raise ClientClosed("the client closed the connection before the answer")
-    return result.result()
+
+
+def _on_left(watcher: asyncio.Future[None], pending: Pending) -> None:
+    if not watcher.cancelled():  # cancelled: the answer came first
+        pending.settle(ClientClosed("the client closed the connection before the answer"))
 
 
 async def _disconnected(receive: Receive) -> None:

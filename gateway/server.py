@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import signal
 import socket
 import types
@@ -25,6 +26,9 @@ from shared.errors import ModelLoadError
 from shared.modelconfig import Config
 
 log = logging.getLogger("torchpool.server")
+
+# Proxies whose X-Forwarded-* headers are trusted; unset: the headers are ignored.
+PROXY_ENV = "FORWARDED_ALLOW_IPS"
 
 
 class _Server(uvicorn.Server):
@@ -101,6 +105,10 @@ def serve(config: Config) -> int:
         http="auto",
         timeout_graceful_shutdown=math.ceil(drain_s),
         access_log=False,
+        # uvicorn's X-Forwarded-For/-Proto rewriting wraps every request, /predict
+        # included, and torchpool reads neither the client address nor the scheme:
+        # it runs only when asked for, by uvicorn's own FORWARDED_ALLOW_IPS.
+        proxy_headers=PROXY_ENV in os.environ,
     )
 
     server = _Server(uvicorn_config, lambda: getattr(app.state, "runtime", None))

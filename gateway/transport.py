@@ -42,6 +42,16 @@ Handler = Callable[[int, bytes, dict[str, object], list[bytes]], None]
 # zero-copy frame. Bigger bodies (large tensors) go zero-copy.
 ZERO_COPY_BYTES = 64 * 1024
 
+# pyzmq's constants are enum.Flag members, and every operation on one (``|``,
+# ``&``, and send_multipart's ``SNDMORE | flags``) builds a Flag through
+# enum's Python code: several microseconds per request on the hot path.
+# Plain ints cost nothing.
+_EVENTS = int(zmq.EVENTS)
+_POLLIN = int(zmq.POLLIN)
+_NOBLOCK = int(zmq.NOBLOCK)
+_MORE = int(zmq.SNDMORE) | _NOBLOCK
+_RCVMORE = int(zmq.RCVMORE)
+
 
 @dataclass(frozen=True)
 class Curve:
@@ -112,6 +122,10 @@ class ZmqTransport:
         self._handler: Handler | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._drain_scheduled = False
+        # The link _drain is reading now (-1: none). A send to it or to a link
+        # read later in that drain needs no drain of its own: EVENTS is read
+        # again before the drain moves on.
+        self._draining = -1
 
     @property
     def endpoint(self) -> str:
@@ -132,14 +146,20 @@ class ZmqTransport:
 
     def send(self, identity: bytes, frames: Sequence[bytes], link: int = LOCAL) -> None:
         """Send without blocking; raises zmq.ZMQError (EHOSTUNREACH) if the peer is gone."""
+        # send_multipart, unrolled with int flags (see _MORE). A failed first
+        # frame (the peer is gone) sends nothing; later ones cannot fail then.
+        sock = self._links[link].sock
         try:
-            self._links[link].sock.send_multipart(
-                [identity, *frames],
-                flags=zmq.NOBLOCK,
-                copy=len(frames[-1]) < ZERO_COPY_BYTES,
-            )
+            sock.send(identity, _MORE)
+            last = len(frames) - 1
+            for i, frame in enumerate(frames):
+                if i < last:
+                    sock.send(frame, _MORE)
+                else:
+                    sock.send(frame, _NOBLOCK, copy=len(frame) < ZERO_COPY_BYTES)
         finally:
-            self._schedule_drain()
+            if link < self._draining or self._draining < 0:
+                self._schedule_drain()
 
     def _schedule_drain(self) -> None:
         if self._loop is not None and not self._drain_scheduled:
@@ -151,23 +171,29 @@ class ZmqTransport:
         handler = self._handler
         if handler is None:
             return
-        for index, link in enumerate(self._links):
-            sock = link.sock
-            while not sock.closed and cast(int, sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
-                frames = sock.recv_multipart(flags=zmq.NOBLOCK)
-                if len(frames) < 2:
-                    continue
-                identity = frames[0]
-                try:
-                    header = protocol.unpack_header(frames[1])
-                except ValueError as exc:
-                    log.warning("dropping a malformed message from %r: %s", identity, exc)
-                    continue
-                try:
-                    handler(index, identity, header, frames[2:])
-                except Exception:
-                    # One bad message must not stop the reader: log it with its cause.
-                    log.exception("error handling %s from %r", header.get("t"), identity)
+        try:
+            for index, link in enumerate(self._links):
+                self._draining = index
+                self._drain_link(index, link.sock, handler)
+        finally:
+            self._draining = -1
+
+    def _drain_link(self, index: int, sock: zmq.Socket[bytes], handler: Handler) -> None:
+        while not sock.closed and cast(int, sock.getsockopt(_EVENTS)) & _POLLIN:
+            frames = _recv_multipart(sock)
+            if len(frames) < 2:
+                continue
+            identity = frames[0]
+            try:
+                header = protocol.unpack_header(frames[1])
+            except ValueError as exc:
+                log.warning("dropping a malformed message from %r: %s", identity, exc)
+                continue
+            try:
+                handler(index, identity, header, frames[2:])
+            except Exception:
+                # One bad message must not stop the reader: log it with its cause.
+                log.exception("error handling %s from %r", header.get("t"), identity)
 
     def close(self) -> None:
         for link in self._links:
@@ -177,3 +203,11 @@ class ZmqTransport:
         if self._auth is not None:
             self._auth.stop()
         self._ctx.term()
+
+
+def _recv_multipart(sock: zmq.Socket[bytes]) -> list[bytes]:
+    """``sock.recv_multipart(NOBLOCK)`` with int options (see _MORE)."""
+    frames = [sock.recv(_NOBLOCK)]
+    while sock.getsockopt(_RCVMORE):
+        frames.append(sock.recv(_NOBLOCK))
+    return frames

@@ -106,7 +106,7 @@ list/map of them>}`` out. Decoding checks sizes before anything is allocated.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, TypedDict
 
@@ -369,6 +369,13 @@ def split_identity(identity: bytes) -> tuple[str, bytes]:
 def pack(header: Mapping[str, Any]) -> bytes:
     """Encode a header (or a msgpack body) without any Python-object extension."""
     return msgpack.packb(header, use_bin_type=True)
+
+
+def packer() -> Callable[[Mapping[str, Any]], bytes]:
+    """:func:`pack` for one thread's use: it keeps one Packer and its buffer instead of
+    making both per call (half the cost of a REQUEST header on the gateway's hot path)."""
+    pack_one: Callable[[Mapping[str, Any]], bytes] = msgpack.Packer(use_bin_type=True).pack
+    return pack_one
 
 
 def unpack_header(frame: bytes | memoryview) -> dict[str, Any]:

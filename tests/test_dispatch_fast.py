@@ -12,12 +12,13 @@ from collections.abc import Callable
 
 import pytest
 
-from gateway.dispatch import Dispatcher
+from gateway.dispatch import Dispatcher, Reply
+from gateway.http import run_request
 from gateway.placement import Placement
 from gateway.pool import Pool, State, WorkerRecord
 from shared import protocol
-from shared.errors import DeadlineExceeded, Unavailable
-from tests.fakes import FakeTransport, on_loop
+from shared.errors import ClientClosed, DeadlineExceeded, Unavailable
+from tests.fakes import FakeTransport, eventually, on_loop
 
 
 def ready_pool(size: int, capacity: int) -> Pool:
@@ -205,3 +206,120 @@ async def test_an_unreachable_worker_is_reported_and_its_request_goes_elsewhere(
     pending = dispatcher.enqueue("json", b"{}")
     assert reported == [a]
     assert wire.requests(b) == [pending.id]
+
+
+# --- the deadline timer: one per request, settled once, never left behind ----------
+
+
+@on_loop
+async def test_past_its_deadline_a_request_fails_once_and_its_late_reply_is_dropped() -> None:
+    pool = ready_pool(1, capacity=1)
+    dispatcher, _ = dispatcher_for(pool)
+    worker = pool.workers[0]
+    pending = dispatcher.enqueue("json", b"{}", timeout_s=0.02)
+    settled: list[asyncio.Future[Reply]] = []
+    pending.future.add_done_callback(settled.append)
+
+    with pytest.raises(DeadlineExceeded, match=r"deadline of 0\.02s"):
+        await dispatcher.result(pending)
+    reply(dispatcher, worker, pending.id)  # the worker answers after all
+    await asyncio.sleep(0)  # let any second settlement's callbacks run
+
+    assert len(settled) == 1 and isinstance(pending.future.exception(), DeadlineExceeded)
+    assert worker.inflight == {} and dispatcher.outstanding == 0
+    assert pending.timer is None
+
+
+@on_loop
+async def test_a_reply_before_the_deadline_wins_and_cancels_the_timer() -> None:
+    pool = ready_pool(1, capacity=2)
+    dispatcher, _ = dispatcher_for(pool)
+    worker = pool.workers[0]
+    early, racing = (dispatcher.enqueue("json", b"{}", timeout_s=0.05) for _ in range(2))
+    timer = early.timer
+    assert timer is not None and not timer.cancelled()
+
+    reply(dispatcher, worker, early.id)
+    assert (await dispatcher.result(early)).body == b'{"ok": true}'
+    assert timer.cancelled() and early.timer is None
+
+    # The deadline reached in the same turn as the reply, after it: the reply stands.
+    reply(dispatcher, worker, racing.id)
+    dispatcher._expire(racing)
+    assert (await dispatcher.result(racing)).body == b'{"ok": true}'
+    assert dispatcher.outstanding == 0
+
+
+@on_loop
+async def test_no_timer_outlives_its_request() -> None:
+    pool = ready_pool(2, capacity=2)
+    dispatcher, _ = dispatcher_for(pool, queue_size=8)
+    requests = [dispatcher.enqueue("json", b"{}") for _ in range(6)]  # 4 sent, 2 queued
+    timers = [p.timer for p in requests]
+    waiters = [asyncio.ensure_future(dispatcher.result(p)) for p in requests]
+    await asyncio.sleep(0)
+    waiters[-1].cancel()  # a caller that leaves while queued
+    for _ in range(3):  # each reply frees credit for a queued one
+        for worker in pool.workers:
+            for request_id in list(worker.inflight):
+                reply(dispatcher, worker, request_id)
+        await asyncio.sleep(0)
+    await asyncio.gather(*waiters, return_exceptions=True)
+
+    assert all(t is not None and t.cancelled() for t in timers)
+    assert dispatcher.outstanding == 0 and dispatcher.queued == 0
+
+
+# --- run_request: a queued request and its client -------------------------------------
+
+
+class FakeClient:
+    """An ASGI ``receive`` whose body was read; ``leave()`` disconnects."""
+
+    def __init__(self) -> None:
+        self._left = asyncio.Event()
+
+    def leave(self) -> None:
+        self._left.set()
+
+    async def receive(self) -> dict[str, object]:
+        await self._left.wait()
+        return {"type": "http.disconnect"}
+
+
+@on_loop
+async def test_a_queued_request_whose_client_leaves_is_answered_client_closed() -> None:
+    pool = ready_pool(1, capacity=1)
+    dispatcher, wire = dispatcher_for(pool)
+    worker = pool.workers[0]
+    running = dispatcher.enqueue("json", b"{}")
+    client = FakeClient()
+    call = asyncio.ensure_future(run_request(client.receive, dispatcher, "json", b"{}", None))
+    await eventually(lambda: dispatcher.queued == 1, "the request is queued")
+
+    client.leave()
+    with pytest.raises(ClientClosed):
+        await call
+    assert dispatcher.queued == 0 and dispatcher.outstanding == 1
+    reply(dispatcher, worker, running.id)
+    assert wire.requests(worker) == [running.id]  # the one that left never ran
+
+
+@on_loop
+async def test_a_queued_request_that_gets_its_answer_stops_watching_its_client() -> None:
+    pool = ready_pool(1, capacity=1)
+    dispatcher, _ = dispatcher_for(pool)
+    worker = pool.workers[0]
+    running = dispatcher.enqueue("json", b"{}")
+    client = FakeClient()
+    call = asyncio.ensure_future(run_request(client.receive, dispatcher, "json", b"{}", None))
+    await eventually(lambda: dispatcher.queued == 1, "the request is queued")
+
+    reply(dispatcher, worker, running.id)  # frees the credit: the queued one is sent
+    (queued_id,) = worker.inflight
+    reply(dispatcher, worker, queued_id)
+    assert (await call).fmt == "json"
+    only_this = {asyncio.current_task()}
+    await eventually(lambda: asyncio.all_tasks() == only_this, "no task watches the client")
+    await dispatcher.result(running)
+    assert dispatcher.outstanding == 0

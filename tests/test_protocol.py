@@ -40,6 +40,20 @@ def test_pack_refuses_python_objects() -> None:
         protocol.pack({"t": "x", "obj": object()})
 
 
+def test_a_reused_packer_encodes_as_pack_does_even_after_a_refusal() -> None:
+    pack = protocol.packer()
+    headers: list[dict[str, Any]] = [
+        {"t": protocol.REQUEST, "v": protocol.VERSION, "id": 7, "fmt": "json", "timeout_ms": 5},
+        {"t": "x", "b": b"\x00\xff", "s": "é", "n": None, "f": 0.5},
+        {"t": "x"},
+    ]
+    for header in headers:
+        assert pack(header) == protocol.pack(header)
+    with pytest.raises(TypeError):
+        pack({"t": "x", "obj": object()})
+    assert [pack(h) for h in headers] == [protocol.pack(h) for h in headers]
+
+
 @pytest.mark.parametrize(
     "frame",
     [
