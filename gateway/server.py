@@ -23,6 +23,7 @@ from gateway.placement import plan_models
 from gateway.runtime import Runtime, demands
 from shared.config import ConfigError
 from shared.errors import ModelLoadError
+from shared.heap import freeze_startup_heap
 from shared.modelconfig import Config
 
 log = logging.getLogger("torchpool.server")
@@ -115,6 +116,7 @@ def serve(config: Config) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         # uvicorn re-raises the signal it caught once it is done; let that pass.
         signal.signal(sig, lambda *_: None)
+    freeze_startup_heap()  # imports and the app: never walked by a collection again
     server.run(sockets=[sock])
     if fatal:
         raise ModelLoadError(fatal[0])

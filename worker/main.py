@@ -32,6 +32,7 @@ from shared import protocol
 from shared.config import ConfigError, WorkerSettings, parse_settings
 from shared.errors import ModelLoadError
 from shared.fingerprint import fingerprint as settings_fingerprint
+from shared.heap import freeze_startup_heap
 from worker import pinning
 from worker.control import LINGER_MS, ControlThread, WorkerState
 from worker.signals import SignalWake
@@ -162,6 +163,7 @@ def run(
         print(f"{PROG}: cannot load model: {exc.message}", file=sys.stderr)
         return protocol.EXIT_LOAD_FAILED
     load_s = time.monotonic() - started
+    freeze_startup_heap()  # before READY: its one collection must not delay a request
     if (reason := signals.stop_reason) is not None:
         control.send({"t": protocol.BYE, "reason": reason})
         return 0
