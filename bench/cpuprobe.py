@@ -14,7 +14,6 @@ after start, to see what pinning costs on a machine shared with the load.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -65,8 +64,7 @@ def main() -> int:
     out = OUT / "cpuprobe"
     out.mkdir(parents=True, exist_ok=True)
     weights = models.save(args.model, OUT / "weights")
-    body = out / f"body-{args.model}.json"
-    body.write_text(json.dumps({"input_tensor": models.example_row(args.model)}))
+    body = models.write_body(args.model, out)
     env = {"BENCH_BODY": str(body), "PATH": "/usr/bin:/bin"}
     (server,) = server_specs(args.model, weights, [args.server])
     with running(server, out, args.model):

@@ -6,6 +6,7 @@ Workers import these classes as ``bench.models:Small`` / ``bench.models:Heavy``
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Final
 
@@ -81,3 +82,11 @@ def example_row(name: str, seed: int = 99) -> list[list[float]]:
     row = torch.rand(1, MODELS[name].inputs, generator=generator) * 2 - 1
     rows: list[list[float]] = row.tolist()
     return rows
+
+
+def write_body(name: str, folder: Path) -> Path:
+    """``folder/body-NAME.json``: the benchmark's request body, one example row as JSON."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"body-{name}.json"
+    path.write_text(json.dumps({"input_tensor": example_row(name)}))
+    return path

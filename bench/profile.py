@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import subprocess
 import sys
 import time
@@ -61,8 +60,7 @@ def main() -> int:
     out = OUT / "profile"
     out.mkdir(parents=True, exist_ok=True)
     weights = models.save(args.model, OUT / "weights")
-    body_file = OUT / f"body-{args.model}.json"
-    body_file.write_text(json.dumps({"input_tensor": models.example_row(args.model)}))
+    body_file = models.write_body(args.model, OUT)
     (server,) = server_specs(args.model, weights, [args.server])
     with running(server, out, args.model):
         procs = tree(server)
