@@ -31,6 +31,14 @@ def free_port() -> int:
         return port
 
 
+def gone(pid: int) -> bool:
+    """Whether process ``pid`` has exited (a zombie not yet reaped counts as exited)."""
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
 def wait_for(
     condition: Callable[[], Any], timeout_s: float, what: str, interval_s: float = 0.05
 ) -> Any:

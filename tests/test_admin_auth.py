@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import psutil
 
-from tests.conftest import Server, wait_for
+from tests.conftest import Server, gone, wait_for
 from tests.load import Load
 
 ROW = [0.1] * 16
@@ -72,8 +72,7 @@ def test_scaling_up_and_down_while_serving(serve: Callable[..., Server]) -> None
         assert shrunk.status_code == 200
         wait_for(lambda: server.health()["total_workers"] == 1, 30, "the pool to shrink")
         removed = pids[1]
-        wait_for(lambda: not psutil.pid_exists(removed) or psutil.Process(removed).status()
-                 == psutil.STATUS_ZOMBIE, 30, "the removed worker to exit")  # fmt: skip
+        wait_for(lambda: gone(removed), 30, "the removed worker to exit")
         before = load.answered
         wait_for(lambda: load.answered > before + 30, 30, "load on the shrunk pool")
     assert load.errors == []

@@ -157,6 +157,9 @@ def test_deadline_gives_504(serve: Callable[..., Server]) -> None:
     server = serve(
         "--handler", "tests.zoo:SlowHandler", "--model-kwargs", '{"sleep_s": 3.0}',
         "--workers", "1", "--timeout-s", "1",
+        # Deadlines only: the batch limit (default --timeout-s) would kill the
+        # sleeping worker and answer the second request 503 instead.
+        "--max-batch-seconds", "0",
     )  # fmt: skip
     started = time.monotonic()
     response = server.predict({"input_tensor": [ROW]})

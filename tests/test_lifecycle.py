@@ -11,18 +11,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import psutil
 import pytest
 import torch
 
-from tests.conftest import ROOT, Server, wait_for
-
-
-def gone(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
+from tests.conftest import ROOT, Server, gone, wait_for
 
 
 def run_serve(*args: str, timeout_s: float = 60.0) -> subprocess.CompletedProcess[str]:

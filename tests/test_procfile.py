@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 import psutil
 
-from tests.conftest import BOOT_TIMEOUT_S, ROOT, free_port, wait_for
+from tests.conftest import BOOT_TIMEOUT_S, ROOT, free_port, gone, wait_for
 
 PROCFILE = ROOT / "Procfile"
 SCRIPTS = Path(sysconfig.get_path("scripts"))
@@ -34,13 +34,6 @@ def process_types() -> dict[str, str]:
         if match:
             types[match.group(1)] = match.group(2)
     return types
-
-
-def gone(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
 
 
 def test_procfile_declares_web_and_worker() -> None:
