@@ -29,10 +29,8 @@ def untracked(gw: Gateway) -> list[str]:
 @on_loop
 async def test_a_recycle_is_one_successor_however_often_reconcile_runs() -> None:
     gw = gateway(1, max_requests_per_worker=1)
-    await gw.start()
-    old = gw.pool.workers[0]
-    gw.ready(old)
-    gw.answer(old, gw.dispatcher.enqueue("json", b"{}").id)
+    (old,) = await gw.serving()
+    gw.serve_one(old)
     assert old.recycling  # wanted, and nothing more yet
     for _ in range(3):
         await gw.supervisor.reconcile()
@@ -51,10 +49,7 @@ async def test_a_recycle_is_one_successor_however_often_reconcile_runs() -> None
 @on_loop
 async def test_a_reload_hands_over_only_once_every_successor_is_ready() -> None:
     gw = gateway(2)
-    await gw.start()
-    olds = list(gw.pool.workers)
-    for worker in olds:
-        gw.ready(worker)
+    olds = await gw.serving()
     new = dataclasses.replace(gw.settings, max_batch_size=7)
     reload = asyncio.ensure_future(gw.supervisor.reload(new))
     await gw.spawned(4)
@@ -80,10 +75,7 @@ async def test_a_reload_hands_over_only_once_every_successor_is_ready() -> None:
 @on_loop
 async def test_a_reload_whose_successor_fails_keeps_the_old_workers_and_says_why() -> None:
     gw = gateway(2)
-    await gw.start()
-    olds = list(gw.pool.workers)
-    for worker in olds:
-        gw.ready(worker)
+    olds = await gw.serving()
     before = gw.supervisor.settings
     reload = asyncio.ensure_future(
         gw.supervisor.reload(dataclasses.replace(before, max_batch_size=7))
@@ -116,10 +108,7 @@ async def test_a_reload_whose_successor_fails_keeps_the_old_workers_and_says_why
 @on_loop
 async def test_a_reload_whose_successor_cannot_start_fails_with_why() -> None:
     gw = gateway(2)
-    await gw.start()
-    olds = list(gw.pool.workers)
-    for worker in olds:
-        gw.ready(worker)
+    olds = await gw.serving()
     gw.spawner.cannot_start[3] = OSError(24, "Too many open files")  # the second successor
     reload = asyncio.ensure_future(gw.supervisor.reload())
     await eventually(reload.done, "the reload to fail")

@@ -57,6 +57,17 @@ class Gateway:
         self.say(worker, protocol.READY, capacity=capacity, load_s=0.1)
         assert worker.ready
 
+    async def serving(self) -> list[WorkerRecord]:
+        """Start, and have every slot's worker ready; returns the workers."""
+        await self.start()
+        for worker in self.pool.workers:
+            self.ready(worker)
+        return list(self.pool.workers)
+
+    def serve_one(self, worker: WorkerRecord) -> None:
+        """``worker`` answers one request (past --max-requests-per-worker, it is due a recycle)."""
+        self.answer(worker, self.dispatcher.enqueue("json", b"{}").id)
+
     def answer(self, worker: WorkerRecord, request_id: int) -> None:
         """A successful REPLY from ``worker``, routed as Runtime routes it."""
         header = {"t": protocol.REPLY, "id": request_id, "code": protocol.OK, "fmt": "json"}
@@ -225,10 +236,8 @@ async def test_recycling_hands_over_to_a_ready_successor_before_draining_the_old
 @on_loop
 async def test_a_successor_that_dies_keeps_the_old_worker_and_retries_later() -> None:
     gw = gateway(1, max_requests_per_worker=1)
-    await gw.start()
-    old = gw.pool.workers[0]
-    gw.ready(old)
-    gw.answer(old, gw.dispatcher.enqueue("json", b"{}").id)
+    (old,) = await gw.serving()
+    gw.serve_one(old)
     await gw.spawned(2)
     (successor,) = gw.pool.extra
 
@@ -285,10 +294,8 @@ async def test_a_ready_worker_that_goes_silent_is_not_counted_as_a_boot_failure(
 @on_loop
 async def test_a_successor_declared_lost_is_counted_as_one_death() -> None:
     gw = gateway(1, max_requests_per_worker=1)
-    await gw.start()
-    old = gw.pool.workers[0]
-    gw.ready(old)
-    gw.answer(old, gw.dispatcher.enqueue("json", b"{}").id)
+    (old,) = await gw.serving()
+    gw.serve_one(old)
     await gw.spawned(2)
     (successor,) = gw.pool.extra
     process = gw.spawner.of(successor)
