@@ -101,14 +101,14 @@ class Server:
         poller.register(control.main_end, zmq.POLLIN)
         poller.register(signals.fd, zmq.POLLIN)
         self._poller, self._watched = poller, (control, signals)
-        wakers = (control.main_end, signals.fd)
+        control_end, signal_fd = control.main_end, signals.fd
         while True:
             # A stream may have taken in a reason to stop already (see _watch).
             events = dict(poller.poll(0 if self.pending or self._stop else None))
             # Both wakers stay readable until read (a zmq socket, a pipe), so
             # looking only when the poller says so misses nothing, and spares
             # each request the two reads that would find nothing.
-            woken = self._stop is not None or any(waker in events for waker in wakers)
+            woken = self._stop is not None or control_end in events or signal_fd in events
             if woken and (stop := self._watch()) is not None:
                 return stop
             if self._data in events or self.pending:
