@@ -18,9 +18,9 @@ from collections.abc import Callable
 
 import uvicorn
 
-from gateway.app import create_app
-from gateway.placement import plan_models
-from gateway.runtime import Runtime, demands
+from gateway.api.app import create_app
+from gateway.pool.placement import plan_models
+from gateway.pool.runtime import Runtime, demands
 from shared.config import ConfigError
 from shared.errors import ModelLoadError
 from shared.heap import freeze_startup_heap

@@ -45,7 +45,7 @@ no two clocks need to agree (a remote worker's may be off by seconds).
 
 ``queued`` in a REQUEST is how many requests wait in the gateway's queue for
 want of credit as it is sent: a batch never waits for more while some do
-(they reach a worker only once one answers; see :mod:`worker.pacing`).
+(they reach a worker only once one answers; see :mod:`worker.serve.pacing`).
 ``waits`` in a HEARTBEAT is ``{"counts": [...], "sum": seconds}``: how long
 requests waited in the worker before their forward pass, counted in the
 buckets of ``WAIT_BUCKETS_S`` (one more count for the overflow), cumulative

@@ -17,8 +17,8 @@ from typing import Any
 
 import zmq
 
-from gateway.pool import WorkerRecord
-from gateway.transport import LOCAL, Handler
+from gateway.pool.transport import LOCAL, Handler
+from gateway.pool.workers import WorkerRecord
 from shared import protocol
 
 # A bound on the event-loop turns a test waits for something, instead of a time.

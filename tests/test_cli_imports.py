@@ -34,6 +34,6 @@ def test_keys_command_loads_no_fastapi(tmp_path: Path) -> None:
 
 def test_create_app_is_still_importable_from_the_package() -> None:
     import gateway
-    from gateway.app import create_app
+    from gateway.api.app import create_app
 
     assert gateway.create_app is create_app

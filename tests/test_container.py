@@ -24,7 +24,7 @@ from shared.config import ServeSettings, parse_settings
 from tests.conftest import wait_for
 from tests.podman import TEST_TIMEOUT_S, Container, Image, built_image
 from tests.test_deploy import worst_stop_s
-from worker.demo import build_demo_model
+from worker.model.demo import build_demo_model
 
 pytestmark = [pytest.mark.container, pytest.mark.timeout(TEST_TIMEOUT_S)]
 

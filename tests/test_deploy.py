@@ -24,7 +24,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from gateway.supervisor import STOP_GRACE_S
+from gateway.pool.supervisor import STOP_GRACE_S
 from shared.config import ServeSettings, WorkerSettings, env_name, parse_settings, settings_fields
 from tests.conftest import ROOT
 from tests.podman import TEST_TIMEOUT_S, built_image

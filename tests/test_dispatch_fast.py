@@ -12,10 +12,11 @@ from collections.abc import Callable
 
 import pytest
 
-from gateway.dispatch import Dispatcher, Reply
-from gateway.http import run_request
-from gateway.placement import Placement
-from gateway.pool import Pool, State, WorkerRecord
+from gateway.api.http import run_request
+from gateway.pool.dispatch import Dispatcher
+from gateway.pool.pending import Reply
+from gateway.pool.placement import Placement
+from gateway.pool.workers import Pool, State, WorkerRecord
 from shared import protocol
 from shared.errors import ClientClosed, DeadlineExceeded, Unavailable
 from tests.fakes import FakeTransport, eventually, on_loop

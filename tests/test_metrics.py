@@ -16,16 +16,16 @@ import pytest
 from fastapi import FastAPI
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.app import create_app
-from gateway.metrics import (
+from gateway.api.app import create_app
+from gateway.api.metrics import (
     BATCH_ROWS_HELP,
     DEATH_CAUSES,
     RecentWindow,
     _add_batch_histogram,
     _histogram_family,
 )
-from gateway.placement import Placement
-from gateway.pool import Pool
+from gateway.pool.placement import Placement
+from gateway.pool.workers import Pool
 from shared import protocol
 from shared.config import ServeSettings
 from tests.conftest import Server, wait_for

@@ -20,7 +20,7 @@ import pytest
 import zmq
 
 from gateway.cli import EXIT_CONFIG, main
-from gateway.placement import Demand, plan_models
+from gateway.pool.placement import Demand, plan_models
 from shared import protocol
 from shared.config import ConfigError
 from shared.modelconfig import load

@@ -13,7 +13,7 @@ from tests.conftest import ROOT, Server
 PROGRAM = """
 import sys, time
 from fastapi.testclient import TestClient
-from gateway.app import create_app
+from gateway.api.app import create_app
 from shared.config import ServeSettings
 
 app = create_app(ServeSettings(workers=1))

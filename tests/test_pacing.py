@@ -8,9 +8,9 @@ import pytest
 
 from shared import protocol
 from tests.test_worker_batching import Arrivals, ids, job
-from worker.batching import Job, collect
-from worker.pacing import Pacer, WaitHistogram
-from worker.serving import await_message
+from worker.serve.batching import Job, collect
+from worker.serve.loop import await_message
+from worker.serve.pacing import Pacer, WaitHistogram
 
 
 def test_no_wait_before_any_forward_is_measured_is_bounded_by_the_delay() -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.placement import Placement, format_cores, plan, split_cores, visible_gpus
+from gateway.pool.placement import Placement, format_cores, plan, split_cores, visible_gpus
 from shared.config import ConfigError
 
 EIGHT = list(range(8))
@@ -133,7 +133,7 @@ def test_format_cores() -> None:
 
 
 def test_cgroup_quota_caps_usable_cores(tmp_path: Path) -> None:
-    from gateway.placement import cgroup_cpu_quota, usable_cores
+    from gateway.pool.placement import cgroup_cpu_quota, usable_cores
 
     cpu_max = tmp_path / "cpu.max"
     cpu_max.write_text("max 100000\n")

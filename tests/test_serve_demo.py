@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from tests.conftest import Server
-from worker.demo import build_demo_model
+from worker.model.demo import build_demo_model
 
 ROWS = [[(i * 16 + j) / 100.0 - 1.0 for j in range(16)] for i in range(5)]
 

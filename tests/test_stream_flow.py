@@ -17,7 +17,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from gateway.streams import CREDIT
+from gateway.pool.streams import CREDIT
 from tests.conftest import Server, wait_for
 
 TOTAL = 400  # outputs the generator would make if nothing paused it

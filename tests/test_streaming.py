@@ -20,7 +20,7 @@ import psutil
 import pytest
 
 from tests.conftest import Server, wait_for
-from worker.streaming import generate_fields, merge_fields
+from worker.serve.streaming import generate_fields, merge_fields
 
 SSE = {"accept": "text/event-stream"}
 FOREVER = 100_000  # outputs: a stream that would run for hours if not stopped

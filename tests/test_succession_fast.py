@@ -13,7 +13,7 @@ import dataclasses
 
 import pytest
 
-from gateway.pool import Role, State
+from gateway.pool.workers import Role, State
 from shared import protocol
 from shared.errors import ModelLoadError
 from tests.fakes import eventually, on_loop

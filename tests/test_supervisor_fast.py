@@ -15,11 +15,11 @@ from typing import Any
 
 import pytest
 
-from gateway.dispatch import Dispatcher
-from gateway.placement import Placement
-from gateway.pool import Pool, Role, State, WorkerRecord
-from gateway.succession import RECYCLE_RETRY_S
-from gateway.supervisor import BACKOFF_BASE_S, BACKOFF_MAX_S, MAX_BOOT_FAILURES, Supervisor
+from gateway.pool.dispatch import Dispatcher
+from gateway.pool.placement import Placement
+from gateway.pool.succession import RECYCLE_RETRY_S
+from gateway.pool.supervisor import BACKOFF_BASE_S, BACKOFF_MAX_S, MAX_BOOT_FAILURES, Supervisor
+from gateway.pool.workers import Pool, Role, State, WorkerRecord
 from shared import protocol
 from shared.config import ServeSettings
 from shared.errors import Unavailable

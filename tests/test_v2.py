@@ -23,9 +23,9 @@ from tritonclient.utils import InferenceServerException
 from shared import protocol
 from shared.errors import ModelFailure, PayloadTooLarge, RequestError
 from tests.conftest import Server, wait_for
-from worker import v2codec
-from worker.demo import build_demo_model
-from worker.inputs import InputSpec
+from worker.codec import v2 as v2codec
+from worker.codec.inputs import InputSpec
+from worker.model.demo import build_demo_model
 
 X = np.linspace(-1.0, 1.0, 3 * 16, dtype=np.float32).reshape(3, 16)
 INFER = "/v2/models/demo/infer"

@@ -11,8 +11,9 @@ import torch
 
 from shared.errors import ModelFailure
 from tests.models import Mean, PairNet, Picky
-from worker.batching import Job, collect, group, run_group, split_output
-from worker.pacing import Pacer
+from worker.model.assembly import split_output
+from worker.serve.batching import Job, collect, group, run_group
+from worker.serve.pacing import Pacer
 
 
 def job(request_id: int, rows: int = 1, width: int = 2, dtype: torch.dtype = torch.float32) -> Job:

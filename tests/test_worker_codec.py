@@ -19,9 +19,10 @@ from shared.errors import (
     RequestError,
     ShapeMismatch,
 )
-from worker import codec, v2codec
-from worker.inputs import InputSpec, Preprocess
-from worker.serving import deadline_of
+from worker.codec import predict as codec
+from worker.codec import v2 as v2codec
+from worker.codec.inputs import InputSpec, Preprocess
+from worker.serve.loop import deadline_of
 
 LIMIT = 1 << 20
 

@@ -10,9 +10,12 @@ import pytest
 import torch
 
 from shared.errors import ModelFailure, RequestError, UnsupportedMediaType
-from worker import codec, handler, rawbody
-from worker.batching import MAX_PAD_RATIO, Assembly, Job, group, run_group
-from worker.inputs import InputSpec, Preprocess
+from worker.codec import predict as codec
+from worker.codec import rawbody
+from worker.codec.inputs import InputSpec, Preprocess
+from worker.model import handler
+from worker.model.assembly import Assembly
+from worker.serve.batching import MAX_PAD_RATIO, Job, group, run_group
 
 LIMIT = 1 << 20
 

@@ -12,8 +12,8 @@ from shared import modelfile
 from shared.config import ModelSettings
 from shared.errors import ModelLoadError
 from tests.models import TinyNet
-from worker.demo import build_demo_model
-from worker.loading import LoadedModel, load_model, warm_up
+from worker.model.demo import build_demo_model
+from worker.model.loading import LoadedModel, load_model, warm_up
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")
 
@@ -223,7 +223,7 @@ def test_warm_up_failure_is_a_load_error(tmp_path: Path) -> None:
 
 def test_an_explicit_input_dtype_wins_over_the_models_own() -> None:
     from shared.config import WorkerSettings
-    from worker.loading import load_model
+    from worker.model.loading import load_model
 
     declared = load_model(
         WorkerSettings(connect="ipc:///unused", handler="tests.zoo:CountHandler"),

@@ -17,7 +17,7 @@ import torch
 import zmq
 
 from shared import protocol
-from worker.demo import build_demo_model
+from worker.model.demo import build_demo_model
 
 ROOT = Path(__file__).resolve().parent.parent
 UID = "0.1"

@@ -28,7 +28,7 @@ from typing import Any, Final
 import zmq
 
 from shared import protocol
-from worker.pacing import WaitHistogram
+from worker.serve.pacing import WaitHistogram
 from worker.stats import MemorySampler
 
 # A worker whose parent died has nobody to answer; if the main thread cannot

@@ -39,7 +39,7 @@ from worker.signals import SignalWake
 from worker.stats import MemorySampler
 
 if TYPE_CHECKING:
-    from worker.loading import LoadedModel
+    from worker.model.loading import LoadedModel
 
 PROG: Final = "torchpool worker"
 # linux/prctl.h
@@ -194,7 +194,7 @@ def load(settings: WorkerSettings, pin: pinning.Pinning, sampler: MemorySampler)
         import torch
     except ImportError as exc:
         raise ModelLoadError(f"torch cannot be imported: {exc}") from exc
-    from worker.loading import load_model, warm_up
+    from worker.model.loading import load_model, warm_up
     from worker.stats import torch_cuda_probe
 
     pinning.configure_torch(pin.threads)
@@ -218,7 +218,7 @@ def serve(
     state: WorkerState,
     signals: SignalWake,
 ) -> int:
-    from worker.serving import Server
+    from worker.serve.loop import Server
 
     server = Server(
         data,

@@ -1,0 +1,216 @@
+"""What every HTTP route shares: errors as responses, bodies, deadlines, readiness.
+
+Each rule lives here once, for /predict (plain ASGI, see :mod:`gateway.api.predict`)
+and the FastAPI routes alike (:mod:`gateway.api.app`, :mod:`gateway.api.v2`,
+:mod:`gateway.api.admin`):
+
+- an error's extra headers: ``Retry-After`` on 503, ``WWW-Authenticate`` on 401;
+- reading a body under ``--max-body-mb`` (413 as soon as it is known to be too big);
+- ``X-Request-Timeout``;
+- waiting for a worker's reply, dropping a queued request whose client left;
+- the readiness rule of /health/ready and /v2/health/ready.
+
+It imports nothing of the gateway's but the dispatcher's types, so any route
+module can import it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING, Any, Final
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.types import Receive, Send
+
+from gateway.pool.dispatch import Dispatcher
+from gateway.pool.pending import Pending, Reply
+from shared import protocol
+from shared.errors import (
+    ClientClosed,
+    PayloadTooLarge,
+    RequestError,
+    TorchpoolError,
+    Unauthorized,
+    Unavailable,
+)
+
+if TYPE_CHECKING:
+    from gateway.pool.runtime import Runtime
+    from gateway.pool.workers import Pool
+
+JSON: Final = "application/json"
+TIMEOUT_HEADER: Final = "x-request-timeout"  # shortens this request's deadline, in seconds
+BEARER_CHALLENGE: Final = 'Bearer realm="torchpool"'
+
+
+def runtime_of(request: Request) -> Runtime:
+    """The serving pool the app's lifespan started."""
+    runtime: Runtime = request.app.state.runtime
+    return runtime
+
+
+# --- errors -----------------------------------------------------------------------
+
+
+def error_headers(error: TorchpoolError) -> dict[str, str]:
+    """The headers an error's answer carries besides its JSON body."""
+    if isinstance(error, Unavailable):
+        return {"Retry-After": str(error.retry_after_s)}
+    if isinstance(error, Unauthorized):
+        return {"WWW-Authenticate": BEARER_CHALLENGE}
+    return {}
+
+
+def json_response(
+    document: Any, status: int = 200, headers: dict[str, str] | None = None
+) -> Response:
+    return Response(orjson.dumps(document), status_code=status, media_type=JSON, headers=headers)
+
+
+def error_response(
+    error: TorchpoolError, document: Any = None, status: int | None = None
+) -> Response:
+    """``error`` as an answer: its JSON (or ``document``), its status (or ``status``)."""
+    body = error.to_json() if document is None else document
+    return json_response(body, error.status if status is None else status, error_headers(error))
+
+
+async def send_response(
+    send: Send,
+    status: int,
+    body: bytes,
+    media_type: bytes,
+    extra: list[tuple[bytes, bytes]] | None = None,
+) -> None:
+    """A whole answer on a plain ASGI ``send``."""
+    headers = [(b"content-type", media_type), (b"content-length", str(len(body)).encode())]
+    await send(
+        {"type": "http.response.start", "status": status, "headers": headers + (extra or [])}
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+async def send_error(send: Send, error: TorchpoolError) -> None:
+    """:func:`error_response` on a plain ASGI ``send``."""
+    extra = [(k.lower().encode(), v.encode()) for k, v in error_headers(error).items()]
+    await send_response(send, error.status, orjson.dumps(error.to_json()), JSON.encode(), extra)
+
+
+# --- requests -----------------------------------------------------------------------
+
+
+def timeout_header(value: bytes | str | None) -> float | None:
+    """``X-Request-Timeout`` in seconds; None when absent; 400 unless a positive number."""
+    if value is None:
+        return None
+    text = value.decode(errors="replace") if isinstance(value, bytes) else value
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = float("nan")
+    if not 0 < seconds < float("inf"):
+        raise RequestError(f"X-Request-Timeout must be a positive number of seconds, got {text!r}")
+    return seconds
+
+
+async def read_body(
+    receive: Receive, declared: bytes | str | None, limit: int, empty: str
+) -> bytes:
+    """The whole body, refused (413) as soon as it is known to exceed ``limit``.
+
+    ``declared`` is the Content-Length header; ``empty`` the 400 message for no body.
+    """
+    if isinstance(declared, str):
+        declared = declared.encode()
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"body of {declared.decode()} bytes exceeds the limit of {limit}")
+    message = await receive()
+    body: bytes = message.get("body", b"")
+    if message.get("more_body"):
+        chunks = [body]
+        size = len(body)
+        while message.get("more_body"):
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise ClientClosed("the client closed the connection while sending")
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise PayloadTooLarge(f"body exceeds the limit of {limit} bytes")
+            chunks.append(chunk)
+        body = b"".join(chunks)
+    elif message["type"] == "http.disconnect":
+        raise ClientClosed("the client closed the connection while sending")
+    if len(body) > limit:
+        raise PayloadTooLarge(f"body exceeds the limit of {limit} bytes")
+    if not body:
+        raise RequestError(empty)
+    return body
+
+
+async def run_request(
+    receive: Receive,
+    dispatcher: Dispatcher,
+    fmt: str,
+    body: bytes,
+    timeout_s: float | None,
+    extra: protocol.RequestExtras | None = None,
+) -> Reply:
+    """Hand a request to the dispatcher and wait for its reply.
+
+    While it is queued, a client that disconnects takes it out of the queue
+    (never run); once it is on a worker, the reply is awaited regardless.
+    """
+    pending = dispatcher.enqueue(fmt, body, timeout_s, extra)
+    if not dispatcher.is_queued(pending):
+        return await dispatcher.result(pending)
+    # One watcher task, whose end answers the request ClientClosed; the reply is
+    # awaited here, not in a second task (fewer tasks and futures per request).
+    watcher = asyncio.ensure_future(_disconnected(receive))
+    watcher.add_done_callback(lambda w: _on_left(w, pending))
+    try:
+        return await dispatcher.result(pending)  # drops the request from the queue if there
+    finally:
+        watcher.cancel()
+
+
+def _on_left(watcher: asyncio.Future[None], pending: Pending) -> None:
+    if not watcher.cancelled():  # cancelled: the answer came first
+        pending.settle(ClientClosed("the client closed the connection before the answer"))
+
+
+async def _disconnected(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+# --- readiness --------------------------------------------------------------------
+
+
+def not_ready_reason(pool: Pool, min_ready: int) -> str | None:
+    """Why one model's pool does not take traffic; None when it does."""
+    if pool.draining:
+        return "the server is shutting down"
+    count = len(pool.ready_workers())
+    if count < min_ready:
+        return f"{count} workers ready, fewer than --min-ready {min_ready}"
+    return None
+
+
+def server_not_ready_reason(runtime: Runtime) -> str | None:
+    """Why the gateway does not take traffic (the readiness probes' rule); None when it does.
+
+    Ready means every model has at least its min_ready workers ready.
+    """
+    if runtime.draining:
+        return "the server is shutting down"
+    several = len(runtime.models) > 1
+    for model in runtime.models.values():
+        reason = not_ready_reason(model.pool, model.settings.min_ready)
+        if reason is not None:
+            return f"model {model.name}: {reason}" if several else reason
+    if not runtime.models:
+        return "no model is served"
+    return None

@@ -1,0 +1,217 @@
+"""Server-Sent Events: a streamed request's chunks written to the client as they come.
+
+    POST /predict with ``Accept: text/event-stream``, on a model whose handler streams:
+
+        200 text/event-stream
+        data: {"output": ...}            one event per output, as soon as it is made
+        ...
+        event: end                       the stream is complete
+        data: {}
+
+    An error once events have been sent ends the stream with
+    ``event: error`` / ``data: {"error": ..., "code": ...}`` (a 504's code past
+    the deadline); one before the first event is an ordinary JSON error with
+    its status. The Open Inference Protocol's ``generate_stream``
+    (:mod:`gateway.api.generate`) writes the same way, Triton's shapes inside.
+
+Nothing is buffered: each chunk is one ``send`` to uvicorn, which writes it
+to the socket at once (chunked transfer encoding). When the client reads
+slowly, uvicorn's ``send`` waits for its buffer to drain; credit goes back to
+the worker only after a write, so the worker pauses instead of piling up
+chunks. When the client disconnects, the worker is told (CANCEL) at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Final
+
+import orjson
+from starlette.types import Receive, Scope, Send
+
+from gateway.api.auth import token_matches
+from gateway.api.http import read_body, send_error, timeout_header
+from gateway.api.predict import PREDICT_NAMED, PREDICT_PATH, TIMEOUT_HEADER, Observer, body_format
+from gateway.pool import streams
+from gateway.pool.streams import StreamPending
+from gateway.pool.workers import Pool
+
+if TYPE_CHECKING:
+    from gateway.pool.model import ModelRuntime
+from shared import protocol
+from shared.errors import ClientClosed, ModelNotFound, TorchpoolError, Unauthorized
+
+EVENT_STREAM: Final = b"text/event-stream"
+_EMPTY: Final = 'empty body; send {"input_tensor": ...}'
+_HEADERS: Final = [
+    (b"content-type", EVENT_STREAM),
+    (b"cache-control", b"no-cache"),
+    # nginx and similar proxies buffer responses unless told not to.
+    (b"x-accel-buffering", b"no"),
+]
+
+
+@dataclass(frozen=True)
+class Framing:
+    """How one endpoint frames the end of a stream and its errors."""
+
+    # The last event of a complete stream; b"" for none.
+    end: bytes
+    # An error's data line.
+    error_json: Callable[[TorchpoolError], bytes]
+    # An error before any event: a whole HTTP response.
+    send_error: Callable[[Send, TorchpoolError], Any]
+
+
+PREDICT_FRAMING: Final = Framing(
+    end=b"event: end\ndata: {}\n\n",
+    error_json=lambda error: orjson.dumps(error.to_json()),
+    send_error=send_error,
+)
+
+
+def wants_stream(scope: Scope) -> bool:
+    """Whether the request's Accept header asks for Server-Sent Events."""
+    for name, value in scope["headers"]:
+        if name == b"accept":
+            return EVENT_STREAM in value.lower()
+    return False
+
+
+def model_streams(pool: Pool) -> bool:
+    """Whether the served model streams, as its ready workers said in READY."""
+    return any(
+        worker.signature is not None and worker.signature.get("stream") is True
+        for worker in pool.ready_workers()
+    )
+
+
+async def write_stream(
+    runtime: ModelRuntime,
+    receive: Receive,
+    send: Send,
+    request: tuple[str, bytes, float | None, protocol.RequestExtras],
+    framing: Framing,
+) -> int:
+    """Run ``request`` (fmt, body, timeout, extra header fields) as a stream and write
+    it out; the HTTP status it answered (499 when the client left first).
+
+    Errors from the dispatcher before anything was sent are raised, for the
+    caller to answer as usual.
+    """
+    fmt, body, timeout_s, extra = request
+    dispatcher = runtime.dispatcher
+    extra = {**extra, "stream": True, "credit": streams.CREDIT}
+    pending = dispatcher.enqueue(fmt, body, timeout_s, extra, kind=StreamPending)
+    assert isinstance(pending, StreamPending)
+    done = asyncio.ensure_future(dispatcher.result(pending))
+    left = asyncio.ensure_future(_disconnected(receive))
+    started = False
+    loop = asyncio.get_running_loop()
+    try:
+        while True:
+            written = 0
+            while pending.chunks and not left.done():
+                if not started:
+                    await send({"type": "http.response.start", "status": 200, "headers": _HEADERS})
+                    started = True
+                chunk = pending.chunks.popleft()
+                await _write(send, b"data: " + chunk + b"\n\n")
+                written += 1
+            if written:
+                streams.grant(runtime.pool, runtime.transport, pending, written)
+            if left.done():
+                return 499
+            if done.done() and not pending.chunks:
+                break
+            pending.arrived = loop.create_future()
+            waiting: set[asyncio.Future[Any]] = {pending.arrived, done, left}
+            await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+        try:
+            done.result()
+        except TorchpoolError as error:
+            if not started:
+                await framing.send_error(send, error)
+                return error.status
+            await _write(send, b"event: error\ndata: " + framing.error_json(error) + b"\n\n")
+        else:
+            if not started:
+                await send({"type": "http.response.start", "status": 200, "headers": _HEADERS})
+            if framing.end:
+                await _write(send, framing.end)
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        return 200
+    finally:
+        left.cancel()
+        done.cancel()  # Dispatcher.result drops it from the queue if still there
+        # Still on a worker (the client left, or the deadline passed): stop it there.
+        streams.cancel(runtime.pool, runtime.transport, dispatcher, pending)
+
+
+async def _write(send: Send, data: bytes) -> None:
+    await send({"type": "http.response.body", "body": data, "more_body": True})
+
+
+async def _disconnected(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+class StreamPredictHandler:
+    """``POST /predict`` answered as Server-Sent Events (see the module docstring)."""
+
+    def __init__(
+        self,
+        runtime_of: Callable[[], Any],
+        api_keys: list[bytes],
+        observe: Observer,
+    ) -> None:
+        self._runtime_of = runtime_of
+        self._keys = api_keys
+        self._observe = observe
+
+    def wants(self, scope: Scope, model_name: str | None = None) -> bool:
+        """A POST that asks for events, to a model that streams; others go the usual way
+        (an unknown model included: /predict answers its 404)."""
+        if scope["method"] != "POST" or not wants_stream(scope):
+            return False
+        try:
+            model = self._runtime_of().model(model_name)
+        except ModelNotFound:
+            return False
+        return model_streams(model.pool)
+
+    async def __call__(
+        self, scope: Scope, receive: Receive, send: Send, model_name: str | None = None
+    ) -> None:
+        """``model_name``: the model of ``/predict/{name}``; None for ``/predict``."""
+        started = time.perf_counter()
+        status = 200
+        served = ""  # the model's name for metrics, once the request found it
+        try:
+            headers = dict(scope["headers"])
+            try:
+                if self._keys and not token_matches(headers.get(b"authorization"), self._keys):
+                    raise Unauthorized("a valid API key is required: Authorization: Bearer KEY")
+                model = self._runtime_of().model(model_name)
+                served = model.name
+                fmt, extra = body_format(headers.get(b"content-type"))
+                timeout_s = timeout_header(headers.get(TIMEOUT_HEADER))
+                limit = model.settings.max_body_bytes
+                body = await read_body(receive, headers.get(b"content-length"), limit, _EMPTY)
+                request = (fmt, body, timeout_s, extra or protocol.RequestExtras())
+                status = await write_stream(model, receive, send, request, PREDICT_FRAMING)
+            except ClientClosed as exc:
+                status = exc.status
+            except TorchpoolError as exc:
+                status = exc.status
+                await send_error(send, exc)
+        except Exception:
+            status = 500
+            raise
+        finally:
+            route = PREDICT_PATH if model_name is None else PREDICT_NAMED
+            self._observe(route, status, time.perf_counter() - started, served)

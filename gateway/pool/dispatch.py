@@ -1,0 +1,267 @@
+"""Hands requests to workers and gives each caller its reply, an error, or a 504.
+
+A request goes to the ready worker with the least outstanding work that still
+has credit (workers advertise how many requests they want outstanding, enough
+to fill a batch). When none has credit, it waits in a bounded FIFO queue; when
+the queue is full the caller gets 503 at once. Every request has a deadline.
+
+When a worker dies or is declared dead, every request it held is settled at
+once: retried one time on another ready worker (inference is idempotent), or
+answered 503 saying how the worker died. Nothing waits for a timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import itertools
+import logging
+import time
+from collections.abc import Callable
+from typing import Any, cast
+
+import zmq
+
+from gateway.pool.pending import Pending, Reply
+from gateway.pool.transport import Transport
+from gateway.pool.workers import Pool, WorkerRecord
+from shared import protocol
+from shared.errors import DeadlineExceeded, TorchpoolError, Unavailable, error_from_code
+
+log = logging.getLogger("torchpool.dispatch")
+
+MAX_ATTEMPTS = 2  # the first try and one retry after a worker death
+
+# REPLY header keys that are not passed on in Reply.extra.
+_REPLY_KEYS = frozenset({"t", "id", "code", "message", "details", "fmt"})
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        pool: Pool,
+        transport: Transport,
+        queue_size: int,
+        timeout_s: float,
+        on_unreachable: Callable[[WorkerRecord], None] | None = None,
+    ) -> None:
+        self._pool = pool
+        self._transport = transport
+        self._queue_size = queue_size
+        self._timeout_s = timeout_s
+        self._on_unreachable = on_unreachable
+        self._queue: collections.deque[Pending] = collections.deque()
+        self._ids = itertools.count(1)
+        self._outstanding = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._pack = protocol.packer()  # the event loop's thread only
+        # Observer for metrics: called with the seconds a request waited in the
+        # gateway (queued or not) before its first send to a worker.
+        self.on_first_send: Callable[[float], None] | None = None
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
+    @property
+    def outstanding(self) -> int:
+        return self._outstanding
+
+    def enqueue(
+        self,
+        fmt: str,
+        body: bytes,
+        timeout_s: float | None = None,
+        extra: protocol.RequestExtras | None = None,
+        kind: type[Pending] = Pending,
+    ) -> Pending:
+        """Hand a request to a worker, or queue it; 503 at once when neither can be done.
+
+        ``timeout_s`` can only shorten the server's deadline (--timeout-s);
+        ``extra`` adds fields to the REQUEST header; ``kind`` is the Pending
+        class to make (a stream's, see :mod:`gateway.pool.streams`).
+        """
+        if self._pool.draining:
+            raise Unavailable("the server is shutting down")
+        worker = self._pool.pick()  # one with credit is ready: no need to list the ready ones
+        if worker is None and not self._pool.ready_workers():
+            raise Unavailable(self._not_ready_message())
+        timeout = self._timeout_s if timeout_s is None else min(timeout_s, self._timeout_s)
+        loop = asyncio.get_running_loop()
+        now = time.monotonic()
+        pending = kind(
+            next(self._ids),
+            fmt,
+            body,
+            now + timeout,
+            loop.create_future(),
+            enqueued=now,
+            extra=extra,
+        )
+        while worker is not None and not self._send(worker, pending):
+            # on_unreachable took that worker out of rotation: try the next one.
+            worker = None if worker.ready else self._pool.pick()
+        if worker is not None:
+            pass
+        elif len(self._queue) >= self._queue_size:
+            raise Unavailable(
+                f"all workers are busy and the queue is full ({self._queue_size} waiting)"
+            )
+        else:
+            self._queue.append(pending)
+            pending.queued = True
+        # A timer per request rather than asyncio.wait_for around each wait: no
+        # extra future, callback or loop turn per reply (it was a profile hot spot).
+        pending.timer = loop.call_later(timeout, self._expire, pending)
+        self._outstanding += 1
+        self._idle.clear()
+        return pending
+
+    def is_queued(self, pending: Pending) -> bool:
+        return pending.queued
+
+    async def result(self, pending: Pending) -> Reply:
+        """Wait for ``pending`` until its deadline (504). Cancelling drops it if still queued."""
+        try:
+            return await pending.future
+        finally:
+            if pending.timer is not None:
+                pending.timer.cancel()
+                pending.timer = None
+            if pending.queued:
+                # Not started: nobody will ever want it (deadline passed, or the client left).
+                self._queue.remove(pending)
+                pending.queued = False
+            self._outstanding -= 1
+            if self._outstanding == 0:
+                self._idle.set()
+
+    def _expire(self, pending: Pending) -> None:
+        """The deadline passed: answer 504 (a reply that comes later is dropped)."""
+        pending.timer = None
+        if not pending.future.done():
+            text = self._deadline_text(pending)
+            pending.settle(DeadlineExceeded(f"no answer within the deadline of {text}"))
+
+    def _deadline_text(self, pending: Pending) -> str:
+        return f"{pending.deadline - pending.enqueued:.3g}s"
+
+    def on_reply(self, worker: WorkerRecord, message: dict[str, Any], frames: list[bytes]) -> None:
+        # Typed as sent; each value is still checked, since a worker may be of any make.
+        header = cast(protocol.ReplyHeader, message)
+        request_id = header.get("id")
+        pending = worker.inflight.pop(request_id, None) if isinstance(request_id, int) else None
+        if pending is None:
+            return  # answered after its worker was declared dead: already settled
+        worker.requests_served += 1
+        code = header.get("code")
+        if code == protocol.OK:
+            extra = {k: v for k, v in message.items() if k not in _REPLY_KEYS}
+            pending.settle(Reply(str(header.get("fmt", protocol.FMT_JSON)), frames[0], extra))
+        else:
+            details = header.get("details")
+            pending.settle(
+                error_from_code(
+                    str(code),
+                    str(header.get("message", "the worker reported an error")),
+                    **(details if isinstance(details, dict) else {}),
+                )
+            )
+        self.pump()
+
+    def pump(self) -> None:
+        """Move queued requests to workers that have credit."""
+        while self._queue:
+            worker = self._pool.pick()
+            if worker is None:
+                return
+            pending = self._queue.popleft()
+            pending.queued = False
+            if not pending.future.done() and not self._send(worker, pending):
+                self._queue.appendleft(pending)
+                pending.queued = True
+                return
+
+    def worker_lost(self, worker: WorkerRecord, how: str, retry: bool = True) -> None:
+        """Settle every request ``worker`` held: retry once elsewhere, or answer 503.
+
+        The caller has already taken ``worker`` out of rotation (its state is no
+        longer READY), so no retry can be sent back to it. ``retry`` False answers
+        them all 503: requests that hung a worker would hang the next one too.
+        """
+        assert not worker.ready, "worker_lost() on a worker still in rotation"
+        held = [p for p in worker.inflight.values() if not p.future.done()]
+        worker.inflight.clear()
+        others = [w for w in self._pool.ready_workers() if w is not worker]
+        for pending in reversed(held):  # appendleft keeps their original order
+            pending.attempts += 1
+            if retry and pending.attempts < MAX_ATTEMPTS and others and pending.retryable:
+                self._queue.appendleft(pending)
+                pending.queued = True
+            else:
+                pending.settle(
+                    Unavailable(f"worker {worker.slot} {how} before answering this request")
+                )
+        if not others:
+            self.fail_queued(Unavailable(f"no worker is ready: worker {worker.slot} {how}"))
+        self.pump()
+
+    def abandon_all(self, error: TorchpoolError) -> None:
+        """Answer every outstanding request with ``error`` now (a hurried shutdown).
+
+        Work already on a worker may still finish there; its reply is dropped.
+        """
+        self.fail_queued(error)
+        for worker in self._pool.all_records():
+            for pending in worker.inflight.values():
+                pending.settle(error)
+            worker.inflight.clear()
+
+    def fail_queued(self, error: TorchpoolError) -> None:
+        while self._queue:
+            pending = self._queue.popleft()
+            pending.queued = False
+            pending.settle(error)
+
+    async def wait_idle(self, timeout_s: float) -> bool:
+        """Wait until no request is outstanding; False if ``timeout_s`` ran out first."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
+        except asyncio.TimeoutError:
+            return False
+        return True
+
+    def _send(self, worker: WorkerRecord, pending: Pending) -> bool:
+        """Hand ``pending`` to ``worker``; False (and the worker is given up) if it is gone."""
+        now = time.monotonic()
+        remaining_ms = max(0.0, pending.deadline - now) * 1000
+        header: protocol.RequestHeader = {
+            **(pending.extra or {}),  # first, so it cannot shadow the fields below
+            "t": protocol.REQUEST,
+            "v": protocol.VERSION,
+            "id": pending.id,
+            "fmt": pending.fmt,
+            "queued": len(self._queue),
+            # Time left, not a wall-clock deadline: a remote worker's clock may be off.
+            "timeout_ms": int(remaining_ms),
+        }
+        try:
+            frames = [self._pack(header), pending.body]
+            self._transport.send(worker.data_identity, frames, worker.link)
+        except zmq.ZMQError as exc:
+            log.warning("worker %d is unreachable (%s)", worker.slot, exc)
+            if self._on_unreachable is not None:
+                self._on_unreachable(worker)
+            return False
+        worker.inflight[pending.id] = pending
+        if self.on_first_send is not None and pending.attempts == 0:
+            self.on_first_send(now - pending.enqueued)
+        return True
+
+    def _not_ready_message(self) -> str:
+        states = collections.Counter(w.shown_state() for w in self._pool.serving())
+        if not states:
+            return "no worker is connected"
+        summary = ", ".join(f"{n} {state}" for state, n in sorted(states.items()))
+        return f"no worker is ready ({summary})"

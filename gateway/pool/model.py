@@ -1,0 +1,125 @@
+"""One served model: its settings, its pool of workers, its dispatcher and supervisor.
+
+Every model of a gateway has its own workers, queue and batching; they share
+only the transport (one ROUTER socket, each worker's uid prefixed with its
+model's name) and the machine's cores, which placement splits among them.
+:class:`gateway.runtime.Runtime` holds the models by name.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from gateway.pool.dispatch import Dispatcher
+from gateway.pool.placement import Placement
+from gateway.pool.supervisor import Supervisor
+from gateway.pool.transport import Transport
+from gateway.pool.workers import Pool, WorkerRecord
+from shared.config import PoolSettings
+from shared.errors import ModelLoadError
+from shared.fingerprint import fingerprint
+
+log = logging.getLogger("torchpool.models")
+
+
+class ModelState(str, enum.Enum):
+    LOADING = "loading"  # fewer than min_ready workers ready, none failed for good
+    READY = "ready"  # at least min_ready workers ready
+    FAILED = "failed"  # no worker could load it; the error says why
+    UNLOADING = "unloading"  # removed: finishing what it holds, then its workers stop
+
+
+class ModelRuntime:
+    """A model's pool, dispatcher and supervisor, started and stopped together."""
+
+    def __init__(
+        self,
+        name: str,
+        settings: PoolSettings,
+        placements: list[Placement],
+        transport: Transport,
+        on_failed: Callable[[ModelRuntime, str], None],
+        taken: Callable[[], Sequence[int]] = tuple,
+    ) -> None:
+        self.name = name
+        self.transport = transport
+        self.fingerprint = fingerprint(settings)
+        self.pool = Pool(placements, name)
+        self.dispatcher = Dispatcher(
+            self.pool,
+            transport,
+            queue_size=settings.queue_size,
+            timeout_s=settings.timeout_s,
+            on_unreachable=lambda w: self.supervisor.declare_lost(
+                w, "became unreachable", "unreachable"
+            ),
+        )
+        self.supervisor = Supervisor(
+            settings, self.pool, transport, self.dispatcher, self._failed, taken=taken
+        )
+        self.supervisor.on_ready = self._worker_ready
+        self.error: str | None = None
+        self.unloading = False
+        # Remote workers refused for a fingerprint that is not this model's, by uid.
+        self.refused: dict[str, dict[str, Any]] = {}
+        self._on_failed = on_failed
+        self._changed = asyncio.Event()
+
+    @property
+    def settings(self) -> PoolSettings:
+        return self.supervisor.settings
+
+    @property
+    def recycles(self) -> bool:
+        return self.settings.max_requests_per_worker > 0
+
+    @property
+    def state(self) -> ModelState:
+        if self.unloading:
+            return ModelState.UNLOADING
+        if self.error is not None:
+            return ModelState.FAILED
+        if len(self.pool.ready_workers()) >= self.settings.min_ready:
+            return ModelState.READY
+        return ModelState.LOADING
+
+    def placements(self) -> list[Placement]:
+        """Where this model's local workers run (successors share their slot's)."""
+        return [w.placement for w in self.pool.all_records() if not w.remote]
+
+    async def start(self) -> None:
+        await self.supervisor.start()
+
+    async def stop(self) -> None:
+        """Let in-flight requests finish (at most drain_timeout_s), then stop every worker."""
+        await self.supervisor.stop()
+
+    async def wait_loaded(self) -> None:
+        """Until the model is ready; ModelLoadError if it fails first."""
+        while self.state is ModelState.LOADING:
+            self._changed.clear()
+            await self._changed.wait()
+        if self.state is ModelState.FAILED:
+            raise ModelLoadError(f"model {self.name!r} could not load: {self.error}")
+
+    async def reload(self, settings: PoolSettings | None = None) -> None:
+        """Rolling replacement of every worker; ModelLoadError if it fails (old ones serve on)."""
+        settings = settings or self.settings
+        new_fingerprint = await asyncio.to_thread(fingerprint, settings)
+        await self.supervisor.reload(settings)
+        self.fingerprint = new_fingerprint
+        self.error = None  # a model that had failed serves now
+
+    def _worker_ready(self, worker: WorkerRecord) -> None:
+        self._changed.set()
+
+    def _failed(self, reason: str) -> None:
+        """Every worker failed to load the model before any was ready."""
+        self.error = reason
+        log.error("model %s failed to load: %s", self.name, reason)
+        self._changed.set()
+        self._on_failed(self, reason)

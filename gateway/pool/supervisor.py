@@ -1,0 +1,595 @@
+"""Keeps the pool's processes alive: spawn, listen, reap, replace, stop.
+
+One method per supervisory act, as in gunicorn's arbiter. The local slots
+follow a wanted state: how many slots there should be (``scale_to``, the
+TTIN/TTOU signals) and, for a slot whose worker died, when it may be
+refilled (after its backoff). Those only record what is wanted; one
+reconcile step (:meth:`Supervisor.reconcile`, gunicorn's ``manage_workers``)
+compares it with what exists and fixes the difference: it adds and retires
+slots, and spawns a worker for every slot that wants one. So a slot scaled
+away while it waited out a backoff is simply no longer wanted, and nothing
+is spawned for it. Replacing a live worker (recycling, a reload) is wanted
+state too: a slot marked for recycling, or a pending reload. The same step
+starts their successors, hands each slot over once its successor is ready,
+and drops successors that died (see :mod:`gateway.pool.succession`).
+
+A worker that exits is noticed at once by reaping; one that goes silent is
+noticed when its heartbeats stop, asked to stop, then killed. Either way the requests it held
+are settled by the dispatcher and its slot is refilled with exponential
+backoff. A worker whose model cannot load before the pool has ever served is
+not restarted: when every slot has failed that way the server stops with the
+reason (``fatal``), instead of serving a pool that can never become ready.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, cast
+
+import zmq
+
+from gateway.pool.dispatch import Dispatcher
+from gateway.pool.placement import Placement, choose_gpus, format_cores, place_another
+from gateway.pool.process import ProcessHandle, Spawner, WorkerProcess, describe_exit
+from gateway.pool.succession import Succession
+from gateway.pool.transport import REMOTE, Transport
+from gateway.pool.workers import Pool, Role, State, WorkerRecord
+from shared import protocol
+from shared.config import ENV_PREFIX, PoolSettings, worker_argv
+from shared.errors import Conflict, Unavailable
+
+log = logging.getLogger("torchpool.supervisor")
+
+HELLO_TIMEOUT_S = 30.0  # a fresh interpreter must say hello within this
+BOOT_SLACK_S = 10.0  # least heartbeat silence tolerated from a booting worker
+STOP_GRACE_S = 5.0  # after STOP/SIGTERM, before SIGKILL
+MAX_BOOT_FAILURES = 5  # deaths before ready, in a row, before a slot is failed
+BACKOFF_BASE_S = 0.5
+BACKOFF_MAX_S = 30.0
+THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS")
+
+
+class Supervisor:
+    def __init__(
+        self,
+        settings: PoolSettings,
+        pool: Pool,
+        transport: Transport,
+        dispatcher: Dispatcher,
+        on_fatal: Callable[[str], None],
+        spawner: Spawner = WorkerProcess.spawn,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        taken: Callable[[], Sequence[int]] = tuple,
+    ) -> None:
+        self._settings = settings
+        # Cores other models' workers hold, avoided when scaling up.
+        self._taken = taken
+        # The wanted state the reconcile step makes true: the number of local slots.
+        self._wanted = len(pool.workers)
+        self._reconciling = asyncio.Lock()
+        self._pool = pool
+        self._transport = transport
+        self._dispatcher = dispatcher
+        self._on_fatal = on_fatal
+        # Seams for fast tests: how a worker process starts, and what time it is.
+        self._spawner = spawner
+        self._clock = clock
+        self._sleep = sleep
+        # Successors wanted and booting: recycled slots, a pending reload.
+        self._succession = Succession(pool, self, clock)
+        self._stopping = False
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._gpus = choose_gpus(settings.device)
+        self._drain_started: float | None = None
+        self._hurry = asyncio.Event()
+        # Observer for metrics: called once per unplanned worker death with its
+        # cause (see death_cause(); "heartbeat", "hello_timeout", "unreachable").
+        self.on_death: Callable[[str], None] | None = None
+        # Observer: called when a serving worker becomes ready.
+        self.on_ready: Callable[[WorkerRecord], None] | None = None
+
+    @property
+    def settings(self) -> PoolSettings:
+        """The settings new workers are started with (a reload changes them)."""
+        return self._settings
+
+    # --- lifecycle ------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self.reconcile()
+        self._background(self._keep_alive())
+
+    async def stop(self) -> None:
+        """Drain in-flight requests, then stop every worker: ask, wait, kill, reap."""
+        self._stopping = True
+        self._succession.fail_reload(Unavailable("the server is shutting down"))
+        self.begin_drain()
+        await self.drain()
+        # Remote workers are services of their own: they outlive this gateway and
+        # re-announce themselves to the next one, so only our children are stopped.
+        records = [w for w in self._pool.all_records() if not w.remote]
+        for worker in records:
+            self._send_control(worker, {"t": protocol.STOP, "reason": "shutdown"})
+        await asyncio.gather(*(self._stop_process(w) for w in records), return_exceptions=True)
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def begin_drain(self, hurry: bool = False) -> None:
+        """Refuse new work from now on; a second call with ``hurry`` cuts the drain short."""
+        self._pool.draining = True
+        if self._drain_started is None:
+            self._drain_started = time.monotonic()
+        if hurry and not self._hurry.is_set():
+            self._hurry.set()
+            # Nobody is left waiting: every open request is answered now, so the
+            # HTTP server has no connection to wait for and shuts down at once.
+            self._dispatcher.abandon_all(Unavailable("the server is shutting down now"))
+
+    async def drain(self) -> None:
+        """Wait for in-flight work, at most what is left of --drain-timeout-s."""
+        started = self._drain_started or time.monotonic()
+        remaining = max(0.0, self._settings.drain_timeout_s - (time.monotonic() - started))
+        idle = asyncio.ensure_future(self._dispatcher.wait_idle(remaining))
+        hurry = asyncio.ensure_future(self._hurry.wait())
+        await asyncio.wait({idle, hurry}, return_when=asyncio.FIRST_COMPLETED)
+        hurry.cancel()
+        if not (idle.done() and idle.result()):
+            idle.cancel()
+            if self._dispatcher.outstanding:
+                log.warning(
+                    "stopping with %d requests still in flight", self._dispatcher.outstanding
+                )
+
+    # --- acts -------------------------------------------------------------------
+
+    async def spawn(self, worker: WorkerRecord, settings: PoolSettings | None = None) -> None:
+        placement = worker.placement
+        settings = settings or self._settings
+        settings = dataclasses.replace(
+            settings,
+            device=placement.device,
+            model=os.path.abspath(settings.model) if settings.model else None,
+        )
+        argv = [
+            *worker_argv(settings),
+            "--connect", self._transport.endpoint,
+            "--uid", worker.uid,
+            "--slot", str(worker.slot),
+            "--cores", format_cores(placement.cores),
+        ]  # fmt: skip
+        # Everything a local worker needs is on its command line; the gateway's own
+        # TORCHPOOL_* settings (--curve-secret, say) must not leak into it.
+        env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
+        env.update({name: str(len(placement.cores)) for name in THREAD_ENV})
+        if placement.gpu is not None:
+            argv += ["--gpu", str(placement.gpu)]
+            env["CUDA_VISIBLE_DEVICES"] = str(placement.gpu)
+        worker.state = State.STARTING
+        self._pool.register(worker)
+        label = f"{worker.model} worker {worker.slot}" if worker.model else f"worker {worker.slot}"
+        process = await self._spawner(argv, env, label=label)
+        worker.process = process
+        worker.pid = process.pid
+        worker.spawned_at = self._clock()
+        if self._stopping or worker.state is State.STOPPED:
+            # Let go of while it started (a shutdown, an abandoned reload): no
+            # record will serve from it, so it stops now; reaping still ends it.
+            self._background(process.stop(STOP_GRACE_S))
+        log.info(
+            "worker %d spawned: pid %d, %s, cores %s",
+            worker.slot, process.pid, placement.label, format_cores(placement.cores),
+        )  # fmt: skip
+        self._background(self._reap(worker, process))
+
+    async def _reap(self, worker: WorkerRecord, process: ProcessHandle) -> None:
+        code = await process.wait()
+        if worker.process is not process:
+            return  # a process we had already given up on
+        worker.exit_code = code
+        how = describe_exit(code)
+        if worker.role is Role.RETIRING:
+            self._retired(worker, how)
+            return
+        if worker.role is Role.SUCCESSOR:
+            self._successor_died(worker, process, how)
+            return
+        if self._stopping or worker.state is State.STOPPED:
+            worker.state = State.STOPPED
+            return
+        was_ready = worker.state is State.READY or worker.lost_when_ready
+        if worker.state is not State.RESTARTING:  # else declare_lost() counted it
+            self._count_death(death_cause(code))
+        # Out of rotation first, so the retries below cannot land on it again.
+        worker.state = State.RESTARTING
+        self._dispatcher.worker_lost(worker, how)
+        if worker.last_error is None or was_ready:
+            worker.last_error = self._death_note(worker, process, how)
+        log.error("worker %d (pid %d) %s", worker.slot, process.pid, how)
+        self._replace(worker, code, was_ready)
+
+    def _replace(self, worker: WorkerRecord, code: int, was_ready: bool) -> None:
+        if not was_ready:
+            worker.boot_failures += 1
+        if code == protocol.EXIT_LOAD_FAILED and not self._pool.ever_ready:
+            worker.state = State.FAILED
+            self._check_fatal()
+            return
+        if worker.boot_failures >= MAX_BOOT_FAILURES:
+            worker.state = State.FAILED
+            log.error(
+                "worker %d failed %d boots in a row; not restarting it: %s",
+                worker.slot, worker.boot_failures, worker.last_error,
+            )  # fmt: skip
+            if not self._pool.ever_ready:
+                self._check_fatal()
+            return
+        worker.state = State.RESTARTING
+        delay = 0.0
+        if worker.boot_failures:
+            delay = min(BACKOFF_MAX_S, BACKOFF_BASE_S * 2 ** (worker.boot_failures - 1))
+            log.info("restarting worker %d in %.1fs", worker.slot, delay)
+        worker.respawn_at = self._clock() + delay
+        self._background(self._reconcile_after(delay))
+
+    async def _reconcile_after(self, delay: float) -> None:
+        if delay:
+            await self._sleep(delay)
+        await self.reconcile()
+
+    async def reconcile(self) -> None:
+        """Make the local slots what is wanted; the one place that adds, removes and refills.
+
+        Grows or shrinks the slot list to the wanted count (removed slots drain
+        before they stop); drops successors that died or whose slot is gone,
+        hands slots over to ready successors and starts the ones wanted
+        (:class:`gateway.succession.Succession`); starts the next generation
+        of every slot whose backoff is over, and spawns every slot that has no
+        process yet. Passes run one at a time; any event may ask for one, and
+        a pass with nothing to do changes nothing.
+        """
+        async with self._reconciling:
+            if self._stopping:
+                return
+            self._scale()
+            self._succession.settle()
+            await self._succession.start(self._settings)
+            await self._refill()
+
+    def _scale(self) -> None:
+        """Add or retire slots until there are as many as wanted."""
+        workers = self._pool.workers
+        while len(workers) < self._wanted:
+            slot = len(workers)
+            placement = place_another(
+                [w.placement for w in workers],
+                slot,
+                self._gpus,
+                self._settings.cores_per_worker,
+                taken=self._taken(),
+            )
+            workers.append(
+                WorkerRecord(
+                    placement, generation=self._pool.next_generation(), model=self._pool.model
+                )
+            )
+            log.info("scaling up: worker %d", slot)
+        while len(workers) > self._wanted:
+            worker = workers.pop()
+            log.info("scaling down: draining worker %d", worker.slot)
+            self.retire(worker, "scaled down")
+
+    async def _refill(self) -> None:
+        """Spawn every slot that wants a process: new, or dead with its backoff over."""
+        now = self._clock()
+        for worker in list(self._pool.workers):
+            if self._stopping:
+                return
+            if worker.state is State.RESTARTING and worker.respawn_at is not None:
+                if now < worker.respawn_at:
+                    # Not yet (a timer may fire a little early): look again then.
+                    self._background(self._reconcile_after(worker.respawn_at - now))
+                    continue
+                worker.respawn_at = None
+                worker.restarts += 1
+                self._pool.forget(worker)
+                worker.new_generation(self._pool.next_generation())
+            if worker.state is State.STARTING and worker.process is None:
+                await self.spawn(worker)
+
+    def declare_lost(self, worker: WorkerRecord, how: str, cause: str, retry: bool = True) -> None:
+        """Give up on a live but silent, hung or unreachable worker: settle, stop, reap.
+
+        ``cause`` is a short word for metrics: heartbeat, hello_timeout,
+        unreachable, batch_timeout. ``retry`` False answers its requests 503.
+        """
+        if worker.state in (State.RESTARTING, State.FAILED, State.STOPPED):
+            return
+        self._count_death(cause)
+        log.error("worker %d %s; replacing it", worker.slot, how)
+        # Read by _reap, which sees RESTARTING: a silent ready worker did boot.
+        worker.lost_when_ready = worker.state is State.READY
+        worker.state = State.RESTARTING
+        worker.last_error = f"worker {worker.slot} {how}"
+        self._dispatcher.worker_lost(worker, how, retry)
+        process = worker.process
+        if worker.remote:
+            # Nothing to reap or respawn here: the worker re-announces itself
+            # (hello, ready) if it comes back, and then serves again.
+            worker.state = State.STOPPED
+        elif process is not None:
+            # A silent worker cannot be asked (a stopped or GIL-bound process never
+            # acts on SIGTERM) and its requests are settled already: kill it, as
+            # gunicorn does. Reaping (in _reap) then refills the slot.
+            process.kill()
+
+    def _check_fatal(self) -> None:
+        workers = self._pool.workers
+        if workers and all(w.state is State.FAILED for w in workers):
+            self._on_fatal(workers[0].last_error or "no worker could load the model")
+
+    async def _stop_process(self, worker: WorkerRecord) -> None:
+        process = worker.process
+        if process is None or not process.is_alive():
+            worker.state = State.STOPPED if worker.state is not State.FAILED else worker.state
+            return
+        try:
+            await asyncio.wait_for(asyncio.shield(process.wait()), STOP_GRACE_S)
+        except asyncio.TimeoutError:
+            await process.stop(STOP_GRACE_S)
+        if worker.state is not State.FAILED:
+            worker.state = State.STOPPED
+
+    async def _keep_alive(self) -> None:
+        """Beat to every worker and retire the ones that went silent."""
+        interval = self._settings.heartbeat_s
+        allowed = interval * self._settings.heartbeat_liveness
+        while not self._stopping:
+            now = self._clock()
+            for worker in self._pool.all_records():
+                if worker.state not in (State.STARTING, State.LOADING, State.READY):
+                    continue
+                self._send_control(worker, {"t": protocol.BEAT})
+                age = worker.heartbeat_age(now)
+                # Importing torch and loading a model can starve the heartbeat
+                # thread of the GIL for a while; booting workers get more slack.
+                limit = allowed if worker.state is State.READY else max(allowed, BOOT_SLACK_S)
+                if age is not None and age > limit:
+                    self.declare_lost(worker, f"sent no heartbeat for {age:.1f}s", "heartbeat")
+                elif age is None and now - (worker.spawned_at or now) > HELLO_TIMEOUT_S:
+                    self.declare_lost(
+                        worker, f"did not say hello within {HELLO_TIMEOUT_S:.0f}s", "hello_timeout"
+                    )
+            await self._sleep(interval)
+
+    # --- messages from workers ---------------------------------------------------
+
+    def on_control(self, worker: WorkerRecord, message: dict[str, Any]) -> None:
+        """One control message. Typed by its ``t``; each value is still checked
+        or coerced where it is used, since a remote worker may be of any make."""
+        kind = message["t"]
+        worker.last_seen = self._clock()
+        if kind == protocol.HEARTBEAT:
+            beat = cast(protocol.HeartbeatHeader, message)
+            worker.take_memory(beat)
+            self._pool.take_batches(worker, beat.get("batches"))
+            self._pool.take_waits(worker, beat.get("waits"))
+            self._check_batch_time(worker, beat.get("batch_s"))
+            self.check_recycle(worker)
+        elif kind == protocol.HELLO:
+            hello = cast(protocol.HelloHeader, message)
+            worker.pid = hello.get("pid", worker.pid)
+            worker.host = hello.get("host")
+            if worker.remote and worker.state in (State.STOPPED, State.RESTARTING):
+                log.info("remote worker %d (%s) is back", worker.slot, worker.uid)
+                worker.state = State.STARTING
+        elif kind == protocol.LOADING:
+            worker.state = State.LOADING
+        elif kind == protocol.READY:
+            self._on_ready(worker, cast(protocol.ReadyHeader, message))
+        elif kind == protocol.ERROR:
+            worker.last_error = str(cast(protocol.ErrorHeader, message).get("message"))
+            log.error("worker %d: %s", worker.slot, worker.last_error)
+        elif kind == protocol.BYE:
+            reason = cast(protocol.ByeHeader, message).get("reason")
+            log.info("worker %d says bye: %s", worker.slot, reason)
+
+    def _check_batch_time(self, worker: WorkerRecord, batch_s: object) -> None:
+        """Kill a worker whose forward pass has run past --max-batch-seconds.
+
+        A forward pass that never returns (a model stuck in a Python loop) keeps
+        the heartbeats flowing from the control thread, so silence never shows
+        it. Its requests are answered 503, not retried: they would hang the next
+        worker too; each one has had its 504 by now anyway with the default limit.
+        """
+        limit = self._settings.batch_limit_s
+        if limit is None or not isinstance(batch_s, int | float) or batch_s <= limit:
+            return
+        how = f"was killed: its batch ran longer than {limit:g} s (--max-batch-seconds)"
+        self.declare_lost(worker, how, "batch_timeout", retry=False)
+
+    def _on_ready(self, worker: WorkerRecord, message: protocol.ReadyHeader) -> None:
+        if worker.state not in (State.STARTING, State.LOADING):
+            return
+        worker.state = State.READY
+        worker.take_memory(message)
+        worker.load_seconds = message.get("load_s")
+        worker.capacity = max(1, int(message.get("capacity", 1)))
+        worker.input_shape = message.get("input_shape")
+        worker.input_dtype = message.get("input_dtype")
+        worker.signature = message.get("signature")
+        worker.boot_failures = 0
+        worker.last_error = None
+        self._pool.ever_ready = True
+        log.info("worker %d ready in %.2fs", worker.slot, worker.load_seconds or 0.0)
+        if worker.role is Role.SUCCESSOR:
+            self._reconcile_soon()  # which hands its slot over
+            return
+        self.serve(worker)
+
+    def admit_remote(self, uid: str, message: dict[str, Any]) -> WorkerRecord | None:
+        """A worker we did not spawn says hello over --bind (CURVE already checked it)."""
+        hello = cast(protocol.HelloHeader, message)
+        if self._stopping or hello.get("v") != protocol.VERSION:
+            log.warning("refusing remote worker %r: protocol %r", uid, hello.get("v"))
+            return None
+        cores = tuple(int(c) for c in hello.get("cores") or ())
+        worker = WorkerRecord(
+            Placement(self._pool.next_remote_id(), "remote", None, cores),
+            remote_uid=uid,
+            model=self._pool.model,
+            link=REMOTE,
+            device_label=str(hello.get("device", "cpu")),
+            last_seen=self._clock(),
+            spawned_at=self._clock(),
+        )
+        self._pool.remote.append(worker)
+        self._pool.register(worker)
+        log.info("remote worker %d joined: %s from %s", worker.slot, uid, hello.get("host"))
+        return worker
+
+    # --- scaling -----------------------------------------------------------------
+
+    @property
+    def target_workers(self) -> int:
+        return self._wanted
+
+    async def scale_to(self, count: int) -> None:
+        """Resize the local pool: new slots boot in the background; removed ones drain."""
+        if self._stopping:
+            return
+        if self._succession.reloading:
+            raise Conflict("the model is being reloaded; scale it when that is done")
+        self._wanted = count
+        await self.reconcile()
+
+    def scale_by(self, delta: int) -> None:
+        """SIGTTIN (+1) / SIGTTOU (-1), as gunicorn does."""
+        if not self._succession.reloading:
+            self._wanted = max(0, self._wanted + delta)
+            self._reconcile_soon()
+
+    # --- replacing live workers ---------------------------------------------------
+
+    def check_recycle(self, worker: WorkerRecord) -> None:
+        """Ask for a successor to ``worker`` if it passed its request count or memory ceiling."""
+        if not self._stopping and self._succession.want_successor(worker, self._settings):
+            self._reconcile_soon()
+
+    async def reload(self, settings: PoolSettings | None = None) -> None:
+        """Replace every local worker with one that loads the model again (``settings``).
+
+        Each successor boots on its predecessor's placement while the old
+        workers serve; only when every successor is ready do they take over,
+        and then each old worker finishes what it holds and stops, so nothing
+        is dropped. If a successor dies before it is ready, the others are
+        stopped, the old workers go on serving, and ModelLoadError says why.
+        This only asks for the reload; the reconcile step carries it out.
+        """
+        if self._stopping:
+            raise Unavailable("the server is shutting down")
+        reload = self._succession.begin_reload(settings or self._settings)
+        self._reconcile_soon()
+        try:
+            await reload.outcome
+        except asyncio.CancelledError:
+            self._reconcile_soon()  # which stops its successors
+            raise
+
+    # The acts succession asks for (gateway.succession.Acts).
+
+    def retire(self, worker: WorkerRecord, reason: str, drain: bool = True) -> None:
+        """Take ``worker`` out of service and stop it: after what it holds, with ``drain``."""
+        if worker in self._pool.extra:
+            self._pool.extra.remove(worker)
+        worker.role = Role.RETIRING
+        if not drain:
+            worker.state = State.STOPPED
+        process = worker.process
+        if process is None or not process.is_alive():
+            self._pool.forget(worker)
+            worker.state = State.STOPPED
+            return
+        self._pool.extra.append(worker)  # until it is reaped
+        self._send_control(worker, {"t": protocol.STOP, "reason": reason})
+        # A worker answers all it holds before it acts on STOP; it gets no new work.
+        self._background(self._drain_then_stop(process) if drain else process.stop(STOP_GRACE_S))
+
+    def serve(self, worker: WorkerRecord) -> None:
+        """``worker`` is ready in its slot: give it the waiting work, tell the observer."""
+        self._dispatcher.pump()
+        if self.on_ready is not None:
+            self.on_ready(worker)
+
+    def adopt(self, settings: PoolSettings) -> None:
+        self._settings = settings
+
+    async def _drain_then_stop(self, process: ProcessHandle) -> None:
+        try:
+            await asyncio.wait_for(asyncio.shield(process.wait()), self._settings.drain_timeout_s)
+        except asyncio.TimeoutError:
+            await process.stop(STOP_GRACE_S)
+
+    def _retired(self, worker: WorkerRecord, how: str) -> None:
+        """A retiring worker exited (drained, or let go of)."""
+        if worker in self._pool.extra:
+            self._pool.extra.remove(worker)
+        self._pool.forget(worker)
+        worker.state = State.STOPPED
+        self._dispatcher.worker_lost(worker, how)  # normally holds nothing by now
+
+    def _successor_died(self, worker: WorkerRecord, process: ProcessHandle, how: str) -> None:
+        """A successor died before it took over: record why; reconcile lets it go."""
+        self._pool.forget(worker)
+        self._dispatcher.worker_lost(worker, how)  # holds nothing: it never served
+        if self._stopping:
+            worker.state = State.STOPPED
+            return
+        if worker.state is not State.RESTARTING:  # else declare_lost() counted it, and said why
+            self._count_death(death_cause(worker.exit_code))
+            worker.last_error = self._death_note(worker, process, how)
+        worker.state = State.STOPPED
+        self._reconcile_soon()  # which decides what its death means, and logs it
+
+    # --- helpers ---------------------------------------------------------------
+
+    def _count_death(self, cause: str) -> None:
+        if self.on_death is not None:
+            self.on_death(cause)
+
+    def _send_control(
+        self, worker: WorkerRecord, message: protocol.BeatHeader | protocol.StopHeader
+    ) -> None:
+        # An unconnected control socket (still booting, or gone) is not an error here.
+        with contextlib.suppress(zmq.ZMQError):
+            self._transport.send(worker.control_identity, [protocol.pack(message)], worker.link)
+
+    @staticmethod
+    def _death_note(worker: WorkerRecord, process: ProcessHandle, how: str) -> str:
+        tail = [line for line in process.stderr_tail if line.strip()]
+        note = f"worker {worker.slot} {how}"
+        return f"{note}: {tail[-1]}" if tail else note
+
+    def _reconcile_soon(self) -> None:
+        self._background(self.reconcile())
+
+    def _background(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+
+def death_cause(code: int | None) -> str:
+    """A worker's exit, as a metrics label: killed by a signal, failed to load, or exited."""
+    if code is not None and code < 0:
+        return "signal"
+    if code == protocol.EXIT_LOAD_FAILED:
+        return "load_failed"
+    return "exit"

@@ -1,0 +1,267 @@
+"""The gateway's picture of its workers: one record per slot.
+
+The supervisor writes these records from control messages and process events;
+the dispatcher reads them to pick a worker and keeps ``inflight``; /health
+reads them. Everything runs on the gateway's one event loop, so no locks.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from gateway.pool.placement import Placement
+from shared import protocol
+
+if TYPE_CHECKING:
+    from gateway.pool.pending import Pending
+    from gateway.pool.process import ProcessHandle
+
+
+class Role(str, enum.Enum):
+    """Where a record stands in its slot; only CURRENT records take new requests."""
+
+    CURRENT = "current"  # the slot's worker
+    SUCCESSOR = "successor"  # booting to replace the slot's worker (recycle, reload); not serving
+    RETIRING = "retiring"  # replaced or let go of; finishing what it holds, then stopping
+
+
+class State(str, enum.Enum):
+    STARTING = "starting"  # spawned, not yet heard from or not yet loading
+    LOADING = "loading"  # loading the model
+    READY = "ready"  # serving (shown as "busy" while it holds requests)
+    RESTARTING = "restarting"  # died or went silent; a replacement is on its way
+    FAILED = "failed"  # cannot load its model; not restarted
+    STOPPED = "stopped"  # stopped on purpose
+
+
+@dataclass
+class WorkerRecord:
+    """One pool slot and the process currently filling it."""
+
+    placement: Placement
+    generation: int = 0
+    role: Role = Role.CURRENT
+    # The model this worker serves; it prefixes a local worker's uid, so uids
+    # stay unique across the pools of one gateway.
+    model: str = ""
+    # A remote worker names itself; it reaches us over the remote link.
+    remote_uid: str | None = None
+    link: int = 0
+    device_label: str | None = None
+    state: State = State.STARTING
+    process: ProcessHandle | None = None
+    pid: int | None = None
+    host: str | None = None
+    capacity: int = 1
+    rss_bytes: int | None = None
+    cuda_allocated_bytes: int | None = None
+    cuda_reserved_bytes: int | None = None
+    load_seconds: float | None = None
+    input_shape: list[int] | None = None
+    input_dtype: str | None = None
+    # READY's model description (source, outputs) for /v2/models/{name}.
+    signature: dict[str, Any] | None = None
+    requests_served: int = 0
+    restarts: int = 0
+    # Boots in a row that ended before the worker became ready.
+    boot_failures: int = 0
+    last_seen: float | None = None  # time.monotonic() of the last control message
+    spawned_at: float | None = None  # time.monotonic() of the last spawn
+    # Wants a successor (recycling): the reconcile step starts one and hands over.
+    recycling: bool = False
+    # When a RESTARTING slot may be refilled (its backoff over); None: not waiting.
+    respawn_at: float | None = None
+    # Declared lost while it was READY: its death is not a boot failure.
+    lost_when_ready: bool = False
+    recycle_not_before: float = 0.0  # after a failed recycle, when to try again
+    exit_code: int | None = None
+    last_error: str | None = None
+    inflight: dict[int, Pending] = field(default_factory=dict)
+    # Forward passes by batch rows, as this process last reported (cumulative).
+    batches_seen: dict[int, int] = field(default_factory=dict)
+    # Its HEARTBEAT ``waits`` as last reported: bucket counts and their sum.
+    waits_seen: list[int] = field(default_factory=list)
+    wait_sum_seen: float = 0.0
+
+    @property
+    def slot(self) -> int:
+        return self.placement.slot
+
+    @property
+    def uid(self) -> str:
+        if self.remote_uid:
+            return self.remote_uid
+        prefix = f"{self.model}/" if self.model else ""
+        return f"{prefix}{self.slot}.{self.generation}"
+
+    @property
+    def remote(self) -> bool:
+        return self.remote_uid is not None
+
+    @property
+    def device(self) -> str:
+        return self.device_label or self.placement.label
+
+    @property
+    def data_identity(self) -> bytes:
+        return protocol.data_identity(self.uid)
+
+    @property
+    def control_identity(self) -> bytes:
+        return protocol.control_identity(self.uid)
+
+    @property
+    def ready(self) -> bool:
+        return self.state is State.READY
+
+    @property
+    def free_credit(self) -> int:
+        if self.state is not State.READY or self.role is not Role.CURRENT:
+            return 0
+        return self.capacity - len(self.inflight)
+
+    def shown_state(self) -> str:
+        if self.state is State.READY and self.inflight:
+            return "busy"
+        return self.state.value
+
+    def heartbeat_age(self, now: float | None = None) -> float | None:
+        if self.last_seen is None:
+            return None
+        return (time.monotonic() if now is None else now) - self.last_seen
+
+    def take_memory(self, message: protocol.MemoryFields) -> None:
+        """Copy the live memory figures a READY or HEARTBEAT carries."""
+        self.rss_bytes = message.get("rss_bytes", self.rss_bytes)
+        self.cuda_allocated_bytes = message.get("cuda_allocated_bytes")
+        self.cuda_reserved_bytes = message.get("cuda_reserved_bytes")
+
+    def new_generation(self, generation: int) -> None:
+        """Forget the previous process; its messages no longer match ``uid``."""
+        self.generation = generation
+        self.process = None
+        self.pid = None
+        self.state = State.STARTING
+        self.last_seen = None
+        self.lost_when_ready = False
+        self.rss_bytes = self.cuda_allocated_bytes = self.cuda_reserved_bytes = None
+        self.batches_seen = {}
+        self.waits_seen = []
+        self.wait_sum_seen = 0.0
+
+
+class Pool:
+    """All worker records, looked up by wire identity.
+
+    ``workers`` holds the local slots (index == slot), ``remote`` the workers that
+    joined over --bind; both serve. ``extra`` holds the successors and retiring
+    workers of a recycle, a reload or a scale-down: alive, but not (or no longer) serving.
+    """
+
+    REMOTE_IDS_FROM = 1000
+
+    def __init__(self, placements: list[Placement], model: str = "") -> None:
+        self.model = model
+        self._generations = itertools.count()
+        self.workers = [WorkerRecord(p, next(self._generations), model=model) for p in placements]
+        self.remote: list[WorkerRecord] = []
+        self.extra: list[WorkerRecord] = []
+        self._by_uid = {w.uid: w for w in self.workers}
+        self._remote_ids = itertools.count(self.REMOTE_IDS_FROM)
+        # True once any worker has been ready: from then on load failures are
+        # replaced with backoff instead of stopping the server.
+        self.ever_ready = False
+        self.draining = False
+        # Forward passes by batch rows, pool-wide since the gateway started:
+        # the workers' cumulative HEARTBEAT ``batches``, summed across restarts.
+        self.batch_rows: dict[int, int] = {}
+        # Requests by seconds waited in a worker before their forward pass
+        # (buckets of protocol.WAIT_BUCKETS_S, then the overflow), pool-wide.
+        self.wait_counts = [0] * (len(protocol.WAIT_BUCKETS_S) + 1)
+        self.wait_sum = 0.0
+
+    def take_batches(self, worker: WorkerRecord, reported: Any) -> None:
+        """Add what ``worker`` ran since its last heartbeat to ``batch_rows``.
+
+        ``reported`` is a HEARTBEAT's ``batches``: ``[[rows, count], ...]``,
+        cumulative for the worker's process. A count that went down means the
+        process started over (a remote worker that came back), so it counts whole.
+        """
+        if not isinstance(reported, list):
+            return
+        for pair in reported:
+            if not (isinstance(pair, list) and len(pair) == 2):
+                continue
+            rows, count = pair
+            if not (isinstance(rows, int) and isinstance(count, int)) or rows < 1 or count < 0:
+                continue
+            seen = worker.batches_seen.get(rows, 0)
+            added = count - seen if count >= seen else count
+            if added:
+                self.batch_rows[rows] = self.batch_rows.get(rows, 0) + added
+            worker.batches_seen[rows] = count
+
+    def take_waits(self, worker: WorkerRecord, reported: Any) -> None:
+        """Add what ``worker`` reported in a HEARTBEAT's ``waits`` since its last one.
+
+        Like ``batches`` the counts are cumulative for the worker's process;
+        counts that went down mean a new process, whose counts add whole.
+        """
+        if not isinstance(reported, dict):
+            return
+        counts, total = reported.get("counts"), reported.get("sum")
+        if (
+            not isinstance(counts, list)
+            or len(counts) != len(self.wait_counts)
+            or not all(isinstance(n, int) and n >= 0 for n in counts)
+            or not isinstance(total, int | float)
+        ):
+            return
+        seen = worker.waits_seen or [0] * len(counts)
+        restarted = any(n < before for n, before in zip(counts, seen, strict=True))
+        for index, n in enumerate(counts):
+            self.wait_counts[index] += n if restarted else n - seen[index]
+        self.wait_sum += total if restarted else max(0.0, total - worker.wait_sum_seen)
+        worker.waits_seen = list(counts)
+        worker.wait_sum_seen = float(total)
+
+    def next_generation(self) -> int:
+        """Generations are unique across the pool, so a uid is never reused."""
+        return next(self._generations)
+
+    def next_remote_id(self) -> int:
+        return next(self._remote_ids)
+
+    def register(self, worker: WorkerRecord) -> None:
+        self._by_uid[worker.uid] = worker
+
+    def forget(self, worker: WorkerRecord) -> None:
+        if self._by_uid.get(worker.uid) is worker:
+            del self._by_uid[worker.uid]
+
+    def by_uid(self, uid: str) -> WorkerRecord | None:
+        return self._by_uid.get(uid)
+
+    def serving(self) -> list[WorkerRecord]:
+        """Every record that takes requests when ready: local slots, then remote workers."""
+        return [*self.workers, *self.remote] if self.remote else self.workers
+
+    def all_records(self) -> list[WorkerRecord]:
+        return [*self.workers, *self.remote, *self.extra]
+
+    def ready_workers(self) -> list[WorkerRecord]:
+        return [w for w in self.serving() if w.ready]
+
+    def pick(self) -> WorkerRecord | None:
+        """The ready worker with the least outstanding work that still has credit."""
+        best: WorkerRecord | None = None
+        for worker in self.serving():
+            if worker.free_credit > 0 and (
+                best is None or len(worker.inflight) < len(best.inflight)
+            ):
+                best = worker
+        return best
