@@ -25,12 +25,13 @@ from shared import protocol
 MAX_TURNS = 1000
 
 
-def on_loop(test: Callable[[], Coroutine[Any, Any, None]]) -> Callable[[], None]:
-    """Run an async test on a fresh event loop; pytest sees a plain test function."""
+def on_loop(test: Callable[..., Coroutine[Any, Any, None]]) -> Callable[..., None]:
+    """Run an async test on a fresh event loop; pytest sees a plain test function
+    (with the same fixtures)."""
 
     @functools.wraps(test)
-    def run() -> None:
-        asyncio.run(test())
+    def run(*args: Any, **kwargs: Any) -> None:
+        asyncio.run(test(*args, **kwargs))
 
     return run
 
@@ -108,6 +109,7 @@ class FakeProcess:
         self.label = label
         self.stderr_tail: list[str] = []
         self.killed = False
+        self.killed_by_us = False
         self._exit: asyncio.Future[int] = asyncio.get_running_loop().create_future()
 
     @property
@@ -122,8 +124,12 @@ class FakeProcess:
     def is_alive(self) -> bool:
         return not self._exit.done()
 
+    def exit_status(self) -> int | None:
+        return self._exit.result() if self._exit.done() else None
+
     def kill(self) -> None:
         self.killed = True
+        self.killed_by_us = self.is_alive()
         self.exit(-signal.SIGKILL)
 
     async def wait(self) -> int:

@@ -26,6 +26,8 @@ class Load:
         self.path = path
         self.statuses: Counter[int] = Counter()
         self.errors: list[str] = []
+        # The first bodies of non-200 answers, to say what went wrong.
+        self.refusals: list[str] = []
         self.sent = 0
         self.slowest_s = 0.0
         self._lock = threading.Lock()
@@ -64,4 +66,6 @@ class Load:
                     continue
                 with self._lock:
                     self.statuses[response.status_code] += 1
+                    if response.status_code != 200 and len(self.refusals) < 10:
+                        self.refusals.append(response.text)
                     self.slowest_s = max(self.slowest_s, time.monotonic() - started)

@@ -1,6 +1,6 @@
 """The dispatcher's rules, against an in-memory wire: no workers, no sockets, no waiting.
 
-Credit, least-outstanding choice, the bounded queue, one retry after a worker is
+Credit, least-outstanding choice, the bounded queue, retries after a worker is
 lost, deadlines, callers that leave, and stray replies. The same paths through
 real processes are in test_faults.py and test_chaos.py.
 """
@@ -99,33 +99,36 @@ async def test_a_full_queue_answers_503_at_once() -> None:
 
 
 @on_loop
-async def test_a_lost_workers_request_is_retried_exactly_once_elsewhere() -> None:
-    pool = ready_pool(3, capacity=4)
+async def test_a_lost_workers_request_is_retried_at_most_twice_elsewhere() -> None:
+    pool = ready_pool(4, capacity=4)
     dispatcher, wire = dispatcher_for(pool)
-    a, b, c = pool.workers
+    a, b, c, d = pool.workers
     pending = dispatcher.enqueue("json", b"{}")
     assert wire.requests(a) == [pending.id]
 
     lose(dispatcher, a, "exited with code 1")
     assert wire.requests(b) == [pending.id]  # retried at once, on the least busy other
+    lose(dispatcher, b, "killed by SIGKILL")  # killed with a: one more try
+    assert wire.requests(c) == [pending.id]
     assert not pending.future.done()
 
-    lose(dispatcher, b, "killed by SIGSEGV")
-    # Its one retry is spent: answered, although c is ready and idle.
-    assert pending.future.done() and wire.requests(c) == []
-    with pytest.raises(Unavailable, match="worker 1 killed by SIGSEGV before answering"):
+    lose(dispatcher, c, "killed by SIGSEGV")
+    # Its retries are spent: answered, although d is ready and idle.
+    assert pending.future.done() and wire.requests(d) == []
+    with pytest.raises(Unavailable, match="worker 2 killed by SIGSEGV before answering"):
         await dispatcher.result(pending)
 
 
 @on_loop
-async def test_a_lost_worker_with_no_other_settles_everything_with_503() -> None:
+async def test_a_lost_worker_with_no_other_and_none_coming_settles_everything_with_503() -> None:
     pool = ready_pool(1, capacity=1)
     dispatcher, _ = dispatcher_for(pool)
     worker = pool.workers[0]
     held = dispatcher.enqueue("json", b"{}")
     queued = dispatcher.enqueue("json", b"{}")
 
-    lose(dispatcher, worker, "exited with code 1")
+    worker.state = State.FAILED  # not replaced: nothing is coming
+    dispatcher.worker_lost(worker, "exited with code 1")
     # Settled at once, not at their deadlines.
     assert held.future.done() and queued.future.done()
     with pytest.raises(Unavailable, match="worker 0 exited with code 1 before answering"):
@@ -134,6 +137,62 @@ async def test_a_lost_worker_with_no_other_settles_everything_with_503() -> None
         await dispatcher.result(queued)
     assert dispatcher.queued == 0 and dispatcher.outstanding == 0
     assert worker.inflight == {}
+
+
+@on_loop
+async def test_requests_of_a_lost_worker_wait_for_its_replacement() -> None:
+    pool = ready_pool(1, capacity=2)
+    dispatcher, wire = dispatcher_for(pool)
+    worker = pool.workers[0]
+    held = dispatcher.enqueue("json", b"{}")
+    lose(dispatcher, worker, "killed by SIGKILL")  # RESTARTING: a replacement is due
+    arrived = dispatcher.enqueue("json", b"{}")  # not refused: it waits too
+    assert not held.future.done() and not arrived.future.done()
+    assert dispatcher.queued == 2
+
+    worker.state = State.READY  # the replacement is ready (the supervisor pumps)
+    dispatcher.pump()
+    assert wire.requests(worker)[-2:] == [held.id, arrived.id]
+    reply(dispatcher, worker, held.id)
+    reply(dispatcher, worker, arrived.id)
+    assert (await dispatcher.result(held)).body == (await dispatcher.result(arrived)).body
+
+
+@on_loop
+async def test_a_request_waits_for_a_booting_worker_until_its_deadline() -> None:
+    pool = Pool([Placement(0, "cpu", None, (0,))])
+    pool.workers[0].state = State.LOADING
+    dispatcher, _ = dispatcher_for(pool, timeout_s=0.05)
+    pending = dispatcher.enqueue("json", b"{}")
+    assert dispatcher.is_queued(pending)
+    with pytest.raises(DeadlineExceeded):
+        await dispatcher.result(pending)
+
+
+@on_loop
+async def test_a_crash_loop_a_drain_or_a_full_queue_answer_503_at_once() -> None:
+    pool = Pool([Placement(0, "cpu", None, (0,))])
+    worker = pool.workers[0]
+    worker.state = State.RESTARTING
+    worker.boot_failures = 2  # died booting twice in a row
+    worker.last_error = "worker 0 exited with code 1: ImportError: no module named x"
+    dispatcher, _ = dispatcher_for(pool, queue_size=1)
+    with pytest.raises(Unavailable, match=r"crash loop.*ImportError"):
+        dispatcher.enqueue("json", b"{}")
+
+    worker.boot_failures = 1
+    waiting = dispatcher.enqueue("json", b"{}")
+    with pytest.raises(Unavailable, match="queue is full"):
+        dispatcher.enqueue("json", b"{}")
+    worker.boot_failures = 2  # it died booting again
+    dispatcher.give_up_waiting("worker 0 exited with code 1")
+    with pytest.raises(Unavailable, match="crash loop"):
+        await dispatcher.result(waiting)
+
+    worker.boot_failures = 0
+    pool.draining = True
+    with pytest.raises(Unavailable, match="shutting down"):
+        dispatcher.enqueue("json", b"{}")
 
 
 @on_loop

@@ -296,12 +296,13 @@ def test_gateway_process_metrics(demo_server: Server) -> None:
     )
 
 
-def test_a_killed_worker_is_counted_as_a_death_by_signal(
+def test_a_worker_killed_from_outside_is_counted_with_the_cause_health_gives(
     serve: Callable[..., Server],
 ) -> None:
     server = serve("--workers", "2", ready=2)
     victim = server.health()["workers"][0]
-    assert value(scrape(server), "torchpool_worker_deaths_total", model="demo", cause="signal") == 0
+    cause = "killed_outside"  # a SIGKILL the gateway did not send
+    assert value(scrape(server), "torchpool_worker_deaths_total", model="demo", cause=cause) == 0
     os.kill(victim["pid"], signal.SIGKILL)
 
     def counted() -> Samples | None:
@@ -313,9 +314,14 @@ def test_a_killed_worker_is_counted_as_a_death_by_signal(
         )
 
     samples = wait_for(counted, 30.0, "the worker's death in the metrics")
-    assert value(samples, "torchpool_worker_deaths_total", model="demo", cause="signal") == 1
+    assert value(samples, "torchpool_worker_deaths_total", model="demo", cause=cause) == 1
+    assert value(samples, "torchpool_worker_deaths_total", model="demo", cause="signal") == 0
     assert value(samples, "torchpool_worker_deaths_total", model="demo", cause="exit") == 0
     assert value(samples, "torchpool_worker_deaths_total", model="demo", cause="heartbeat") == 0
-    # The replacement comes back ready, and the count stays at one.
+    # The replacement comes back ready, and the count stays at one; /health
+    # still shows how the slot's last process died, with the metric's cause.
     server.wait_ready(2)
-    assert value(scrape(server), "torchpool_worker_deaths_total", model="demo", cause="signal") == 1
+    assert value(scrape(server), "torchpool_worker_deaths_total", model="demo", cause=cause) == 1
+    last = server.health()["workers"][0]["last_death"]
+    assert last["cause"] == cause and last["signal"] == "SIGKILL" and last["exit_code"] == -9
+    assert "OOM killer" in last["reason"]

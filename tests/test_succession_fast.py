@@ -68,7 +68,8 @@ async def test_a_reload_hands_over_only_once_every_successor_is_ready() -> None:
     await reload
     assert gw.pool.workers == [first, second] and gw.supervisor.settings.max_batch_size == 7
     assert all(
-        gw.wire.controls(o, protocol.STOP) == [{"t": "stop", "reason": "replaced"}] for o in olds
+        gw.wire.controls(o, protocol.STOP) == [{"t": "stop", "reason": "replaced by a reload"}]
+        for o in olds
     )
 
 

@@ -11,18 +11,21 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from gateway.pool.deaths import OomCounter
 from gateway.pool.dispatch import Dispatcher
 from gateway.pool.placement import Placement
 from gateway.pool.succession import RECYCLE_RETRY_S
-from gateway.pool.supervisor import BACKOFF_BASE_S, BACKOFF_MAX_S, MAX_BOOT_FAILURES, Supervisor
+from gateway.pool.supervisor import Supervisor
 from gateway.pool.workers import Pool, Role, State, WorkerRecord
 from shared import protocol
 from shared.config import ServeSettings
 from shared.errors import Unavailable
+from shared.restarts import BACKOFF_BASE_S, BACKOFF_MAX_S, MAX_BOOT_FAILURES
 from tests.fakes import FakeClock, FakeSpawner, FakeTransport, eventually, on_loop
 
 
@@ -76,7 +79,10 @@ class Gateway:
 
 
 def gateway(
-    workers: int, sleep: Callable[[float], Awaitable[None]] | None = None, **settings: Any
+    workers: int,
+    sleep: Callable[[float], Awaitable[None]] | None = None,
+    oom: OomCounter | None = None,
+    **settings: Any,
 ) -> Gateway:
     config = ServeSettings(workers=workers, device="cpu", heartbeat_s=1.0, **settings)
     pool = Pool([Placement(slot, "cpu", None, (slot,)) for slot in range(workers)])
@@ -94,6 +100,7 @@ def gateway(
         spawner=spawner,
         clock=clock,
         sleep=sleep or clock.sleep,
+        oom=oom or OomCounter(events=Path("/nonexistent")),
     )
     gw = Gateway(config, pool, wire, dispatcher, supervisor, spawner, clock, fatal)
     supervisor.on_death = gw.deaths.append
@@ -110,15 +117,19 @@ async def test_a_worker_death_settles_its_requests_at_once_and_refills_the_slot(
     pending = gw.dispatcher.enqueue("json", b"{}")
 
     gw.spawner.of(worker).exit(-9)
-    # Settled without the clock moving: no timeout is involved.
-    await eventually(lambda: pending.future.done(), "the request to be settled")
-    with pytest.raises(Unavailable, match=r"worker 0 killed \(SIGKILL\) — possibly out of memory"):
-        await gw.dispatcher.result(pending)
-    assert gw.deaths == ["signal"]
     # A worker that had been ready is replaced at once, as a new generation.
     await gw.spawned(2)  # a replacement
     assert worker.uid != first_uid and worker.state is State.STARTING
     assert worker.restarts == 1 and worker.exit_code == -9
+    # A SIGKILL the supervisor did not send: from outside (the OOM killer, say).
+    assert gw.deaths == ["killed_outside"]
+    assert worker.last_death is not None and worker.last_death.cause == "killed_outside"
+    # Its request waits for the replacement (a retry), which answers it.
+    assert not pending.future.done() and gw.dispatcher.is_queued(pending)
+    gw.ready(worker)
+    assert gw.wire.requests(worker) == [pending.id]
+    gw.answer(worker, pending.id)
+    assert (await gw.dispatcher.result(pending)).body == b"{}"
 
 
 @on_loop
@@ -141,7 +152,7 @@ async def test_a_silent_worker_is_declared_dead_after_its_missed_heartbeats_and_
 
     await gw.clock.advance(1.0)
     assert silent_process.killed
-    assert silent.last_error == "worker 1 sent no heartbeat for 4.0s"
+    assert silent.last_error == "worker 1 sent no heartbeat for 4.0s (hung); killed"
     # Its request went at once to the worker that still answers.
     assert gw.wire.requests(talker) == [on_talker.id, on_silent.id]
     assert talker.ready and gw.deaths == ["heartbeat"]  # counted once, not again when reaped
@@ -221,7 +232,8 @@ async def test_recycling_hands_over_to_a_ready_successor_before_draining_the_old
     gw.ready(successor)
     await eventually(lambda: gw.pool.workers[0] is successor, "the successor to take over")
     assert successor.role is Role.CURRENT and old.role is Role.RETIRING
-    assert gw.wire.controls(old, protocol.STOP) == [{"t": protocol.STOP, "reason": "replaced"}]
+    recycled = "recycled: served 2 requests (limit 2)"
+    assert gw.wire.controls(old, protocol.STOP) == [{"t": protocol.STOP, "reason": recycled}]
     after = gw.dispatcher.enqueue("json", b"{}")
     assert gw.wire.requests(successor) == [after.id]
 
@@ -330,3 +342,36 @@ async def test_a_backoff_timer_that_fires_early_still_refills_the_slot() -> None
     await gw.clock.advance(2 * early)
     await gw.spawned(2)
     assert worker.state is State.STARTING and worker.boot_failures == 1
+
+
+@on_loop
+async def test_requests_wait_for_a_booting_worker_and_stop_waiting_when_it_crash_loops() -> None:
+    gw = gateway(1)
+    await gw.start()
+    worker = gw.pool.workers[0]
+    pending = gw.dispatcher.enqueue("json", b"{}")  # nothing ready yet: it waits
+    assert gw.dispatcher.is_queued(pending)
+
+    gw.spawner.of(worker).exit(1)  # dies booting once: restarted after a backoff
+    await eventually(lambda: BACKOFF_BASE_S in gw.clock.sleeping, "the backoff to start")
+    assert worker.boot_failures == 1 and not pending.future.done()
+
+    await gw.clock.advance(BACKOFF_BASE_S)
+    await gw.spawned(2)
+    gw.spawner.of(worker).exit(1)  # and again: a crash loop, so nothing waits for it
+    await eventually(lambda: pending.future.done(), "the waiting request to be answered")
+    with pytest.raises(Unavailable, match="crash loop"):
+        await gw.dispatcher.result(pending)
+    with pytest.raises(Unavailable, match="crash loop"):
+        gw.dispatcher.enqueue("json", b"{}")
+
+
+@on_loop
+async def test_a_stopping_gateway_answers_the_requests_that_waited_for_a_booting_worker() -> None:
+    gw = gateway(1)
+    await gw.start()
+    pending = gw.dispatcher.enqueue("json", b"{}")
+    gw.supervisor.begin_drain()
+    assert pending.future.done()
+    with pytest.raises(Unavailable, match="shutting down"):
+        await gw.dispatcher.result(pending)

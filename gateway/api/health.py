@@ -54,6 +54,8 @@ def worker_json(worker: WorkerRecord, now: float) -> dict[str, Any]:
         "heartbeat_age_s": None if age is None else round(age, 3),
         "exit_code": worker.exit_code,
         "last_error": worker.last_error,
+        # How the slot's last process ended, kept once its replacement is ready.
+        "last_death": worker.last_death.to_json() if worker.last_death is not None else None,
     }
     if worker.host is not None:
         document["host"] = worker.host

@@ -50,6 +50,7 @@ from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.api.health import pool_status
+from gateway.pool.deaths import UNPLANNED
 from shared import protocol
 
 if TYPE_CHECKING:
@@ -67,15 +68,7 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 # Worker states as /health shows them ("busy" is a ready worker computing).
 STATES = ("starting", "loading", "ready", "busy", "restarting", "failed", "stopped")
 # Known causes, exported at 0 from the start so rate() and alerts see them.
-DEATH_CAUSES = (
-    "signal",
-    "exit",
-    "load_failed",
-    "heartbeat",
-    "hello_timeout",
-    "unreachable",
-    "batch_timeout",
-)
+DEATH_CAUSES = UNPLANNED
 OTHER_ROUTE = "other"
 RECENT_SIZE = 4096  # inference requests the status page's window can hold
 RECENT_WINDOW_S = 10.0
@@ -197,8 +190,10 @@ class Metrics:
         self.deaths = Counter(
             "worker_deaths",
             "Unplanned worker deaths, by cause: signal, exit (non-zero or unexpected), "
-            "load_failed, heartbeat (went silent), hello_timeout, unreachable, "
-            "batch_timeout (a forward pass ran past --max-batch-seconds).",
+            "load_failed, killed_outside (a SIGKILL the gateway did not send), oom (one "
+            "the cgroup counts as the OOM killer's), heartbeat (hung: went silent), "
+            "hello_timeout, unreachable, batch_timeout (a forward pass ran past "
+            "--max-batch-seconds). The same cause as /health's last_death.",
             ["model", "cause"],
             namespace=NAMESPACE,
             registry=self.registry,

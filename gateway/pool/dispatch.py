@@ -5,9 +5,17 @@ has credit (workers advertise how many requests they want outstanding, enough
 to fill a batch). When none has credit, it waits in a bounded FIFO queue; when
 the queue is full the caller gets 503 at once. Every request has a deadline.
 
+A request also waits in that queue when no worker is ready but one is coming
+(booting, or dead with its replacement due; see :meth:`Pool.coming`): it is
+sent when a worker becomes ready, or answered 504 at its deadline. It is
+answered 503 at once only when nothing is coming: a crash loop, a failed
+model, a stopping gateway; and waiting requests get that 503 as soon as the
+last coming worker stops coming (:meth:`Dispatcher.give_up_waiting`).
+
 When a worker dies or is declared dead, every request it held is settled at
-once: retried one time on another ready worker (inference is idempotent), or
-answered 503 saying how the worker died. Nothing waits for a timeout.
+once: retried on another worker, ready or coming (inference is idempotent;
+at most MAX_ATTEMPTS tries), or answered 503 saying how the worker died. Nothing waits for a
+timeout that no worker can beat.
 """
 
 from __future__ import annotations
@@ -30,7 +38,11 @@ from shared.errors import DeadlineExceeded, TorchpoolError, Unavailable, error_f
 
 log = logging.getLogger("torchpool.dispatch")
 
-MAX_ATTEMPTS = 2  # the first try and one retry after a worker death
+# The first try and up to two retries after worker deaths: a request caught
+# between two workers killed together (a retry sent to one that was already
+# dying) still gets its answer, while a request that kills every worker it
+# reaches (a poison request) is answered 503 after the third.
+MAX_ATTEMPTS = 3
 
 # REPLY header keys that are not passed on in Reply.extra.
 _REPLY_KEYS = frozenset({"t", "id", "code", "message", "details", "fmt"})
@@ -85,7 +97,7 @@ class Dispatcher:
         if self._pool.draining:
             raise Unavailable("the server is shutting down")
         worker = self._pool.pick()  # one with credit is ready: no need to list the ready ones
-        if worker is None and not self._pool.ready_workers():
+        if worker is None and not self._pool.ready_workers() and not self._pool.coming():
             raise Unavailable(self._not_ready_message())
         timeout = self._timeout_s if timeout_s is None else min(timeout_s, self._timeout_s)
         loop = asyncio.get_running_loop()
@@ -184,7 +196,7 @@ class Dispatcher:
                 return
 
     def worker_lost(self, worker: WorkerRecord, how: str, retry: bool = True) -> None:
-        """Settle every request ``worker`` held: retry once elsewhere, or answer 503.
+        """Settle every request ``worker`` held: retry elsewhere, or answer 503.
 
         The caller has already taken ``worker`` out of rotation (its state is no
         longer READY), so no retry can be sent back to it. ``retry`` False answers
@@ -193,19 +205,34 @@ class Dispatcher:
         assert not worker.ready, "worker_lost() on a worker still in rotation"
         held = [p for p in worker.inflight.values() if not p.future.done()]
         worker.inflight.clear()
-        others = [w for w in self._pool.ready_workers() if w is not worker]
+        # A retry goes to another ready worker, or waits for one that is coming
+        # (this worker's own replacement among them).
+        elsewhere = any(w is not worker for w in self._pool.ready_workers()) or bool(
+            self._pool.coming()
+        )
         for pending in reversed(held):  # appendleft keeps their original order
             pending.attempts += 1
-            if retry and pending.attempts < MAX_ATTEMPTS and others and pending.retryable:
+            if retry and pending.attempts < MAX_ATTEMPTS and elsewhere and pending.retryable:
                 self._queue.appendleft(pending)
                 pending.queued = True
             else:
                 pending.settle(
                     Unavailable(f"worker {worker.slot} {how} before answering this request")
                 )
-        if not others:
-            self.fail_queued(Unavailable(f"no worker is ready: worker {worker.slot} {how}"))
+        self.give_up_waiting(f"worker {worker.slot} {how}")
         self.pump()
+
+    def give_up_waiting(self, why: str | None = None) -> None:
+        """Answer the queue 503 now if no worker is ready and none is coming.
+
+        The supervisor calls this whenever a worker stops coming (a crash loop
+        begins, a slot fails, the gateway stops, a slot is scaled away);
+        ``why`` is the event, added to the message.
+        """
+        if not self._queue or self._pool.ready_workers() or self._pool.coming():
+            return
+        message = self._not_ready_message()
+        self.fail_queued(Unavailable(f"{message}: {why}" if why else message))
 
     def abandon_all(self, error: TorchpoolError) -> None:
         """Answer every outstanding request with ``error`` now (a hurried shutdown).
@@ -260,8 +287,19 @@ class Dispatcher:
         return True
 
     def _not_ready_message(self) -> str:
+        """Why nothing can take a request now: no worker is ready and none is coming."""
+        if self._pool.draining:
+            return "the server is shutting down"
         states = collections.Counter(w.shown_state() for w in self._pool.serving())
         if not states:
             return "no worker is connected"
         summary = ", ".join(f"{n} {state}" for state, n in sorted(states.items()))
+        looping = self._pool.crash_looping()
+        if looping:
+            last = looping[0].last_error
+            slots = ", ".join(str(w.slot) for w in looping)
+            return (
+                f"no worker is ready ({summary}): worker {slots} keeps dying before it "
+                "is ready (a crash loop)" + (f"; last: {last}" if last else "")
+            )
         return f"no worker is ready ({summary})"

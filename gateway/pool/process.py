@@ -15,6 +15,7 @@ import asyncio
 import collections
 import contextlib
 import logging
+import os
 import signal
 import sys
 from collections.abc import Mapping, Sequence
@@ -36,7 +37,16 @@ class ProcessHandle(Protocol):
         """The process's last lines on stderr, oldest first."""
         ...
 
+    @property
+    def killed_by_us(self) -> bool:
+        """Whether this handle has sent the process SIGKILL (so a SIGKILL death is ours)."""
+        ...
+
     def is_alive(self) -> bool: ...
+
+    def exit_status(self) -> int | None:
+        """The status if the process has ended, reaped or not (without reaping it)."""
+        ...
 
     def kill(self) -> None: ...
 
@@ -64,6 +74,7 @@ class WorkerProcess:
         self._proc = proc
         self.label = label
         self.stderr_tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL_LINES)
+        self.killed_by_us = False
         self._pump = asyncio.get_running_loop().create_task(self._forward_stderr())
 
     @classmethod
@@ -87,10 +98,26 @@ class WorkerProcess:
     def is_alive(self) -> bool:
         return self._proc.returncode is None
 
+    def exit_status(self) -> int | None:
+        if self._proc.returncode is not None:
+            return self._proc.returncode
+        # WNOWAIT leaves the zombie for asyncio's child watcher to reap.
+        try:
+            info = os.waitid(os.P_PID, self.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        except ChildProcessError:
+            return None  # reaped meanwhile: wait() has the status
+        if info is None or info.si_pid == 0:
+            return None
+        if info.si_code in (os.CLD_KILLED, os.CLD_DUMPED):
+            return -info.si_status
+        return info.si_status
+
     def terminate(self) -> None:
         self._signal(signal.SIGTERM)
 
     def kill(self) -> None:
+        if self.is_alive():
+            self.killed_by_us = True
         self._signal(signal.SIGKILL)
 
     def _signal(self, sig: signal.Signals) -> None:
@@ -128,17 +155,3 @@ class WorkerProcess:
             text = line.decode(errors="replace").rstrip()
             self.stderr_tail.append(text)
             sys.stderr.write(f"[{self.label}] {text}\n")
-
-
-def describe_exit(code: int) -> str:
-    """Say how a process ended, in words an operator can act on."""
-    if code >= 0:
-        return f"exited with code {code}"
-    sig = -code
-    try:
-        name = signal.Signals(sig).name
-    except ValueError:
-        name = f"signal {sig}"
-    if sig == signal.SIGKILL:
-        return f"killed ({name}) — possibly out of memory"
-    return f"killed by {name}"

@@ -45,8 +45,11 @@ class Acts(Protocol):
 
     async def spawn(self, worker: WorkerRecord, settings: PoolSettings | None = None) -> None: ...
 
-    def retire(self, worker: WorkerRecord, reason: str, drain: bool = True) -> None:
-        """Take ``worker`` out of service and stop it (after it drains, with ``drain``)."""
+    def retire(
+        self, worker: WorkerRecord, reason: str, drain: bool = True, cause: str = "recycle"
+    ) -> None:
+        """Take ``worker`` out of service and stop it (after it drains, with ``drain``);
+        ``cause`` names the end in /health's last_death (see gateway.pool.deaths)."""
         ...
 
     def serve(self, worker: WorkerRecord) -> None:
@@ -114,6 +117,7 @@ class Succession:
             return False
         log.info("recycling worker %d: %s", worker.slot, reason)
         worker.recycling = True
+        worker.recycle_reason = reason
         return True
 
     def begin_reload(self, settings: PoolSettings) -> Reload:
@@ -149,7 +153,7 @@ class Succession:
             return
         for extra in list(self._pool.extra):
             if extra.role is Role.SUCCESSOR and extra.ready:
-                self._take_over(extra)
+                self._take_over(extra, "recycle")
 
     async def start(self, settings: PoolSettings) -> None:
         """Boot a successor for every slot that wants one and has none yet."""
@@ -191,7 +195,7 @@ class Succession:
         self.reload = None
         self._acts.adopt(reload.settings)
         for successor in successors.values():
-            self._take_over(successor)
+            self._take_over(successor, "reload")
         reload.outcome.set_result(None)
         log.info("reloaded %d workers", len(successors))
 
@@ -229,8 +233,9 @@ class Succession:
         self._pool.extra.append(successor)
         return successor
 
-    def _take_over(self, successor: WorkerRecord) -> None:
-        """A ready successor takes its slot; the old worker drains and stops."""
+    def _take_over(self, successor: WorkerRecord, cause: str) -> None:
+        """A ready successor takes its slot; the old worker drains and stops (``cause``:
+        recycle or reload)."""
         slot = successor.slot
         old = self._pool.workers[slot]
         self._pool.extra.remove(successor)
@@ -238,7 +243,8 @@ class Succession:
         self._pool.workers[slot] = successor
         log.info("worker %d replaced by pid %s; draining pid %s", slot, successor.pid, old.pid)
         # A worker answers all it holds before it acts on STOP; it gets no new work.
-        self._acts.retire(old, "replaced")
+        reason = "replaced by a reload" if cause == "reload" else f"recycled: {old.recycle_reason}"
+        self._acts.retire(old, reason, cause=cause)
         self._acts.serve(successor)
 
     def _abandon(self, successor: WorkerRecord, reason: str) -> None:

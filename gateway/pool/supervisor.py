@@ -28,30 +28,30 @@ import contextlib
 import dataclasses
 import logging
 import os
+import signal
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, cast
 
 import zmq
 
+from gateway.pool.deaths import Death, OomCounter, describe_exit, from_status
 from gateway.pool.dispatch import Dispatcher
 from gateway.pool.placement import Placement, choose_gpus, format_cores, place_another
-from gateway.pool.process import ProcessHandle, Spawner, WorkerProcess, describe_exit
+from gateway.pool.process import ProcessHandle, Spawner, WorkerProcess
 from gateway.pool.succession import Succession
 from gateway.pool.transport import REMOTE, Transport
 from gateway.pool.workers import Pool, Role, State, WorkerRecord
 from shared import protocol
 from shared.config import ENV_PREFIX, PoolSettings, worker_argv
 from shared.errors import Conflict, Unavailable
+from shared.restarts import backoff_s, given_up
 
 log = logging.getLogger("torchpool.supervisor")
 
 HELLO_TIMEOUT_S = 30.0  # a fresh interpreter must say hello within this
 BOOT_SLACK_S = 10.0  # least heartbeat silence tolerated from a booting worker
 STOP_GRACE_S = 5.0  # after STOP/SIGTERM, before SIGKILL
-MAX_BOOT_FAILURES = 5  # deaths before ready, in a row, before a slot is failed
-BACKOFF_BASE_S = 0.5
-BACKOFF_MAX_S = 30.0
 THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS")
 
 
@@ -67,8 +67,11 @@ class Supervisor:
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         taken: Callable[[], Sequence[int]] = tuple,
+        oom: OomCounter | None = None,
     ) -> None:
         self._settings = settings
+        # Tells a SIGKILL from the kernel's OOM killer from any other sender's.
+        self._oom = oom if oom is not None else OomCounter()
         # Cores other models' workers hold, avoided when scaling up.
         self._taken = taken
         # The wanted state the reconcile step makes true: the number of local slots.
@@ -90,7 +93,7 @@ class Supervisor:
         self._drain_started: float | None = None
         self._hurry = asyncio.Event()
         # Observer for metrics: called once per unplanned worker death with its
-        # cause (see death_cause(); "heartbeat", "hello_timeout", "unreachable").
+        # cause (gateway.pool.deaths.UNPLANNED), the cause /health and the log give.
         self.on_death: Callable[[str], None] | None = None
         # Observer: called when a serving worker becomes ready.
         self.on_ready: Callable[[WorkerRecord], None] | None = None
@@ -108,8 +111,6 @@ class Supervisor:
 
     async def stop(self) -> None:
         """Drain in-flight requests, then stop every worker: ask, wait, kill, reap."""
-        self._stopping = True
-        self._succession.fail_reload(Unavailable("the server is shutting down"))
         self.begin_drain()
         await self.drain()
         # Remote workers are services of their own: they outlive this gateway and
@@ -123,10 +124,21 @@ class Supervisor:
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
     def begin_drain(self, hurry: bool = False) -> None:
-        """Refuse new work from now on; a second call with ``hurry`` cuts the drain short."""
+        """Stop: refuse new work and spawn nothing from now on; a second call with
+        ``hurry`` cuts the drain short.
+
+        From here on a worker that exits (on its own stop signal, say, when the
+        whole process group was signalled) is part of the stop: it is not an
+        error and it is not replaced.
+        """
+        if not self._stopping:
+            self._stopping = True
+            self._succession.fail_reload(Unavailable("the server is shutting down"))
         self._pool.draining = True
         if self._drain_started is None:
             self._drain_started = time.monotonic()
+        # Nothing is coming any more: requests queued for a booting worker get 503 now.
+        self._dispatcher.give_up_waiting()
         if hurry and not self._hurry.is_set():
             self._hurry.set()
             # Nobody is left waiting: every open request is answered now, so the
@@ -194,26 +206,53 @@ class Supervisor:
         if worker.process is not process:
             return  # a process we had already given up on
         worker.exit_code = code
-        how = describe_exit(code)
+        death = self._death_of(worker, process, code)
+        worker.last_death = death
         if worker.role is Role.RETIRING:
-            self._retired(worker, how)
+            self._retired(worker, death)
             return
         if worker.role is Role.SUCCESSOR:
-            self._successor_died(worker, process, how)
+            self._successor_died(worker, process, death)
             return
         if self._stopping or worker.state is State.STOPPED:
             worker.state = State.STOPPED
+            log.info("worker %d (pid %d) stopped: %s", worker.slot, process.pid, death.reason)
+            self._dispatcher.worker_lost(worker, death.reason)  # what it held, if anything
             return
         was_ready = worker.state is State.READY or worker.lost_when_ready
-        if worker.state is not State.RESTARTING:  # else declare_lost() counted it
-            self._count_death(death_cause(code))
-        # Out of rotation first, so the retries below cannot land on it again.
+        if worker.verdict is None:  # else declare_lost() counted it
+            self._count_death(death.cause)
+        # Out of rotation first, so the retries below cannot land on it again, nor
+        # on another worker that died with it and is not reaped yet.
         worker.state = State.RESTARTING
-        self._dispatcher.worker_lost(worker, how)
+        self._out_of_rotation_if_dead()
+        self._dispatcher.worker_lost(worker, death.reason)
         if worker.last_error is None or was_ready:
-            worker.last_error = self._death_note(worker, process, how)
-        log.error("worker %d (pid %d) %s", worker.slot, process.pid, how)
+            worker.last_error = self._death_note(worker, process, death.reason)
+        log.error("worker %d (pid %d) %s", worker.slot, process.pid, death.reason)
         self._replace(worker, code, was_ready)
+        # A crash loop or a failed slot: requests waiting for this worker stop waiting.
+        self._dispatcher.give_up_waiting(f"worker {worker.slot} {death.reason}")
+
+    def _death_of(self, worker: WorkerRecord, process: ProcessHandle, code: int) -> Death:
+        """How ``worker``'s process ended, from what the supervisor decided and its status."""
+        now = time.time()
+        if worker.verdict is not None:  # killed as hung, retired, let go of
+            return Death(worker.verdict.cause, worker.verdict.reason, code, now)
+        if self._stopping:
+            return Death("shutdown", f"stopped with the gateway ({describe_exit(code)})", code, now)
+        oom = code == -signal.SIGKILL and not process.killed_by_us and self._oom.new_kills()
+        cause, reason = from_status(code, process.killed_by_us, oom)
+        return Death(cause, reason, code, now)
+
+    def _out_of_rotation_if_dead(self) -> None:
+        """Take ready local workers whose process has exited, but is not reaped yet,
+        out of rotation, so no retry goes to them (several killed at once)."""
+        for other in self._pool.serving():
+            process = other.process
+            if other.ready and process is not None and process.exit_status() is not None:
+                other.state = State.RESTARTING
+                other.lost_when_ready = True  # its own reaping settles and replaces it
 
     def _replace(self, worker: WorkerRecord, code: int, was_ready: bool) -> None:
         if not was_ready:
@@ -222,7 +261,7 @@ class Supervisor:
             worker.state = State.FAILED
             self._check_fatal()
             return
-        if worker.boot_failures >= MAX_BOOT_FAILURES:
+        if given_up(worker.boot_failures):
             worker.state = State.FAILED
             log.error(
                 "worker %d failed %d boots in a row; not restarting it: %s",
@@ -232,9 +271,8 @@ class Supervisor:
                 self._check_fatal()
             return
         worker.state = State.RESTARTING
-        delay = 0.0
-        if worker.boot_failures:
-            delay = min(BACKOFF_MAX_S, BACKOFF_BASE_S * 2 ** (worker.boot_failures - 1))
+        delay = backoff_s(worker.boot_failures)
+        if delay:
             log.info("restarting worker %d in %.1fs", worker.slot, delay)
         worker.respawn_at = self._clock() + delay
         self._background(self._reconcile_after(delay))
@@ -262,6 +300,7 @@ class Supervisor:
             self._succession.settle()
             await self._succession.start(self._settings)
             await self._refill()
+            self._dispatcher.give_up_waiting()  # a slot scaled away may have been coming
 
     def _scale(self) -> None:
         """Add or retire slots until there are as many as wanted."""
@@ -284,7 +323,7 @@ class Supervisor:
         while len(workers) > self._wanted:
             worker = workers.pop()
             log.info("scaling down: draining worker %d", worker.slot)
-            self.retire(worker, "scaled down")
+            self.retire(worker, "scaled down", cause="scale_down")
 
     async def _refill(self) -> None:
         """Spawn every slot that wants a process: new, or dead with its backoff over."""
@@ -313,6 +352,7 @@ class Supervisor:
         if worker.state in (State.RESTARTING, State.FAILED, State.STOPPED):
             return
         self._count_death(cause)
+        worker.verdict = Death(cause, how)
         log.error("worker %d %s; replacing it", worker.slot, how)
         # Read by _reap, which sees RESTARTING: a silent ready worker did boot.
         worker.lost_when_ready = worker.state is State.READY
@@ -324,11 +364,13 @@ class Supervisor:
             # Nothing to reap or respawn here: the worker re-announces itself
             # (hello, ready) if it comes back, and then serves again.
             worker.state = State.STOPPED
+            worker.last_death = Death(cause, how, None, time.time())
         elif process is not None:
             # A silent worker cannot be asked (a stopped or GIL-bound process never
             # acts on SIGTERM) and its requests are settled already: kill it, as
             # gunicorn does. Reaping (in _reap) then refills the slot.
             process.kill()
+        self._dispatcher.give_up_waiting(f"worker {worker.slot} {how}")
 
     def _check_fatal(self) -> None:
         workers = self._pool.workers
@@ -351,7 +393,7 @@ class Supervisor:
         """Beat to every worker and retire the ones that went silent."""
         interval = self._settings.heartbeat_s
         allowed = interval * self._settings.heartbeat_liveness
-        while not self._stopping:
+        while True:  # until stop() cancels it: a worker can hang while the pool drains
             now = self._clock()
             for worker in self._pool.all_records():
                 if worker.state not in (State.STARTING, State.LOADING, State.READY):
@@ -362,7 +404,9 @@ class Supervisor:
                 # thread of the GIL for a while; booting workers get more slack.
                 limit = allowed if worker.state is State.READY else max(allowed, BOOT_SLACK_S)
                 if age is not None and age > limit:
-                    self.declare_lost(worker, f"sent no heartbeat for {age:.1f}s", "heartbeat")
+                    self.declare_lost(
+                        worker, f"sent no heartbeat for {age:.1f}s (hung); killed", "heartbeat"
+                    )
                 elif age is None and now - (worker.spawned_at or now) > HELLO_TIMEOUT_S:
                     self.declare_lost(
                         worker, f"did not say hello within {HELLO_TIMEOUT_S:.0f}s", "hello_timeout"
@@ -505,11 +549,18 @@ class Supervisor:
 
     # The acts succession asks for (gateway.succession.Acts).
 
-    def retire(self, worker: WorkerRecord, reason: str, drain: bool = True) -> None:
-        """Take ``worker`` out of service and stop it: after what it holds, with ``drain``."""
+    def retire(
+        self, worker: WorkerRecord, reason: str, drain: bool = True, cause: str = "recycle"
+    ) -> None:
+        """Take ``worker`` out of service and stop it: after what it holds, with ``drain``.
+
+        ``cause`` (recycle, reload, scale_down) and ``reason`` are what its end is
+        logged as, and shown as its slot's last_death.
+        """
         if worker in self._pool.extra:
             self._pool.extra.remove(worker)
         worker.role = Role.RETIRING
+        worker.verdict = Death(cause, reason)
         if not drain:
             worker.state = State.STOPPED
         process = worker.process
@@ -537,24 +588,32 @@ class Supervisor:
         except asyncio.TimeoutError:
             await process.stop(STOP_GRACE_S)
 
-    def _retired(self, worker: WorkerRecord, how: str) -> None:
+    def _retired(self, worker: WorkerRecord, death: Death) -> None:
         """A retiring worker exited (drained, or let go of)."""
         if worker in self._pool.extra:
             self._pool.extra.remove(worker)
         self._pool.forget(worker)
         worker.state = State.STOPPED
-        self._dispatcher.worker_lost(worker, how)  # normally holds nothing by now
+        log.info(
+            "worker %d (pid %s) stopped: %s (%s)",
+            worker.slot, worker.pid, death.reason, describe_exit(death.exit_code or 0),
+        )  # fmt: skip
+        slots = self._pool.workers
+        if worker.slot < len(slots) and slots[worker.slot] is not worker:
+            # Its successor serves the slot now: the slot's last death is this one.
+            slots[worker.slot].last_death = death
+        self._dispatcher.worker_lost(worker, death.reason)  # normally holds nothing by now
 
-    def _successor_died(self, worker: WorkerRecord, process: ProcessHandle, how: str) -> None:
+    def _successor_died(self, worker: WorkerRecord, process: ProcessHandle, death: Death) -> None:
         """A successor died before it took over: record why; reconcile lets it go."""
         self._pool.forget(worker)
-        self._dispatcher.worker_lost(worker, how)  # holds nothing: it never served
+        self._dispatcher.worker_lost(worker, death.reason)  # holds nothing: it never served
         if self._stopping:
             worker.state = State.STOPPED
             return
-        if worker.state is not State.RESTARTING:  # else declare_lost() counted it, and said why
-            self._count_death(death_cause(worker.exit_code))
-            worker.last_error = self._death_note(worker, process, how)
+        if worker.verdict is None:  # else declare_lost() counted it, and said why
+            self._count_death(death.cause)
+            worker.last_error = self._death_note(worker, process, death.reason)
         worker.state = State.STOPPED
         self._reconcile_soon()  # which decides what its death means, and logs it
 
@@ -584,12 +643,3 @@ class Supervisor:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-
-
-def death_cause(code: int | None) -> str:
-    """A worker's exit, as a metrics label: killed by a signal, failed to load, or exited."""
-    if code is not None and code < 0:
-        return "signal"
-    if code == protocol.EXIT_LOAD_FAILED:
-        return "load_failed"
-    return "exit"

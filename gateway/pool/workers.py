@@ -15,8 +15,10 @@ from typing import TYPE_CHECKING, Any
 
 from gateway.pool.placement import Placement
 from shared import protocol
+from shared.restarts import crash_looping
 
 if TYPE_CHECKING:
+    from gateway.pool.deaths import Death
     from gateway.pool.pending import Pending
     from gateway.pool.process import ProcessHandle
 
@@ -36,6 +38,10 @@ class State(str, enum.Enum):
     RESTARTING = "restarting"  # died or went silent; a replacement is on its way
     FAILED = "failed"  # cannot load its model; not restarted
     STOPPED = "stopped"  # stopped on purpose
+
+
+# A record in one of these states will be ready unless it dies first.
+_ON_THE_WAY = frozenset({State.STARTING, State.LOADING, State.RESTARTING})
 
 
 @dataclass
@@ -73,6 +79,7 @@ class WorkerRecord:
     spawned_at: float | None = None  # time.monotonic() of the last spawn
     # Wants a successor (recycling): the reconcile step starts one and hands over.
     recycling: bool = False
+    recycle_reason: str = ""  # the limit it passed, when ``recycling``
     # When a RESTARTING slot may be refilled (its backoff over); None: not waiting.
     respawn_at: float | None = None
     # Declared lost while it was READY: its death is not a boot failure.
@@ -80,6 +87,11 @@ class WorkerRecord:
     recycle_not_before: float = 0.0  # after a failed recycle, when to try again
     exit_code: int | None = None
     last_error: str | None = None
+    # Why the supervisor ended (or is ending) this process, decided before it is
+    # reaped: killed as hung, retired for a recycle... None: nobody planned its end.
+    verdict: Death | None = None
+    # How the slot's last process ended; kept after the replacement is ready.
+    last_death: Death | None = None
     inflight: dict[int, Pending] = field(default_factory=dict)
     # Forward passes by batch rows, as this process last reported (cumulative).
     batches_seen: dict[int, int] = field(default_factory=dict)
@@ -148,6 +160,7 @@ class WorkerRecord:
         self.state = State.STARTING
         self.last_seen = None
         self.lost_when_ready = False
+        self.verdict = None
         self.rss_bytes = self.cuda_allocated_bytes = self.cuda_reserved_bytes = None
         self.batches_seen = {}
         self.waits_seen = []
@@ -255,6 +268,27 @@ class Pool:
 
     def ready_workers(self) -> list[WorkerRecord]:
         return [w for w in self.serving() if w.ready]
+
+    def coming(self) -> list[WorkerRecord]:
+        """Serving records not ready yet but on their way, so a request may wait for them.
+
+        A worker booting (starting, loading) or dead with its replacement due,
+        unless it is in a crash loop (it died booting again and again): a
+        request would only wait for the next death. None while the pool drains.
+        """
+        if self.draining:
+            return []
+        return [
+            w
+            for w in self.serving()
+            if w.state in _ON_THE_WAY and not crash_looping(w.boot_failures)
+        ]
+
+    def crash_looping(self) -> list[WorkerRecord]:
+        """Serving records that keep dying before they are ready (and are restarted)."""
+        return [
+            w for w in self.serving() if w.state in _ON_THE_WAY and crash_looping(w.boot_failures)
+        ]
 
     def pick(self) -> WorkerRecord | None:
         """The ready worker with the least outstanding work that still has credit."""
