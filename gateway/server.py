@@ -49,18 +49,23 @@ class _Server(uvicorn.Server):
 
     def handle_exit(self, sig: int, frame: types.FrameType | None) -> None:
         # This runs in a signal handler: only flag, and hand work to the loop.
+        # The pool's state changes on the loop, never inside the handler, which may
+        # have interrupted the dispatcher half-way through a change of its own.
         runtime = self._runtime_of()
         if runtime is None or self._draining or self.should_exit:
             # A second signal: every open request is answered 503 and the server
             # stops without waiting out the drain. A third stops without even that.
+            # Neither restarts anything: the first one already stopped the pool.
             if runtime is not None:
-                runtime.begin_drain(hurry=True)
+                runtime.draining = True
+                runtime.loop.call_soon_threadsafe(runtime.begin_drain, True)
             self.force_exit = self._hurried
             self._hurried = True
             self.should_exit = True
             return
         self._draining = True
-        runtime.begin_drain()
+        runtime.draining = True  # readiness answers 503 from now on
+        runtime.loop.call_soon_threadsafe(runtime.begin_drain)
         runtime.loop.call_soon_threadsafe(self._drain_then_exit, runtime)
 
     def _drain_then_exit(self, runtime: Runtime) -> None:

@@ -56,7 +56,13 @@ def wait_for(
 class Server:
     """A `torchpool serve` running as a real child process of the test."""
 
-    def __init__(self, args: list[str], log_path: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        args: list[str],
+        log_path: Path,
+        env: dict[str, str] | None = None,
+        new_session: bool = False,
+    ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
@@ -69,6 +75,8 @@ class Server:
             env=full_env,
             stdout=self._log,
             stderr=subprocess.STDOUT,
+            # Its own process group, for tests that signal the group (a terminal's Ctrl-C).
+            start_new_session=new_session,
         )
         self.client = httpx.Client(base_url=self.url, timeout=30.0)
 
