@@ -24,6 +24,7 @@ chunks. When the client disconnects, the worker is told (CANCEL) at once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -42,7 +43,7 @@ from gateway.pool.workers import Pool
 if TYPE_CHECKING:
     from gateway.pool.model import ModelRuntime
 from shared import protocol
-from shared.errors import ClientClosed, ModelNotFound, TorchpoolError, Unauthorized
+from shared.errors import ClientClosed, ModelNotFound, TorchpoolError, Unauthorized, Unavailable
 
 EVENT_STREAM: Final = b"text/event-stream"
 _EMPTY: Final = 'empty body; send {"input_tensor": ...}'
@@ -82,10 +83,15 @@ def wants_stream(scope: Scope) -> bool:
 
 
 def model_streams(pool: Pool) -> bool:
-    """Whether the served model streams, as its ready workers said in READY."""
+    """Whether the served model streams, as its ready workers said in READY.
+
+    With none ready (all being replaced), the last word of any worker that was:
+    a stream request must wait for a streaming worker as a stream, not turn into
+    an ordinary request because its worker happens to be restarting.
+    """
+    known = pool.ready_workers() or [w for w in pool.serving() if w.signature is not None]
     return any(
-        worker.signature is not None and worker.signature.get("stream") is True
-        for worker in pool.ready_workers()
+        worker.signature is not None and worker.signature.get("stream") is True for worker in known
     )
 
 
@@ -109,7 +115,7 @@ async def write_stream(
     assert isinstance(pending, StreamPending)
     done = asyncio.ensure_future(dispatcher.result(pending))
     left = asyncio.ensure_future(_disconnected(receive))
-    started = False
+    started = ended = False
     loop = asyncio.get_running_loop()
     try:
         while True:
@@ -136,19 +142,36 @@ async def write_stream(
             if not started:
                 await framing.send_error(send, error)
                 return error.status
+            ended = True
             await _write(send, b"event: error\ndata: " + framing.error_json(error) + b"\n\n")
         else:
             if not started:
                 await send({"type": "http.response.start", "status": 200, "headers": _HEADERS})
+            ended = True
             if framing.end:
                 await _write(send, framing.end)
         await send({"type": "http.response.body", "body": b"", "more_body": False})
         return 200
     finally:
         left.cancel()
-        done.cancel()  # Dispatcher.result drops it from the queue if still there
+        # Out of the queue now, not when ``done`` gets to its cancellation: a worker
+        # freed meanwhile would take a stream nobody reads.
+        dispatcher.drop(pending)
+        done.cancel()
         # Still on a worker (the client left, or the deadline passed): stop it there.
         streams.cancel(runtime.pool, runtime.transport, dispatcher, pending)
+        if started and not ended and not left.done():
+            # Leaving by an exception (a bug, a cancelled task) after the 200: the
+            # client still reads, so it is told the stream is over, not left to
+            # guess from a closed connection.
+            await _end_in_error(send, framing)
+
+
+async def _end_in_error(send: Send, framing: Framing) -> None:
+    error = Unavailable("the stream was interrupted in the gateway")
+    with contextlib.suppress(Exception):
+        await _write(send, b"event: error\ndata: " + framing.error_json(error) + b"\n\n")
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
 async def _write(send: Send, data: bytes) -> None:

@@ -133,6 +133,12 @@ class Dispatcher:
     def is_queued(self, pending: Pending) -> bool:
         return pending.queued
 
+    def drop(self, pending: Pending) -> None:
+        """Take ``pending`` out of the queue now (its caller left), if it waits there."""
+        if pending.queued:
+            self._queue.remove(pending)
+            pending.queued = False
+
     async def result(self, pending: Pending) -> Reply:
         """Wait for ``pending`` until its deadline (504). Cancelling drops it if still queued."""
         try:
