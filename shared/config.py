@@ -350,9 +350,27 @@ class WorkerSettings(ModelSettings):
     curve_server_key: str | None = _opt(
         None, "The gateway's CurveZMQ public key file (server.key), for a CURVE gateway."
     )
+    max_batch_seconds: float | None = _opt(
+        None,
+        "Longest one forward pass (or one streamed output) may run before the worker "
+        "ends itself from inside (exit code 1, every thread's stack on stderr), even "
+        "when stuck in C code: a watchdog that needs no GIL. For a remote worker, which "
+        "no gateway can kill; give it the gateway's value. Default: no limit.",
+        float,
+    )
+    restart: bool = _opt(
+        False,
+        "Run the worker as a child process and start it again when it exits, with the "
+        "gateway's rules: at once after a worker that was ready, with exponential backoff "
+        "after one that died booting, and give up after 5 such deaths in a row (or at "
+        "once when the model cannot load and never has). SIGTERM/SIGINT stop both.",
+        parse_bool,
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.max_batch_seconds is not None and self.max_batch_seconds < 0:
+            raise ConfigError("--max-batch-seconds cannot be negative")
         if not self.connect:
             raise ConfigError("--connect is required: the gateway endpoint to join")
         if bool(self.curve_secret) != bool(self.curve_server_key):

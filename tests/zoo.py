@@ -6,6 +6,7 @@ Workers run with the repository root as their working directory, so
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -158,3 +159,11 @@ class CountHandler(ScaleHandler):
     """Declares int64 rows (token ids, say)."""
 
     input_dtype = "int64"
+
+
+class DiesBootingHandler(ScaleHandler):
+    """Its process exits with code 1 while it loads: a worker that crashes on boot
+    (not a load failure it could report), again and again."""
+
+    def load(self, device: torch.device) -> None:
+        os._exit(1)

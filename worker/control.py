@@ -18,6 +18,7 @@ forward pass that never returns, which keeps heartbeats flowing, from a long one
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import sys
 import threading
@@ -47,9 +48,12 @@ class WorkerState:
     a heartbeat needs.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, batch_limit_s: float | None = None) -> None:
         # time.monotonic() when the batch now running started; None while idle.
         self._busy_since: float | None = None
+        # Armed for each batch: past it, faulthandler's C thread (no GIL needed,
+        # so a pass stuck in C code cannot stop it) dumps every stack and exits.
+        self._batch_limit_s = batch_limit_s or None
         self.served = 0
         # Forward passes run, by rows in the batch; only the serving loop writes it.
         self.batches: dict[int, int] = {}
@@ -63,6 +67,11 @@ class WorkerState:
     @busy.setter
     def busy(self, value: bool) -> None:
         self._busy_since = time.monotonic() if value else None
+        if self._batch_limit_s is not None:
+            if value:
+                faulthandler.dump_traceback_later(self._batch_limit_s, exit=True)
+            else:
+                faulthandler.cancel_dump_traceback_later()
 
     def batch_s(self) -> float | None:
         """How long the batch now running has run (HEARTBEAT ``batch_s``); None while idle."""

@@ -42,6 +42,8 @@ if TYPE_CHECKING:
     from worker.model.loading import LoadedModel
 
 PROG: Final = "torchpool worker"
+# Set by ``--restart`` for its child: the pipe to write one byte to once ready.
+READY_FD_ENV: Final = "TORCHPOOL_WORKER_READY_FD"
 # linux/prctl.h
 _PR_SET_PDEATHSIG: Final = 1
 
@@ -53,6 +55,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return protocol.EXIT_BAD_CONFIG
+    if settings.restart:
+        from worker.restart import supervise
+
+        return supervise(sys.argv[1:] if argv is None else list(argv))
     try:
         secure = curve_client(settings)
     except (OSError, ValueError) as exc:
@@ -67,7 +73,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     signals = SignalWake()
     signals.install()
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-    state = WorkerState()
+    state = WorkerState(settings.max_batch_seconds)
     sampler = MemorySampler()
     control = ControlThread(
         ctx, settings.connect, uid, settings.heartbeat_s, state, sampler, parent, secure
@@ -185,7 +191,21 @@ def run(
             **sampler.sample(),
         }
     )
+    tell_supervisor_ready()
     return serve(settings, model, data, control, state, signals)
+
+
+def tell_supervisor_ready() -> None:
+    """Under ``torchpool worker --restart``: tell the supervising parent we are ready,
+    so that a later death is not counted as a boot failure."""
+    fd = os.environ.get(READY_FD_ENV)
+    if fd is None or not fd.isdigit():
+        return
+    try:
+        os.write(int(fd), b"r")
+        os.close(int(fd))
+    except OSError:
+        pass  # a parent that went away: nothing to tell
 
 
 def load(settings: WorkerSettings, pin: pinning.Pinning, sampler: MemorySampler) -> LoadedModel:
