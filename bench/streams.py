@@ -63,6 +63,21 @@ class Ticks:
         yield from range(int(x[0, 0]))
 
 
+class PacedTicks(Ticks):
+    """Yields 0, 1, ..., n-1 for the request row ``[n, interval_s]``, one every
+    ``interval_s``: streams long enough to be cut by a kill between two outputs
+    (the chaos soak, bench/chaos_soak.py)."""
+
+    input_shape = (2,)
+
+    def predict_stream(self, x: torch.Tensor) -> Iterator[int]:
+        count, interval_s = int(x[0, 0]), float(x[0, 1])
+        for i in range(count):
+            if interval_s:
+                time.sleep(interval_s)
+            yield i
+
+
 @dataclass
 class Sample:
     """One stream as a client saw it (seconds from sending the request)."""
