@@ -174,22 +174,22 @@ async def test_a_crash_loop_a_drain_or_a_full_queue_answer_503_at_once() -> None
     pool = Pool([Placement(0, "cpu", None, (0,))])
     worker = pool.workers[0]
     worker.state = State.RESTARTING
-    worker.boot_failures = 2  # died booting twice in a row
+    worker.crash_boots = 2  # died booting twice in a row
     worker.last_error = "worker 0 exited with code 1: ImportError: no module named x"
     dispatcher, _ = dispatcher_for(pool, queue_size=1)
     with pytest.raises(Unavailable, match=r"crash loop.*ImportError"):
         dispatcher.enqueue("json", b"{}")
 
-    worker.boot_failures = 1
+    worker.crash_boots = 1
     waiting = dispatcher.enqueue("json", b"{}")
     with pytest.raises(Unavailable, match="queue is full"):
         dispatcher.enqueue("json", b"{}")
-    worker.boot_failures = 2  # it died booting again
+    worker.crash_boots = 2  # it died booting again
     dispatcher.give_up_waiting("worker 0 exited with code 1")
     with pytest.raises(Unavailable, match="crash loop"):
         await dispatcher.result(waiting)
 
-    worker.boot_failures = 0
+    worker.crash_boots = 0
     pool.draining = True
     with pytest.raises(Unavailable, match="shutting down"):
         dispatcher.enqueue("json", b"{}")

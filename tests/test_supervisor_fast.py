@@ -9,6 +9,7 @@ test_chaos.py.
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -375,3 +376,27 @@ async def test_a_stopping_gateway_answers_the_requests_that_waited_for_a_booting
     assert pending.future.done()
     with pytest.raises(Unavailable, match="shutting down"):
         await gw.dispatcher.result(pending)
+
+
+@on_loop
+async def test_sigkills_from_outside_while_booting_are_no_crash_loop() -> None:
+    gw = gateway(1)
+    await gw.start()
+    worker = gw.pool.workers[0]
+    pending = gw.dispatcher.enqueue("json", b"{}")
+    for n in (1, 2):  # killed while it boots, twice: a chaos monkey, not the model
+        gw.spawner.of(worker).exit(-signal.SIGKILL)
+        delay = BACKOFF_BASE_S * 2 ** (n - 1)
+        # The heartbeat loop sleeps too (1 s): the backoff is one more sleep.
+        sleeps = 2 if delay == gw.settings.heartbeat_s else 1
+        await eventually(
+            lambda: gw.clock.sleeping.count(delay) >= sleeps,  # noqa: B023
+            "the backoff to start",
+        )
+        await gw.clock.advance(delay)
+        await gw.spawned(1 + n)
+    # Backed off as any boot death, but the request still waits for the worker.
+    assert worker.crash_boots == 0 and not pending.future.done()
+    gw.ready(worker)
+    gw.answer(worker, pending.id)
+    assert (await gw.dispatcher.result(pending)).body == b"{}"

@@ -160,7 +160,13 @@ class Dispatcher:
         pending.timer = None
         if not pending.future.done():
             text = self._deadline_text(pending)
-            pending.settle(DeadlineExceeded(f"no answer within the deadline of {text}"))
+            if pending.queued and not self._pool.ready_workers():
+                # It waited for a worker that was coming and did not come in time.
+                waited = self._not_ready_message()
+                message = f"no worker became ready within the deadline of {text}: {waited}"
+            else:
+                message = f"no answer within the deadline of {text}"
+            pending.settle(DeadlineExceeded(message))
 
     def _deadline_text(self, pending: Pending) -> str:
         return f"{pending.deadline - pending.enqueued:.3g}s"

@@ -230,6 +230,8 @@ class Supervisor:
         if worker.last_error is None or was_ready:
             worker.last_error = self._death_note(worker, process, death.reason)
         log.error("worker %d (pid %d) %s", worker.slot, process.pid, death.reason)
+        if not was_ready and death.cause != "killed_outside":
+            worker.crash_boots += 1
         self._replace(worker, code, was_ready)
         # A crash loop or a failed slot: requests waiting for this worker stop waiting.
         self._dispatcher.give_up_waiting(f"worker {worker.slot} {death.reason}")
@@ -469,7 +471,7 @@ class Supervisor:
         worker.input_shape = message.get("input_shape")
         worker.input_dtype = message.get("input_dtype")
         worker.signature = message.get("signature")
-        worker.boot_failures = 0
+        worker.boot_failures = worker.crash_boots = 0
         worker.last_error = None
         self._pool.ever_ready = True
         log.info("worker %d ready in %.2fs", worker.slot, worker.load_seconds or 0.0)

@@ -73,8 +73,12 @@ class WorkerRecord:
     signature: dict[str, Any] | None = None
     requests_served: int = 0
     restarts: int = 0
-    # Boots in a row that ended before the worker became ready.
+    # Boots in a row that ended before the worker became ready (the backoff's count).
     boot_failures: int = 0
+    # Of those, the ones the worker died of by itself: a SIGKILL from outside
+    # while it booted (a chaos monkey, an operator) says nothing of the model.
+    # From CRASH_LOOP_BOOTS of them the slot is in a crash loop: nobody waits for it.
+    crash_boots: int = 0
     last_seen: float | None = None  # time.monotonic() of the last control message
     spawned_at: float | None = None  # time.monotonic() of the last spawn
     # Wants a successor (recycling): the reconcile step starts one and hands over.
@@ -273,21 +277,20 @@ class Pool:
         """Serving records not ready yet but on their way, so a request may wait for them.
 
         A worker booting (starting, loading) or dead with its replacement due,
-        unless it is in a crash loop (it died booting again and again): a
-        request would only wait for the next death. None while the pool drains.
+        unless it is in a crash loop (it died by itself while booting, again and
+        again): a request would only wait for the next death. None while the
+        pool drains.
         """
         if self.draining:
             return []
         return [
-            w
-            for w in self.serving()
-            if w.state in _ON_THE_WAY and not crash_looping(w.boot_failures)
+            w for w in self.serving() if w.state in _ON_THE_WAY and not crash_looping(w.crash_boots)
         ]
 
     def crash_looping(self) -> list[WorkerRecord]:
         """Serving records that keep dying before they are ready (and are restarted)."""
         return [
-            w for w in self.serving() if w.state in _ON_THE_WAY and crash_looping(w.boot_failures)
+            w for w in self.serving() if w.state in _ON_THE_WAY and crash_looping(w.crash_boots)
         ]
 
     def pick(self) -> WorkerRecord | None:
