@@ -26,8 +26,8 @@ import orjson
 import pytest
 import tritonclient.grpc as tgrpc
 import tritonclient.http as thttp
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from grpc_health.v1 import health_pb2
+from grpc_reflection.v1alpha import reflection_pb2
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
@@ -120,10 +120,12 @@ def rest_infer(server: Server, model: str, body: dict[str, Any]) -> httpx.Respon
     return server.client.post(f"/v2/models/{model}/infer", json=body)
 
 
-def code_and_message(call: Any) -> tuple[grpc.StatusCode, str]:
+def code_and_message(call: Any) -> tuple[str, str]:
+    """The status (as tritonclient names it, e.g. ``StatusCode.NOT_FOUND``) and message
+    of the error ``call`` raises."""
     with pytest.raises(InferenceServerException) as caught:
         call()
-    return caught.value.status(), caught.value.message()
+    return str(caught.value.status()), str(caught.value.message())
 
 
 # --- inference ------------------------------------------------------------------
@@ -372,22 +374,38 @@ def test_cancelled_stream_closes_the_generator(
 # --- health, reflection, metrics, extensions ---------------------------------------
 
 
+def health_check(channel: grpc.Channel, service: str) -> Any:
+    """grpc_health_probe's call: grpc.health.v1.Health/Check, with its 5 s deadline."""
+    check = channel.unary_unary(
+        "/grpc.health.v1.Health/Check",
+        request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
+        response_deserializer=health_pb2.HealthCheckResponse.FromString,
+    )
+    return check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
+
+
 def test_health_and_reflection(server: Server) -> None:
+    serving = health_pb2.HealthCheckResponse.SERVING
     with grpc.insecure_channel(grpc_address(server)) as channel:
-        health = health_pb2_grpc.HealthStub(channel)
-        serving = health_pb2.HealthCheckResponse.SERVING
         for service in ("", "inference.GRPCInferenceService", "demo", "stream"):
-            check = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
-            assert check.status == serving, service
+            assert health_check(channel, service) == serving, service
         with pytest.raises(grpc.RpcError) as caught:
-            health.Check(health_pb2.HealthCheckRequest(service="nope"), timeout=5)
+            health_check(channel, "nope")
         assert caught.value.code() is grpc.StatusCode.NOT_FOUND
-        watch = health.Watch(health_pb2.HealthCheckRequest(service="demo"), timeout=5)
+        watch = channel.unary_stream(
+            "/grpc.health.v1.Health/Watch",
+            request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
+            response_deserializer=health_pb2.HealthCheckResponse.FromString,
+        )(health_pb2.HealthCheckRequest(service="demo"), timeout=5)
         assert next(iter(watch)).status == serving
         watch.cancel()
-        reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
+        reflection = channel.stream_stream(
+            "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+            request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+            response_deserializer=reflection_pb2.ServerReflectionResponse.FromString,
+        )
         ask = reflection_pb2.ServerReflectionRequest(list_services="")
-        answer = next(iter(reflection.ServerReflectionInfo(iter([ask]), timeout=5)))
+        answer = next(iter(reflection(iter([ask]), timeout=5)))
         names = {s.name for s in answer.list_services_response.service}
         assert {"inference.GRPCInferenceService", "grpc.health.v1.Health"} <= names
 

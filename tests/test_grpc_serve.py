@@ -17,12 +17,13 @@ import numpy as np
 import orjson
 import pytest
 import tritonclient.grpc as tgrpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 from tritonclient.utils import InferenceServerException
 
 from gateway.cli import EXIT_CONFIG, main
 from shared.config import ConfigError, ServeSettings, parse_settings
 from tests.conftest import Server, free_port, wait_for
+from tests.test_grpc import health_check
 
 # --- flags ---------------------------------------------------------------------------
 
@@ -92,12 +93,9 @@ def test_tls_and_the_drain_on_sigterm(tmp_path: Path, serve: Callable[..., Serve
             server.proc.send_signal(signal.SIGTERM)
             credentials = grpc.ssl_channel_credentials(cert.read_bytes())
             with grpc.secure_channel(address, credentials) as channel:
-                health = health_pb2_grpc.HealthStub(channel)
+                not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
                 wait_for(
-                    lambda: (
-                        health.Check(health_pb2.HealthCheckRequest(), timeout=5).status
-                        == health_pb2.HealthCheckResponse.NOT_SERVING
-                    ),
+                    lambda: health_check(channel, "") == not_serving,
                     10,
                     "health to say NOT_SERVING",
                 )
