@@ -464,6 +464,32 @@ def test_repository_load_and_unload_over_grpc_and_http(
         http.close()
 
 
+def test_rest_extensions_as_the_docs_show(server: Server) -> None:
+    """The curl lines of docs/grpc.md, on this module's server (its own admin token)."""
+    extensions = server.get("/v2").json()["extensions"]
+    assert extensions == [
+        "binary_tensor_data",
+        "model_configuration",
+        "statistics",
+        "model_repository",
+    ]
+    stats = server.get("/v2/models/demo/stats").json()["model_stats"]
+    assert [s["name"] for s in stats] == ["demo"] and stats[0]["inference_stats"]["success"][
+        "count"
+    ]
+    body = {"parameters": {"config": '{"workers": 1}'}}
+    load = "/v2/repository/models/extra/load"
+    assert server.client.post(load, json=body).status_code == 401
+    loaded = server.client.post(load, json=body, headers=ADMIN_AUTH)
+    assert loaded.status_code == 200 and loaded.json() == {}
+    assert server.get("/v2/models/extra/ready").status_code == 200
+    unload = "/v2/repository/models/extra/unload"
+    assert server.client.post(unload, headers=ADMIN_AUTH).status_code == 200
+    assert server.get("/v2/models/extra/ready").status_code == 404
+    missing = server.client.post(unload, headers=ADMIN_AUTH)
+    assert missing.status_code == 404 and "unknown model 'extra'" in missing.json()["error"]
+
+
 def test_worker_killed_under_grpc_load_every_call_answered(
     server: Server, client: tgrpc.InferenceServerClient
 ) -> None:
