@@ -175,12 +175,12 @@ def create_app(
         metrics.attach(runtime)
         await runtime.start()
         grpc_server = None
-        if config.server.grpc_port is not None:
-            from gateway.api.grpc.server import GrpcServer  # grpcio only when asked for
-
-            grpc_server = GrpcServer(runtime, metrics, app.version)
-            await grpc_server.start()
         try:
+            if config.server.grpc_port is not None:
+                from gateway.api.grpc.server import GrpcServer  # grpcio only when asked for
+
+                grpc_server = GrpcServer(runtime, metrics, app.version)
+                await grpc_server.start()
             yield
         finally:
             try:
