@@ -68,7 +68,7 @@ class Job:
     @cached_property
     def rows(self) -> int:
         # Read once: batching asks for it several times per request.
-        return int(pytree.leaves(self.inputs)[0].shape[0])
+        return int(pytree.tensors(self.inputs)[0].shape[0])
 
 
 # receive(timeout_s) -> the next decoded job, or None when none came in time.
@@ -156,7 +156,7 @@ Forward = Callable[[Any], Any]
 
 
 def rows_of(inputs: Any) -> int:
-    return int(pytree.leaves(inputs)[0].shape[0])
+    return int(pytree.tensors(inputs)[0].shape[0])
 
 
 def run_one(forward: Forward, inputs: Any, assembly: Assembly = PLAIN) -> Any:
