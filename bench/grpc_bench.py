@@ -293,6 +293,8 @@ def torchpool(work: Workload, grpc_port: int | None) -> Server:
         "--workers",
         "2",
         *work.serve_args,
+        "--model-name",
+        work.name,
         "--max-batch-size",
         "16",
         "--max-batch-delay-ms",
@@ -432,7 +434,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     }
                 )
         print(results["memory"][-3:], flush=True)
-    Path(args.out).write_text(json.dumps(results, indent=1))
+        Path(args.out).write_text(json.dumps(results, indent=1))  # what is done so far
     print(summary(results))
     return 0
 
