@@ -133,7 +133,7 @@ async def server_ready(request: Request) -> Response:
 
 # --- repository (Triton's model repository extension) --------------------------
 
-_REPOSITORY_STATES: Final = {
+REPOSITORY_STATES: Final = {
     ModelState.READY: "READY",
     ModelState.LOADING: "LOADING",
     ModelState.FAILED: "UNAVAILABLE",
@@ -146,7 +146,7 @@ async def repository_index(request: Request) -> Response:
     """Every served model with its version, state and, when it is not ready, why."""
     index = []
     for model in runtime_of(request).models.values():
-        entry = {"name": model.name, "version": VERSION, "state": _REPOSITORY_STATES[model.state]}
+        entry = {"name": model.name, "version": VERSION, "state": REPOSITORY_STATES[model.state]}
         if model.error is not None:
             entry["reason"] = model.error
         index.append(entry)

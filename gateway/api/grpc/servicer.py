@@ -49,12 +49,6 @@ from shared import protocol
 from shared.errors import RequestError, TorchpoolError, Unauthorized, Unavailable
 
 SERVICE: Final = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
-_REPOSITORY_STATES: Final = {
-    "ready": "READY",
-    "loading": "LOADING",
-    "failed": "UNAVAILABLE",
-    "unloading": "UNLOADING",
-}
 
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -117,6 +111,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             await context.abort(status, exc.message)
         except asyncio.CancelledError:
             code = "CANCELLED"
+            raise
+        except Exception:
+            code = "UNKNOWN"  # what grpc answers for an exception it did not expect
             raise
         finally:
             seconds = time.perf_counter() - started
@@ -339,7 +336,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         async def work(call: _Call) -> pb.RepositoryIndexResponse:
             response = pb.RepositoryIndexResponse()
             for model in self._runtime.models.values():
-                state = _REPOSITORY_STATES[model.state.value]
+                state = v2.REPOSITORY_STATES[model.state]
                 if request.ready and state != "READY":
                     continue
                 response.models.add(
