@@ -133,6 +133,11 @@ def rest_request(work: Workload, port: int, binary: bool) -> bytes:
     return ("\r\n".join(headers) + "\r\n\r\n").encode() + body
 
 
+def passthrough(channel: grpc.aio.Channel) -> grpc.aio.UnaryUnaryMultiCallable[bytes, bytes]:
+    """ModelInfer taking and giving serialized messages (``bytes(b)`` is ``b`` itself)."""
+    return channel.unary_unary(METHOD, request_serializer=bytes, response_deserializer=bytes)
+
+
 async def rest_call(
     reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: bytes
 ) -> bytes:
@@ -212,7 +217,7 @@ async def run_arm(
 
         async def grpc_factory() -> Callable[[], Awaitable[Any]]:
             channel = channels[next(counter) % len(channels)]
-            method = channel.unary_unary(METHOD)
+            method = passthrough(channel)
             return lambda: method(payload)
 
         factory: Callable[[], Awaitable[Callable[[], Awaitable[Any]]]] = grpc_factory
@@ -268,7 +273,7 @@ def check_same_answers(work: Workload, port: int, grpc_port: int) -> None:
         got["rest-binary"] = np.frombuffer(body[len(body) - size :], dtype=np.float32)
         writer.close()
         async with grpc.aio.insecure_channel(f"{HOST}:{grpc_port}") as channel:
-            raw = await channel.unary_unary(METHOD)(grpc_request(work))
+            raw = await passthrough(channel)(grpc_request(work))
         response = service_pb2.ModelInferResponse.FromString(raw)
         got["grpc"] = np.frombuffer(response.raw_output_contents[0], dtype=np.float32)
         return got
