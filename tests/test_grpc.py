@@ -246,6 +246,11 @@ def test_error_codes_carry_the_rest_messages(
         and message == rest_infer(server, "demo", body).json()["error"]
     )
 
+    two = [fp32_input(data, "a"), fp32_input(data, "b")]
+    status, message = code_and_message(lambda: client.infer("demo", two, headers=AUTH))
+    assert status == "StatusCode.INVALID_ARGUMENT"
+    assert message == "the model takes one input tensor; the request has 2: a, b"
+
     status, message = code_and_message(lambda: client.infer("demo", [fp32_input(data)]))
     assert status == "StatusCode.UNAUTHENTICATED"
     assert (
