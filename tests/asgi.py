@@ -69,7 +69,8 @@ def error_reply(sent: Sent, code: str, message: str, **details: Any) -> Message:
 
 def chunk(sent: Sent, seq: int, event: Any) -> Message:
     """One CHUNK of a stream: the JSON of one Server-Sent Event's data line."""
-    return Message({"t": protocol.CHUNK, "id": sent.header["id"], "seq": seq}, [orjson.dumps(event)])
+    header = {"t": protocol.CHUNK, "id": sent.header["id"], "seq": seq}
+    return Message(header, [orjson.dumps(event)])
 
 
 def end(sent: Sent) -> Message:
@@ -157,9 +158,7 @@ class Served:
 
 
 @contextlib.asynccontextmanager
-async def serving(
-    config: modelconfig.Config | None = None, **flags: Any
-) -> AsyncIterator[Served]:
+async def serving(config: modelconfig.Config | None = None, **flags: Any) -> AsyncIterator[Served]:
     """The app of ``torchpool serve`` with these flags (or ``config``), over fakes.
 
     Its workers are spawned but not ready: call ``Served.ready()``.

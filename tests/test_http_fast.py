@@ -16,6 +16,7 @@ from typing import Any
 import msgpack
 import orjson
 import pytest
+from starlette.types import Message as AsgiMessage
 
 from gateway.api.predict import PREDICT_PATH
 from gateway.pool import streams
@@ -248,7 +249,8 @@ async def test_an_api_key_guards_predict_with_a_bearer_challenge_but_not_the_pro
             assert answer.headers["www-authenticate"] == 'Bearer realm="torchpool"'
             assert answer.json()["code"] == "unauthorized"
         streamed = {"authorization": "Bearer nope", "accept": "text/event-stream"}
-        assert (await served.client.post("/predict", json=BODY, headers=streamed)).status_code == 401
+        answer = await served.client.post("/predict", json=BODY, headers=streamed)
+        assert answer.status_code == 401
         assert (await served.client.post("/v2/models/demo/infer", json={})).status_code == 401
         assert served.requests() == []
         for key in ("first", "second"):
@@ -270,9 +272,9 @@ async def test_a_client_that_leaves_while_queued_is_dropped_from_the_queue() -> 
 
         messages: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         messages.put_nowait({"type": "http.request", "body": orjson.dumps(BODY)})
-        sent: list[dict[str, Any]] = []
+        sent: list[AsgiMessage] = []
 
-        async def send(message: dict[str, Any]) -> None:
+        async def send(message: AsgiMessage) -> None:
             sent.append(message)
 
         scope = {

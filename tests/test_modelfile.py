@@ -81,6 +81,7 @@ MODELS: dict[str, tuple[Callable[[Path], None], str]] = {
 
 
 @pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.fast
 def test_each_kind_is_recognised(tmp_path: Path, name: str) -> None:
     write, kind = MODELS[name]
     path = tmp_path / "model.pt"
@@ -95,6 +96,7 @@ def test_each_kind_is_recognised(tmp_path: Path, name: str) -> None:
         assert found.code == ()
 
 
+@pytest.mark.fast
 def test_sniffing_runs_nothing_the_pickle_names(tmp_path: Path) -> None:
     marker = tmp_path / "ran"
     path = tmp_path / "evil.pt"
@@ -133,6 +135,7 @@ NOT_MODELS: dict[str, tuple[Callable[[Path], Any], str]] = {
 
 
 @pytest.mark.parametrize("name", list(NOT_MODELS))
+@pytest.mark.fast
 def test_what_is_no_model_says_so(tmp_path: Path, name: str) -> None:
     make, needle = NOT_MODELS[name]
     path = tmp_path / "model.pt"
@@ -155,6 +158,7 @@ def test_what_is_no_model_says_so(tmp_path: Path, name: str) -> None:
         ("module", {}, "--trust-pickle"),
     ],
 )
+@pytest.mark.fast
 def test_check_refuses_what_the_flags_cannot_load(
     tmp_path: Path, name: str, flags: dict[str, bool], needle: str
 ) -> None:
@@ -168,6 +172,7 @@ def test_check_refuses_what_the_flags_cannot_load(
     ("name", "model_class", "trust_pickle"),
     [("torchscript", False, False), ("state_dict", True, False), ("module", False, True)],
 )
+@pytest.mark.fast
 def test_check_passes_what_the_flags_can_load(
     tmp_path: Path, name: str, model_class: bool, trust_pickle: bool
 ) -> None:
