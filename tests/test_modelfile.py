@@ -11,7 +11,6 @@ import os
 import pickle
 import subprocess
 import sys
-import time
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -187,7 +186,6 @@ def test_serve_refuses_no_model_before_spawning(tmp_path: Path, name: str) -> No
     make, needle = NOT_MODELS[name]
     path = tmp_path / "model.pt"
     make(path)
-    started = time.monotonic()
     result = subprocess.run(
         [sys.executable, "-m", "gateway", "--port", "0", "--workers", "2", "--model", str(path)],
         cwd=ROOT,
@@ -201,4 +199,3 @@ def test_serve_refuses_no_model_before_spawning(tmp_path: Path, name: str) -> No
     assert lines[0].startswith("torchpool: error: cannot serve: ") and needle in lines[0]
     # The runtime never started: no endpoint for workers, so none was spawned.
     assert "workers connect to" not in result.stderr
-    assert time.monotonic() - started < 60
