@@ -156,7 +156,7 @@ def test_recycling_swaps_workers_without_dropping_a_request(
 
 def test_deadline_gives_504(serve: Callable[..., Server]) -> None:
     server = serve(
-        "--handler", "tests.zoo:SlowHandler", "--model-kwargs", '{"sleep_s": 10.0}',
+        "--handler", "tests.zoo:SlowHandler", "--model-kwargs", '{"sleep_s": 6.0}',
         "--workers", "1", "--timeout-s", "1",
         # Deadlines only: the batch limit (default --timeout-s) would kill the
         # sleeping worker and answer the second request 503 instead.
@@ -165,9 +165,10 @@ def test_deadline_gives_504(serve: Callable[..., Server]) -> None:
     response = server.predict({"input_tensor": [ROW]})
     assert response.status_code == 504
     assert response.json()["code"] == "deadline_exceeded"
-    # Answered at the deadline (1 s), not when the forward pass ends (10 s): the
-    # worker still holds the request and has served nothing. The 9 s between the
-    # two is the margin, wide for a slow machine; no clock is read here.
+    # Answered at the deadline (1 s), not when the forward pass ends (6 s): the
+    # worker still holds the request and has served nothing. The 5 s between the
+    # two is the margin (the /health call below takes milliseconds); no clock is
+    # read here.
     [held] = server.health()["workers"]
     assert (held["inflight"], held["requests_served"]) == (1, 0), held
     shorter = server.client.post(
@@ -206,9 +207,9 @@ def test_full_queue_is_503_with_retry_after(serve: Callable[..., Server]) -> Non
 
 @pytest.mark.parametrize("second_signal", [False, True])
 def test_sigterm_drains_in_flight_work(serve: Callable[..., Server], second_signal: bool) -> None:
-    # With a second signal, the request must still be running when it comes: 15 s
+    # With a second signal, the request must still be running when it comes: 10 s
     # is a wide margin over readiness flipping; without, the drain waits out 2 s.
-    sleep_s = 15.0 if second_signal else 2.0
+    sleep_s = 10.0 if second_signal else 2.0
     server = serve(
         "--handler", "tests.zoo:SlowHandler", "--model-kwargs", f'{{"sleep_s": {sleep_s}}}',
         "--workers", "1", "--drain-timeout-s", "20",
@@ -233,14 +234,14 @@ def test_sigterm_drains_in_flight_work(serve: Callable[..., Server], second_sign
     )
     if second_signal:
         server.proc.send_signal(signal.SIGTERM)
-    # 60 s: a wide margin over the longest stop (the 2 s drained, or the stop
-    # grace of a worker still sleeping), not a speed asserted.
+    # 60 s: a wide margin over the longest stop (the 2 s drained, or the 10 s
+    # forward pass of a worker asked to stop), not a speed asserted.
     code = server.proc.wait(60)
     thread.join(60)
     assert code == 0, server.log()
     if second_signal:
         # The second signal answers what was still in flight, and stops at once:
-        # a 503 while the forward pass (15 s) and the drain (20 s) had time to
+        # a 503 while the forward pass (10 s) and the drain (20 s) had time to
         # run, so the gateway did not wait for either; no clock is read here.
         assert isinstance(results[0], httpx.Response), results
         assert results[0].status_code == 503
