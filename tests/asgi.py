@@ -14,7 +14,7 @@ worker messages) over the fakes of tests/fakes.py, and a fake worker side:
 - a STOP makes the process exit 0, so the lifespan's shutdown never waits out
   a grace period.
 
-The same routes with real workers are in test_errors.py, test_v2.py,
+The same routes with real workers are in test_hostile_input.py, test_faults.py, test_v2.py,
 test_streaming.py, test_admin_auth.py and test_multimodel.py.
 """
 

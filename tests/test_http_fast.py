@@ -4,7 +4,8 @@ What the gateway itself decides: the wire format a body goes out in, the
 status and JSON body of each error (503 with Retry-After, 504, 413, 401 with
 its challenge, 405, 404), worker error codes turned into statuses, and a
 client that leaves while its request waits. Real workers answer the same
-routes in test_errors.py, test_streaming.py and test_admin_auth.py.
+routes in test_hostile_input.py, test_faults.py, test_streaming.py and
+test_admin_auth.py.
 """
 
 from __future__ import annotations
