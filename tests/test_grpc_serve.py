@@ -1,5 +1,7 @@
 """The gRPC server's settings and lifecycle: flags, TLS, the drain on SIGTERM, and the
-streaming GPT-2 example through tritonclient's start_stream/async_stream_infer."""
+streaming GPT-2 example through tritonclient's start_stream/async_stream_infer.
+
+The flag checks are the fast tier (in-process); the rest starts real servers."""
 
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ from tests.test_grpc import health_check
 # --- flags ---------------------------------------------------------------------------
 
 
+@pytest.mark.fast
 def test_grpc_flags_from_the_command_line_and_the_environment(tmp_path: Path) -> None:
     assert parse_settings(ServeSettings, []).grpc_port is None  # off by default
     assert parse_settings(ServeSettings, ["--grpc-port", "8001"]).grpc_port == 8001
@@ -44,6 +47,7 @@ def test_grpc_flags_from_the_command_line_and_the_environment(tmp_path: Path) ->
         parse_settings(ServeSettings, ["--grpc-port", "70000"])
 
 
+@pytest.mark.fast
 def test_a_taken_grpc_port_is_a_one_line_error(capsys: pytest.CaptureFixture[str]) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
