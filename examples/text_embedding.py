@@ -33,8 +33,9 @@ import torch
 import torch.nn.functional as F
 
 
-def _sentences(payload: Any, content_type: str) -> list[str]:
-    """The request's sentences: a text body, a JSON string or a JSON list of strings."""
+def sentences(payload: Any, content_type: str) -> list[str]:
+    """The request's sentences: a text body, a JSON string or a JSON list of strings, or
+    the UTF-8 elements of a BYTES tensor."""
     if isinstance(payload, bytes):
         try:
             text = payload.decode("utf-8")
@@ -43,12 +44,12 @@ def _sentences(payload: Any, content_type: str) -> list[str]:
         return [text]
     if isinstance(payload, str):
         return [payload]
-    if (
-        isinstance(payload, list)
-        and payload
-        and all(isinstance(sentence, str) for sentence in payload)
-    ):
-        return list(payload)
+    if isinstance(payload, list) and payload:
+        if all(isinstance(sentence, bytes) for sentence in payload):
+            # A BYTES tensor in binary form (tritonclient's default, over HTTP and gRPC).
+            return [sentences(sentence, content_type)[0] for sentence in payload]
+        if all(isinstance(sentence, str) for sentence in payload):
+            return list(payload)
     raise ValueError(
         "send a sentence as a text/plain body, or JSON "
         '{"input_tensor": "a sentence"} or {"input_tensor": ["one", "or more"]}'
@@ -84,7 +85,7 @@ class TextEmbedder:
     def preprocess(self, payload: Any, content_type: str) -> dict[str, torch.Tensor]:
         """Token ids of this request's sentences, padded only to its own longest one."""
         encoded = self.tokenizer(
-            _sentences(payload, content_type),
+            sentences(payload, content_type),
             padding=True,
             truncation=True,
             max_length=self.max_length,

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from bench.chaos_report import ChaosSoak, GatewaySample, Tally, markdown
 from bench.chaos_soak import run
 from bench.common import MB
@@ -23,6 +25,7 @@ def result(tally: Tally, rss_growth_mb: float = 0.0, exit_code: int = 0) -> Chao
     return ChaosSoak(2, 30, "now", "here", "cmd", tally, samples, exit_code, 1.0)
 
 
+@pytest.mark.fast
 def test_a_clean_run_passes_and_each_broken_target_fails_it() -> None:
     clean = Tally()
     clean.note("predict", "200")

@@ -21,6 +21,8 @@ from shared import protocol
 from tests.fakes import eventually, on_loop
 from tests.test_supervisor_fast import Gateway, gateway
 
+pytestmark = pytest.mark.fast
+
 
 async def died(gw: Gateway, worker: WorkerRecord, restarts: int = 1) -> None:
     """Until the slot's replacement has been spawned, and is ready."""

@@ -8,6 +8,8 @@ import asyncio
 from dataclasses import dataclass
 from typing import Any
 
+import pytest
+
 from gateway.api import sse
 from gateway.pool import streams
 from gateway.pool.dispatch import Dispatcher
@@ -15,6 +17,8 @@ from gateway.pool.placement import Placement
 from gateway.pool.workers import Pool, State
 from shared import protocol
 from tests.fakes import FakeTransport, eventually, on_loop
+
+pytestmark = pytest.mark.fast
 
 
 @dataclass

@@ -29,6 +29,8 @@ from shared.errors import Unavailable
 from shared.restarts import BACKOFF_BASE_S, BACKOFF_MAX_S, MAX_BOOT_FAILURES
 from tests.fakes import FakeClock, FakeSpawner, FakeTransport, eventually, on_loop
 
+pytestmark = pytest.mark.fast
+
 
 @dataclass
 class Gateway:

@@ -21,7 +21,7 @@ from starlette.exceptions import HTTPException
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from gateway.api import admin, v2
+from gateway.api import admin, triton, v2
 from gateway.api.auth import ApiKeyMiddleware, parse_tokens
 from gateway.api.health import health_json
 from gateway.api.http import (
@@ -160,8 +160,14 @@ class TorchpoolApp(FastAPI):
         return self.openapi_schema
 
 
+# Builds the app's Runtime: the real one, or one over fakes for the fast tests.
+RuntimeFactory = Callable[[modelconfig.Config, Callable[[str], None]], Runtime]
+
+
 def create_app(
-    settings: ServeSettings | modelconfig.Config, on_fatal: Callable[[str], None] | None = None
+    settings: ServeSettings | modelconfig.Config,
+    on_fatal: Callable[[str], None] | None = None,
+    make_runtime: RuntimeFactory = Runtime,
 ) -> TorchpoolApp:
     """The app; its lifespan starts the models' worker pools and stops them on shutdown."""
     config = settings if isinstance(settings, modelconfig.Config) else None
@@ -170,14 +176,24 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        runtime = Runtime(config, on_fatal or (lambda reason: None))
+        runtime = make_runtime(config, on_fatal or (lambda reason: None))
         app.state.runtime = runtime
         metrics.attach(runtime)
         await runtime.start()
+        grpc_server = None
         try:
+            if config.server.grpc_port is not None:
+                from gateway.api.grpc.server import GrpcServer  # grpcio only when asked for
+
+                grpc_server = GrpcServer(runtime, metrics, app.version)
+                await grpc_server.start()
             yield
         finally:
-            await runtime.stop()
+            try:
+                if grpc_server is not None:
+                    await grpc_server.stop()
+            finally:
+                await runtime.stop()
 
     app = TorchpoolApp(
         title="torchpool",
@@ -226,8 +242,11 @@ def create_app(
             document["reason"] = reason
         return json_response(document, 200 if reason is None else 503)
 
+    app.state.metrics = metrics
+    app.state.extensions = triton.extensions(config.server.admin_token)
     install_metrics(app, metrics)
     install_status_page(app, metrics)
+    triton.install(app, config.server.admin_token)  # before v2: /v2/models/stats is no model
     v2.install(app)
     from gateway.api import generate
 
