@@ -147,3 +147,15 @@ async def test_a_scale_down_is_logged_as_such_and_is_no_death(
     await eventually(lambda: gone.last_death is not None, "the scaled-down worker's end")
     assert gone.last_death is not None and gone.last_death.cause == "scale_down"
     assert gw.deaths == [] and "stopped: scaled down" in caplog.text
+
+
+@on_loop
+async def test_a_dead_worker_found_unreachable_before_it_is_reaped_dies_of_what_killed_it(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    gw = gateway(1)
+    (worker,) = await gw.serving()
+    gw.spawner.of(worker).exit(-signal.SIGKILL)  # killed; not reaped yet
+    gw.supervisor.declare_lost(worker, "became unreachable", "unreachable")
+    await died(gw, worker)
+    agree(gw, worker, "killed_outside", OUTSIDE_SIGKILL, caplog.text)

@@ -116,7 +116,7 @@ class WorkerProcess:
         self._signal(signal.SIGTERM)
 
     def kill(self) -> None:
-        if self.is_alive():
+        if self.exit_status() is None:  # a zombie's SIGKILL would not be ours
             self.killed_by_us = True
         self._signal(signal.SIGKILL)
 

@@ -353,6 +353,13 @@ class Supervisor:
         """
         if worker.state in (State.RESTARTING, State.FAILED, State.STOPPED):
             return
+        process = worker.process
+        if process is not None and process.exit_status() is not None:
+            # Already dead (unreachable because it died), only not reaped yet: its
+            # reaping, a moment away, says how it died.
+            worker.lost_when_ready = worker.state is State.READY
+            worker.state = State.RESTARTING
+            return
         self._count_death(cause)
         worker.verdict = Death(cause, how)
         log.error("worker %d %s; replacing it", worker.slot, how)
@@ -361,7 +368,6 @@ class Supervisor:
         worker.state = State.RESTARTING
         worker.last_error = f"worker {worker.slot} {how}"
         self._dispatcher.worker_lost(worker, how, retry)
-        process = worker.process
         if worker.remote:
             # Nothing to reap or respawn here: the worker re-announces itself
             # (hello, ready) if it comes back, and then serves again.
