@@ -34,7 +34,9 @@ from shared.errors import ModelLoadError
 from shared.fingerprint import fingerprint as settings_fingerprint
 from shared.heap import freeze_startup_heap
 from worker import pinning
+from worker.board import Board, board_path
 from worker.control import LINGER_MS, ControlThread, WorkerState
+from worker.lending import Lending, TorchThreads
 from worker.signals import SignalWake
 from worker.stats import MemorySampler
 
@@ -58,7 +60,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (OSError, ValueError) as exc:
         print(f"{PROG}: error: cannot read CURVE keys: {exc}", file=sys.stderr)
         return protocol.EXIT_BAD_CONFIG
-    pin = pinning.apply(settings.cores, settings.device, settings.gpu)
+    elastic = settings.elastic_cores and board_path(settings.connect) is not None
+    pin = pinning.apply(settings.cores, settings.device, settings.gpu, elastic)
     parent = os.getppid() if settings.slot >= 0 else None
     if parent is not None and not die_with_parent(parent):
         print(f"{PROG}: the parent process exited before the worker started", file=sys.stderr)
@@ -185,7 +188,7 @@ def run(
             **sampler.sample(),
         }
     )
-    return serve(settings, model, data, control, state, signals)
+    return serve(settings, pin, model, data, control, state, signals)
 
 
 def load(settings: WorkerSettings, pin: pinning.Pinning, sampler: MemorySampler) -> LoadedModel:
@@ -212,6 +215,7 @@ def load(settings: WorkerSettings, pin: pinning.Pinning, sampler: MemorySampler)
 
 def serve(
     settings: WorkerSettings,
+    pin: pinning.Pinning,
     model: LoadedModel,
     data: zmq.Socket[bytes],
     control: ControlThread,
@@ -220,6 +224,7 @@ def serve(
 ) -> int:
     from worker.serve.loop import Server
 
+    lending, board = elastic_cores(settings, pin, model)
     server = Server(
         data,
         model,
@@ -227,9 +232,39 @@ def serve(
         max_batch_size=settings.max_batch_size,
         max_batch_delay_ms=settings.max_batch_delay_ms,
         max_body_bytes=settings.max_body_bytes,
+        threads=pin.threads,
+        lending=lending,
     )
-    stop = server.serve(control, signals)
-    if stop.drain:
-        server.drain()
+    try:
+        stop = server.serve(control, signals)
+        if stop.drain:
+            server.drain()
+    finally:
+        if board is not None:
+            board.disown(pin.cores)
+            board.close()
     control.send({"t": protocol.BYE, "reason": stop.reason})
     return stop.status
+
+
+def elastic_cores(
+    settings: WorkerSettings, pin: pinning.Pinning, model: LoadedModel
+) -> tuple[Lending | None, Board | None]:
+    """Lending for a local CPU worker with --elastic-cores; (None, None) otherwise.
+
+    Remote workers, GPU workers and streaming models keep their own cores.
+    A board that cannot be opened (a read-only runtime directory) turns
+    lending off with a line on stderr: the worker serves as before.
+    """
+    path = board_path(settings.connect)
+    if not settings.elastic_cores or path is None or model.device.type != "cpu":
+        return None, None
+    if model.stream is not None or len(pin.host) <= len(pin.cores):
+        return None, None
+    try:
+        board = Board(path)
+    except OSError as exc:
+        print(f"{PROG}: elastic cores off: cannot open {path}: {exc}", file=sys.stderr)
+        return None, None
+    board.own(pin.cores)
+    return Lending(board, pin.cores, pin.host, TorchThreads()), board
