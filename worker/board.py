@@ -28,6 +28,7 @@ from __future__ import annotations
 import mmap
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Final
 
@@ -59,8 +60,11 @@ def now_ns() -> int:
 class Board:
     """One worker's view of the board file at ``path`` (created on first use)."""
 
-    def __init__(self, path: Path, pid: int | None = None) -> None:
+    def __init__(
+        self, path: Path, pid: int | None = None, clock: Callable[[], int] = now_ns
+    ) -> None:
         self.pid = os.getpid() if pid is None else pid
+        self._clock = clock
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             # Workers race to create it; growing to SIZE is idempotent and
@@ -80,7 +84,7 @@ class Board:
 
     def own(self, cores: tuple[int, ...]) -> None:
         """Take ``cores`` as this worker's, idle from now."""
-        idle = now_ns()
+        idle = self._clock()
         for core in _on_board(cores):
             self._words[core * _WORDS + _IDLE_SINCE] = idle
             self._words[core * _WORDS + _OWNER] = self.pid
@@ -93,7 +97,7 @@ class Board:
 
     def set_busy(self, cores: tuple[int, ...], busy: bool, pass_ns: int = 0) -> None:
         """Mark ``cores`` busy, or idle from now after a pass of ``pass_ns``."""
-        value = 0 if busy else now_ns()
+        value = 0 if busy else self._clock()
         for core in _on_board(cores):
             if not busy:
                 self._words[core * _WORDS + _LAST_PASS] = pass_ns
