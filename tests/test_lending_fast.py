@@ -113,6 +113,23 @@ def test_a_dead_borrowers_claim_is_free(tmp_path: Path) -> None:
     assert host.lendings[1].start(None) == 3 and host.threads[1].cores == (1, 0, 2)
 
 
+def test_a_core_that_cannot_be_used_is_given_back(tmp_path: Path) -> None:
+    host = Host(tmp_path / "b", 2)
+    host.idle_for(HOLD_OFF_NS)
+
+    class Refusing(FakeThreads):
+        def apply(self, threads: int, cores: tuple[int, ...]) -> None:
+            if threads > 1:
+                raise OSError(22, "Invalid argument")
+            super().apply(threads, cores)
+
+    board = Board(tmp_path / "b", pid=1000, clock=host.clock)
+    refused = Lending(board, (0,), (0, 1), Refusing((0,)), clock=host.clock)
+    assert refused.start(None) == 1 and refused.borrowed == ()
+    assert host.lendings[1].start(None) == 1  # core 0 is busy now; core 1 was released
+    assert board.borrower(1) == 0
+
+
 def test_threads_never_exceed_the_cores_but_for_owners_that_came_back(tmp_path: Path) -> None:
     """Random starts and ends on 4 one-core workers: at every moment the threads
     in use are at most the cores plus one per lent core whose owner started a

@@ -148,9 +148,17 @@ class Lending:
                 claimed.append(core)
         if not claimed:
             return len(self.own)
-        self.borrowed = tuple(claimed)
         threads = len(self.own) + len(claimed)
-        self._threads.apply(threads, self.own + self.borrowed)
+        try:
+            self._threads.apply(threads, self.own + tuple(claimed))
+        except OSError:
+            # A core that cannot be used after all (taken offline, outside a
+            # new cpuset): this pass runs on the worker's own cores.
+            self._threads.apply(len(self.own), self.own)
+            for core in claimed:
+                self._board.release(core)
+            return len(self.own)
+        self.borrowed = tuple(claimed)
         return threads
 
     def end(self) -> None:
