@@ -11,6 +11,8 @@ from worker.board import Board
 from worker.lending import HOLD_OFF_NS, MIN_FORWARD_S, Lending
 from worker.serve.sizing import REVISIT, BatchSizer
 
+pytestmark = pytest.mark.fast
+
 MS = 1_000_000
 
 
