@@ -83,10 +83,12 @@ class Board:
     # --- the owner's words ----------------------------------------------------
 
     def own(self, cores: tuple[int, ...]) -> None:
-        """Take ``cores`` as this worker's, idle from now."""
-        idle = self._clock()
+        """Take ``cores`` as this worker's: idle, with no work on its way yet."""
         for core in _on_board(cores):
-            self._words[core * _WORDS + _IDLE_SINCE] = idle
+            # Idle "since boot" (1 ns): a worker that has not served cannot be
+            # between two requests of a load, so its cores may be lent at once.
+            self._words[core * _WORDS + _IDLE_SINCE] = 1
+            self._words[core * _WORDS + _LAST_PASS] = 0
             self._words[core * _WORDS + _OWNER] = self.pid
 
     def disown(self, cores: tuple[int, ...]) -> None:

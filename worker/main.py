@@ -170,6 +170,9 @@ def run(
     if (reason := signals.stop_reason) is not None:
         control.send({"t": protocol.BYE, "reason": reason})
         return 0
+    # On the board before READY: a request the gateway sends once this worker is
+    # ready may already borrow its cores, or find them busy.
+    elastic = elastic_cores(settings, pin, model)
     control.send(
         {
             "t": protocol.READY,
@@ -188,7 +191,7 @@ def run(
             **sampler.sample(),
         }
     )
-    return serve(settings, pin, model, data, control, state, signals)
+    return serve(settings, pin, model, data, control, state, signals, elastic)
 
 
 def load(settings: WorkerSettings, pin: pinning.Pinning, sampler: MemorySampler) -> LoadedModel:
@@ -221,10 +224,11 @@ def serve(
     control: ControlThread,
     state: WorkerState,
     signals: SignalWake,
+    elastic: tuple[Lending | None, Board | None] = (None, None),
 ) -> int:
     from worker.serve.loop import Server
 
-    lending, board = elastic_cores(settings, pin, model)
+    lending, board = elastic
     server = Server(
         data,
         model,
