@@ -1,4 +1,5 @@
-"""The lending and batch-size policies, in-process: a real board file, fake threads and clock."""
+"""The lending and batch-size policies, in-process: a real board file, fake threads and clock;
+and the --elastic-cores setting."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from shared import modelconfig
+from shared.config import ModelSettings, ServeSettings, WorkerSettings, parse_settings, worker_argv
 from worker.board import Board
 from worker.lending import HOLD_OFF_NS, MIN_FORWARD_S, Lending
 from worker.serve.sizing import REVISIT, BatchSizer
@@ -223,3 +226,29 @@ def test_empty_passes_are_ignored(rows: int) -> None:
     sizer.observe(1, rows, 0.01)
     sizer.observe(1, 1, 0.0)
     assert sizer.limit(1) == 1
+
+
+# --- the setting ------------------------------------------------------------------------------
+
+
+def test_elastic_cores_is_on_by_default_and_turned_off_by_flag_env_or_config(
+    tmp_path: Path,
+) -> None:
+    connect = ["--connect", "ipc:///tmp/x.sock"]
+    assert parse_settings(ServeSettings, [], environ={}).elastic_cores is True
+    assert parse_settings(ServeSettings, ["--no-elastic-cores"], environ={}).elastic_cores is False
+    off = {"TORCHPOOL_ELASTIC_CORES": "0"}
+    assert parse_settings(ServeSettings, [], environ=off).elastic_cores is False
+    # The flag beats the environment, both ways.
+    assert parse_settings(ServeSettings, ["--elastic-cores"], environ=off).elastic_cores is True
+    # The gateway hands a worker its setting as a flag.
+    argv = worker_argv(ModelSettings(elastic_cores=False))
+    assert argv == ["--no-elastic-cores"]
+    assert parse_settings(WorkerSettings, [*argv, *connect], environ={}).elastic_cores is False
+    assert worker_argv(ModelSettings()) == []
+    config = tmp_path / "models.toml"
+    config.write_text(
+        '[models.a]\nhandler = "pkg:A"\nelastic_cores = false\n[models.b]\nhandler = "pkg:B"\n'
+    )
+    models = modelconfig.load(config).models
+    assert models["a"].elastic_cores is False and models["b"].elastic_cores is True
