@@ -11,6 +11,7 @@ from shared.config import (
     WorkerSettings,
     env_name,
     flag,
+    negated_flag,
     parse_bool,
     settings_fields,
 )
@@ -18,7 +19,7 @@ from shared.config import (
 
 def _default(value: object, is_switch: bool) -> str:
     if is_switch:
-        return "off"
+        return "on" if value else "off"
     if value is None:
         return "—"
     return f"`{value}`"
@@ -32,6 +33,8 @@ def table(cls: type[ModelSettings] = ServeSettings, only_own: bool = False) -> s
         if f.name in inherited:
             continue
         shown = f"`{flag(f.name)}`"
+        if f.metadata["parse"] is parse_bool and f.default is True:
+            shown += f" / `{negated_flag(f.name)}`"
         help_text = " ".join(str(f.metadata["help"]).split()).replace("|", "\\|")
         default = _default(f.default, f.metadata["parse"] is parse_bool)
         lines.append(f"| {shown} | `{env_name(f.name)}` | {default} | {help_text} |")
