@@ -107,19 +107,14 @@ class Board:
 
     # --- borrowing ------------------------------------------------------------
 
-    def owner(self, core: int) -> int:
-        return self._words[core * _WORDS + _OWNER] if core < MAX_CORES else 0
+    def words(self, cores: int) -> list[int]:
+        """The records of cores ``0 .. cores - 1``, four words each, in one copy:
+        ``[owner, idle_since, borrower, last_pass, owner, ...]``."""
+        return self._words[: min(cores, MAX_CORES) * _WORDS].tolist()
 
     def idle_since(self, core: int) -> int:
         """When the core's owner went idle (ns); 0 while it is busy."""
         return self._words[core * _WORDS + _IDLE_SINCE] if core < MAX_CORES else 0
-
-    def last_pass(self, core: int) -> int:
-        """How long the core's owner's last forward pass took (ns)."""
-        return self._words[core * _WORDS + _LAST_PASS] if core < MAX_CORES else 0
-
-    def borrower(self, core: int) -> int:
-        return self._words[core * _WORDS + _BORROWER] if core < MAX_CORES else 0
 
     def claim(self, core: int) -> None:
         self._words[core * _WORDS + _BORROWER] = self.pid

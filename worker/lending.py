@@ -36,12 +36,11 @@ pass: the board has no lock, see :mod:`worker.board`).
 
 from __future__ import annotations
 
-import contextlib
 import os
 from collections.abc import Callable, Iterable
 from typing import Final, Protocol
 
-from worker.board import now_ns
+from worker.board import MAX_CORES, now_ns
 
 # An owner idle for less than this may be between two requests of a steady load.
 HOLD_OFF_NS: Final = 3_000_000
@@ -54,10 +53,8 @@ class BoardView(Protocol):
 
     pid: int
 
-    def owner(self, core: int) -> int: ...
+    def words(self, cores: int) -> list[int]: ...
     def idle_since(self, core: int) -> int: ...
-    def last_pass(self, core: int) -> int: ...
-    def borrower(self, core: int) -> int: ...
     def claim(self, core: int) -> None: ...
     def release(self, core: int) -> None: ...
     def set_busy(self, cores: tuple[int, ...], busy: bool, pass_ns: int = 0) -> None: ...
@@ -99,35 +96,38 @@ class Lending:
     ) -> None:
         self._board = board
         self.own = own
-        # The cores this worker could ever borrow: the host's, less its own.
-        self._others = tuple(core for core in sorted(set(host)) if core not in set(own))
+        # The cores this worker could ever borrow: the host's, less its own
+        # (and any numbered past what the board has room for).
+        self._others = tuple(
+            core for core in sorted(set(host)) if core not in set(own) and 0 <= core < MAX_CORES
+        )
         self._threads = threads
         self._alive = alive
         self._clock = clock
         self.borrowed: tuple[int, ...] = ()
         self._started = 0  # clock() when the pass now running started
 
-    def lendable(self, core: int, now: int) -> bool:
-        board = self._board
-        owner = board.owner(core)
-        if owner == 0 or owner == board.pid:
-            return False
-        since = board.idle_since(core)
-        if since == 0 or now - since < max(HOLD_OFF_NS, board.last_pass(core)):
-            return False
-        borrower = board.borrower(core)
-        return borrower == 0 or (borrower != board.pid and not self._alive(borrower))
-
     def available(self) -> list[int]:
-        """Cores a pass starting now could borrow (claims nothing)."""
-        now = self._clock()
-        return [core for core in self._others if self.lendable(core, now)]
+        """Cores a pass starting now could borrow (claims nothing).
 
-    def threads_now(self, forward_s: float | None) -> int:
-        """Intra-op threads a pass starting now would get (claims nothing)."""
-        if not worth_lending(forward_s):
-            return len(self.own)
-        return len(self.own) + len(self.available())
+        One copy of the board's words, then plain list reads: a few
+        microseconds for a few cores, tens for a hundred.
+        """
+        if not self._others:
+            return []
+        board = self._board
+        now, me = self._clock(), board.pid
+        words = board.words(self._others[-1] + 1)
+        found = []
+        for core in self._others:
+            owner, since, borrower, last_pass = words[4 * core : 4 * core + 4]
+            if owner == 0 or owner == me or since == 0:
+                continue
+            if now - since < max(HOLD_OFF_NS, last_pass):
+                continue
+            if borrower == 0 or (borrower != me and not self._alive(borrower)):
+                found.append(core)
+        return found
 
     def start(self, forward_s: float | None) -> int:
         """Mark this worker busy and borrow what is idle; the pass's thread count.
@@ -176,25 +176,41 @@ class TorchThreads:
 
     OpenMP's threads are created by the main thread and inherit its mask when
     they are; those that already exist keep theirs, so every thread of the
-    process (listed in /proc/self/task) gets the new mask. Widening sets the
-    masks before the thread count, so threads the pass creates inherit the
-    wide mask; narrowing sets the count first.
+    process gets the new mask. Widening sets the masks before the thread
+    count, so threads the pass creates inherit the wide mask; narrowing sets
+    the count first. The thread ids are listed from /proc/self/task once and
+    again only when a pass may have started new threads (more than any pass
+    before) or one of them has ended: a listing costs more than the masks.
     """
+
+    def __init__(self) -> None:
+        self._tids: list[int] | None = None
+        # The most threads a pass has run with, and that count when last listed.
+        self._widest = 0
+        self._listed_at = 0
 
     def apply(self, threads: int, cores: tuple[int, ...]) -> None:
         import torch
 
-        widening = threads > torch.get_num_threads()
-        if not widening:
+        if threads > torch.get_num_threads():
+            self._set_masks(cores)
             torch.set_num_threads(threads)
-        set_masks(cores)
-        if widening:
-            torch.set_num_threads(threads)
+            self._widest = max(self._widest, threads)
+            return
+        torch.set_num_threads(threads)
+        if self._widest > self._listed_at:
+            self._tids = None  # the pass that just ended may have started threads
+        self._set_masks(cores)
 
-
-def set_masks(cores: tuple[int, ...]) -> None:
-    """Every thread of this process may run on ``cores`` (and only there)."""
-    for tid in os.listdir("/proc/self/task"):
-        # A thread may have ended since the listing.
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.sched_setaffinity(int(tid), cores)
+    def _set_masks(self, cores: tuple[int, ...]) -> None:
+        """Every thread of this process may run on ``cores`` (and only there)."""
+        if self._tids is None:
+            self._tids = [int(tid) for tid in os.listdir("/proc/self/task")]
+            self._listed_at = self._widest
+        for tid in self._tids:
+            try:
+                os.sched_setaffinity(tid, cores)
+            except ProcessLookupError:
+                self._tids = None  # a thread ended: list them afresh next time
+            except PermissionError:
+                continue

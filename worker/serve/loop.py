@@ -177,13 +177,16 @@ class Server:
             self._streams.step(self.pending, self._receive)
             return
         lending = self._lending
-        threads = self._threads if lending is None else lending.threads_now(self._pacer.forward_s)
+        # Sized for the threads of the last pass: the limit only bites under
+        # load, when passes follow each other with the same threads.
+        threads = self._state.threads or self._threads
         limit = self._sizer.limit(threads)
         jobs = batching.collect(self.pending, self._receive, limit, self._pacer)
         if not jobs:
             return
         self._state.busy = True
         try:
+            threads = self._threads
             if lending is not None:
                 threads = lending.start(self._pacer.forward_s)
             self._run(jobs, threads)
