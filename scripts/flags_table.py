@@ -26,6 +26,7 @@ from shared.config import (
     parse_bool,
     settings_fields,
 )
+from shared.modelconfig import MODEL_ONLY
 
 PAGE = Path(__file__).resolve().parent.parent / "docs" / "options.md"
 
@@ -46,9 +47,9 @@ gateway hands its local workers their settings as flags and keeps its own
 environment as usual. `torchpool serve --help` says the same as this page.
 
 The *Config file* column says where a setting goes in a `--config` file
-([Several models](config.md)): `[models.NAME]` for one model's settings (a
-value in `[server]` is then every model's default), `[server]` for the
-gateway's own.
+([Several models](config.md)): in one model's `[models.NAME]` table, in
+`[server]` for the gateway's own settings, or either for a pool setting (in
+`[server]` it is every model's default).
 """
 
 
@@ -61,8 +62,12 @@ def _default(value: object, is_switch: bool) -> str:
 
 
 def _where(name: str) -> str:
-    if name in {f.name for f in settings_fields(PoolSettings)}:
+    if name == "model_name":
+        return "the table's name"
+    if name in MODEL_ONLY:
         return "`[models.NAME]`"
+    if name in {f.name for f in settings_fields(PoolSettings)}:
+        return "`[models.NAME]`, or `[server]` for every model"
     if name in {f.name for f in settings_fields(ServerSettings)}:
         return "`[server]`"
     return "—"
