@@ -1,4 +1,4 @@
-"""The code blocks of README.md and docs/*.md, with the ``docs-test`` comments that say how to run them.
+"""Code blocks of README.md and docs/*.md, and the ``docs-test`` comments on how to run them.
 
 A fenced block may be preceded (blank lines allowed) by one HTML comment
 ``<!-- docs-test: CLAUSE; CLAUSE; ... -->``. The clauses:
@@ -58,24 +58,34 @@ class Block:
         return f"{self.path.relative_to(ROOT)}:{self.line}"
 
     def commands(self) -> list[str]:
-        """Logical lines (backslash continuations joined), comments and blanks left out."""
+        """Shell commands as written: a backslash-continued line or an open quote runs on
+        into the next line. Comment lines and blank lines are left out."""
         commands: list[str] = []
-        current = ""
-        for raw in self.text.splitlines():
-            line = raw.rstrip()
-            if line.endswith("\\"):
-                current += line[:-1] + " "
+        current: list[str] = []
+        for line in self.text.splitlines():
+            if not current and (not line.strip() or line.strip().startswith("#")):
                 continue
-            current += line
-            if current.strip() and not current.strip().startswith("#"):
-                commands.append(current.strip())
-            current = ""
-        if current.strip():
-            commands.append(current.strip())
+            current.append(line.rstrip())
+            text = "\n".join(current)
+            if text.endswith("\\") or not _complete(text):
+                continue
+            commands.append(text.strip())
+            current = []
+        if current:
+            commands.append("\n".join(current).strip())
         return commands
 
     def curl_lines(self) -> list[str]:
         return [c for c in self.commands() if CURL.match(c)]
+
+
+def _complete(text: str) -> bool:
+    """Whether ``text`` closes every quote it opens, as the shell reads it."""
+    try:
+        shlex.split(text, comments=True)
+    except ValueError:
+        return False
+    return True
 
 
 def parse_tag(text: str, where: str) -> Tag:
@@ -137,13 +147,12 @@ def blocks(path: Path) -> list[Block]:
             found.append(Block(path, i + 1, lang, body, tag))
             pending = None
             i = end
-        elif line.strip() and not line.lstrip().startswith("<!--"):
-            if pending:
-                # A comment that text separates from the next block applies to none.
-                raise ValueError(
-                    f"{path.relative_to(ROOT)}:{pending[1]}: docs-test comment "
-                    "must come right before its fenced block"
-                )
+        elif pending and line.strip() and not line.lstrip().startswith("<!--"):
+            # A comment that text separates from the next block applies to none.
+            raise ValueError(
+                f"{path.relative_to(ROOT)}:{pending[1]}: docs-test comment "
+                "must come right before its fenced block"
+            )
         i += 1
     _attach_outputs(found)
     return found
