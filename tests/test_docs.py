@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import re
 
+import pytest
+
 from scripts.flags_table import PAGE, page
 from tests.conftest import ROOT
+
+pytestmark = pytest.mark.fast
 
 PACKAGES = ("gateway", "worker", "shared")
 

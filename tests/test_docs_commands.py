@@ -1,6 +1,6 @@
 """Every command and request in README.md and docs/*.md is run, as it is written.
 
-Fast checks (no processes): each curl line is tagged with the server it needs
+Fast tier (no processes): each curl line is tagged with the server it needs
 and points at http://127.0.0.1:8000, and tables copied from bench/ match it.
 
 Real tier: one real `torchpool serve` per distinct ``serve ARGS`` comment
@@ -49,10 +49,12 @@ GROUPS = _served()
 # --- fast: the rules ------------------------------------------------------------------
 
 
+@pytest.mark.fast
 def test_docs_test_comments_are_well_formed() -> None:
     assert not PROBLEMS, "\n".join(PROBLEMS)
 
 
+@pytest.mark.fast
 def test_every_curl_line_names_its_server() -> None:
     untagged = [
         f"{block.where}: {line[:60]}"
@@ -67,11 +69,13 @@ def test_every_curl_line_names_its_server() -> None:
     )
 
 
+@pytest.mark.fast
 def test_curl_lines_are_fenced() -> None:
     found = [where for page in pages() for where in unfenced_curl_lines(page)]
     assert not found, f"curl lines in indented blocks; use a fenced ```bash block: {found}"
 
 
+@pytest.mark.fast
 def test_curl_lines_use_the_full_address() -> None:
     """`:8000/predict` is httpie's shorthand (curl rejects it); `localhost` may be IPv6."""
     wrong = [
@@ -84,6 +88,7 @@ def test_curl_lines_use_the_full_address() -> None:
     assert not wrong, "write http://127.0.0.1:8000 in curl lines:\n" + "\n".join(wrong)
 
 
+@pytest.mark.fast
 def test_the_rules_are_checked_for_real() -> None:
     """The parser sees this project's docs: tagged curl lines, outputs, runs."""
     assert GROUPS, "no <!-- docs-test: serve ... --> block found"
@@ -91,6 +96,7 @@ def test_the_rules_are_checked_for_real() -> None:
     assert any(block.tag and block.tag.run for block in ALL)
 
 
+@pytest.mark.fast
 def test_copied_tables_match_their_source() -> None:
     checked = 0
     for block_page in pages():
