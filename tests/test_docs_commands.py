@@ -143,12 +143,15 @@ def _setup(workdir: Path, name: str) -> None:
         target.write_bytes(photo(320, 240, seed=3, fmt="PNG" if name.endswith(".png") else "JPEG"))
     elif name.endswith(".txt"):
         target.write_text("A cat sat on the mat.\n")
-    elif name.endswith(".pt"):
+    elif name.endswith(".pt2"):
         import torch
 
         from worker.model.demo import build_demo_model
 
-        torch.jit.save(torch.jit.script(build_demo_model()), target)
+        batch = torch.export.Dim("batch", min=1, max=1024)
+        example = (torch.zeros(2, 16),)
+        program = torch.export.export(build_demo_model(), example, dynamic_shapes=({0: batch},))
+        torch.export.save(program, target)
     else:
         raise AssertionError(f"no setup for {name!r}: add one to tests/test_docs_commands.py")
 
