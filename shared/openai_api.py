@@ -120,7 +120,7 @@ def parse_embeddings(document: dict[str, Any]) -> EmbeddingsRequest:
     inputs = _embedding_inputs(document.get("input"))
     encoding = document.get("encoding_format", "float")
     if encoding not in ENCODING_FORMATS:
-        raise _bad(f"encoding_format must be 'float' or 'base64', got {encoding!r:.40}", encoding)
+        raise _bad(f"encoding_format must be 'float' or 'base64', got {encoding!r:.40}", "encoding_format")
     dimensions = document.get("dimensions")
     if dimensions is not None and not (_is_int(dimensions) and dimensions >= 1):
         raise _bad(f"dimensions must be a positive integer, got {dimensions!r:.40}", "dimensions")
@@ -157,8 +157,9 @@ def parse_text(route: str, document: dict[str, Any]) -> TextRequest:
 # --- pieces ------------------------------------------------------------------------
 
 
-def _bad(message: str, param: Any) -> RequestError:
-    return RequestError(message, param=param if isinstance(param, str) else None)
+def _bad(message: str, param: str) -> RequestError:
+    """A 400 about the request field ``param``."""
+    return RequestError(message, param=param)
 
 
 def _is_int(value: Any) -> bool:

@@ -25,6 +25,7 @@ import pytest
 import schemathesis
 import torch
 from hypothesis import HealthCheck, settings
+from openai.types.chat import ChatCompletionMessageParam
 from schemathesis import checks
 
 from examples.text_embedding import TextEmbedder
@@ -40,7 +41,10 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 KEY = "sk-torchpool-test"
 TOKENS = 20
 CPU = torch.device("cpu")
-HELLO = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Once upon"}]
+HELLO: list[ChatCompletionMessageParam] = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Once upon"},
+]
 
 
 @pytest.fixture(scope="module")
@@ -118,9 +122,11 @@ def generate(generator: TextGenerator, prompt: str, **parameters: Any) -> str:
         return "".join(generator.predict_stream(generator.preprocess(prompt), parameters))
 
 
-def chat_prompt(generator: TextGenerator, messages: list[dict[str, str]]) -> str:
+def chat_prompt(generator: TextGenerator, messages: list[ChatCompletionMessageParam]) -> str:
     text = generator.tokenizer.apply_chat_template(
-        messages, tokenize=False, add_generation_prompt=True
+        [{"role": m["role"], "content": str(m.get("content", ""))} for m in messages],
+        tokenize=False,
+        add_generation_prompt=True,
     )
     assert isinstance(text, str)
     return text
@@ -228,14 +234,14 @@ def _batches(server: Server) -> tuple[float, float]:
 def test_chat_streamed_deltas_join_into_the_whole_answer(
     client: openai.OpenAI, generator: TextGenerator
 ) -> None:
-    whole = client.chat.completions.create(model="gpt", messages=HELLO, seed=7)  # type: ignore[arg-type]
+    whole = client.chat.completions.create(model="gpt", messages=HELLO, seed=7)
     text = whole.choices[0].message.content
     assert text == generate(generator, chat_prompt(generator, HELLO), seed=7)
     assert whole.choices[0].finish_reason == "stop" and whole.object == "chat.completion"
     assert whole.usage is not None and whole.usage.completion_tokens == TOKENS
     stream = client.chat.completions.create(
         model="gpt",
-        messages=HELLO,  # type: ignore[arg-type]
+        messages=HELLO,
         seed=7,
         stream=True,
         stream_options={"include_usage": True},
@@ -253,13 +259,15 @@ def test_sampling_parameters_reach_the_handler(
     client: openai.OpenAI, generator: TextGenerator
 ) -> None:
     prompt = chat_prompt(generator, HELLO)
+    answer = client.chat.completions.create(
+        model="gpt", messages=HELLO, max_tokens=5, temperature=0.5, top_p=0.8, seed=3
+    )
     asked = {"max_tokens": 5, "temperature": 0.5, "top_p": 0.8, "seed": 3}
-    answer = client.chat.completions.create(model="gpt", messages=HELLO, **asked)  # type: ignore[arg-type]
     assert answer.choices[0].message.content == generate(generator, prompt, **asked)
     assert answer.choices[0].finish_reason == "length"
     newer = client.chat.completions.create(
         model="gpt",
-        messages=HELLO,  # type: ignore[arg-type]
+        messages=HELLO,
         max_completion_tokens=5,
         temperature=0.5,
         top_p=0.8,
@@ -280,10 +288,10 @@ def test_completions_with_and_without_stream(
 
 
 def test_stop_sequences_cut_the_text_across_deltas(client: openai.OpenAI) -> None:
-    said = [{"role": "user", "content": "alpha beta gamma delta"}]
+    said: list[ChatCompletionMessageParam] = [{"role": "user", "content": "alpha beta gamma delta"}]
     whole = client.chat.completions.create(
         model="talker",
-        messages=said,  # type: ignore[arg-type]
+        messages=said,
         stop=["ta gam"],
         max_tokens=10,
     )
@@ -291,7 +299,7 @@ def test_stop_sequences_cut_the_text_across_deltas(client: openai.OpenAI) -> Non
     assert whole.choices[0].finish_reason == "stop"
     stream = client.chat.completions.create(
         model="talker",
-        messages=said,  # type: ignore[arg-type]
+        messages=said,
         stop="ta gam",
         max_tokens=10,
         stream=True,
@@ -310,7 +318,7 @@ def test_sixteen_concurrent_async_streams(server: Server, generator: TextGenerat
             async def one(seed: int) -> str:
                 stream = await client.chat.completions.create(
                     model="gpt",
-                    messages=HELLO,  # type: ignore[arg-type]
+                    messages=HELLO,
                     seed=seed,
                     max_tokens=8,
                     stream=True,
@@ -327,16 +335,16 @@ def test_a_client_closing_a_stream_halfway_closes_the_generator(
     client: openai.OpenAI, marker: Path
 ) -> None:
     before = closed_count(marker)
-    said = [{"role": "user", "content": "talk forever"}]
-    stream = client.chat.completions.create(model="talker", messages=said, stream=True)  # type: ignore[arg-type]
-    taken = [chunk.choices[0].delta.content for _, chunk in zip(range(3), stream, strict=False)]
+    said: list[ChatCompletionMessageParam] = [{"role": "user", "content": "talk forever"}]
+    stream = client.chat.completions.create(model="talker", messages=said, stream=True)
+    taken = [next(stream).choices[0].delta.content for _ in range(3)]
     assert taken == ["talk ", "forever ", "more "]
     stream.close()
     wait_for(lambda: closed_count(marker) == before + 1, 10, "the worker to close the generator")
     made = int(marker.read_text().splitlines()[-1].split()[-1])
     assert made < 200, f"the generator ran on to {made} outputs"
     # The one worker is free again.
-    again = client.chat.completions.create(model="talker", messages=said, max_tokens=2)  # type: ignore[arg-type]
+    again = client.chat.completions.create(model="talker", messages=said, max_tokens=2)
     assert again.choices[0].message.content == "talk forever "
 
 
@@ -345,22 +353,22 @@ def test_a_client_closing_a_stream_halfway_closes_the_generator(
 
 def test_errors_raise_the_clients_own_types(client: openai.OpenAI, server: Server) -> None:
     with pytest.raises(openai.NotFoundError) as unknown:
-        client.chat.completions.create(model="nope", messages=HELLO)  # type: ignore[arg-type]
+        client.chat.completions.create(model="nope", messages=HELLO)
     assert "embedder, gpt, talker" in unknown.value.message and unknown.value.param == "model"
     with pytest.raises(openai.BadRequestError) as unsupported:
-        client.chat.completions.create(model="talker", messages=HELLO, temperature=0.5)  # type: ignore[arg-type]
+        client.chat.completions.create(model="talker", messages=HELLO, temperature=0.5)
     assert unsupported.value.param == "temperature"
     with pytest.raises(openai.BadRequestError) as unknown_parameter:
-        client.chat.completions.create(model="gpt", messages=HELLO, logit_bias={"1": 2})  # type: ignore[arg-type]
+        client.chat.completions.create(model="gpt", messages=HELLO, logit_bias={"1": 2})
     assert unknown_parameter.value.param == "logit_bias"
     with pytest.raises(openai.BadRequestError) as wrong_route:
         client.embeddings.create(model="gpt", input="hello")
     assert "/v1/chat/completions" in wrong_route.value.message
     with pytest.raises(openai.BadRequestError):
-        client.chat.completions.create(model="gpt", messages=HELLO, n=2)  # type: ignore[arg-type]
-    with openai.OpenAI(base_url=server.url + "/v1", api_key="wrong", max_retries=0) as stranger:
-        with pytest.raises(openai.AuthenticationError):
-            stranger.models.list()
+        client.chat.completions.create(model="gpt", messages=HELLO, n=2)
+    stranger = openai.OpenAI(base_url=server.url + "/v1", api_key="wrong", max_retries=0)
+    with stranger, pytest.raises(openai.AuthenticationError):
+        stranger.models.list()
     with pytest.raises(openai.APIStatusError) as too_big:
         client.embeddings.create(model="embedder", input=["word " * 1000] * 4)
     assert too_big.value.status_code == 413
