@@ -36,7 +36,7 @@ from pathlib import Path
 import httpx
 
 from bench.common import HOST, OUT, ROOT
-from bench.load import parse_wrk, wrk
+from bench.load import other_load, parse_wrk, tree_cpu_seconds, wrk
 from bench.servers import Server, http, running
 
 SENTENCE = "The quick brown dog ran in the park on the mat."
@@ -78,24 +78,42 @@ def embeddings(folder: Path, seconds: float, rounds: int) -> list[str]:
         files[path] = folder / (path.strip("/").replace("/", "-") + ".json")
         files[path].write_text(json.dumps(body))
     rates: dict[tuple[str, int], list[float]] = {}
+    # CPU microseconds per request: the gateway process, and the whole tree (workers too).
+    gateway_us: dict[tuple[str, int], list[float]] = {}
+    tree_us: dict[tuple[str, int], list[float]] = {}
     with running(serve("embedder", args, 1), folder, "embedder") as server:
         for path in bodies:  # warm-up, and both answer
             wrk(4, 1, server.url + path, files[path])
+        others = other_load(server, 2.0)
         for _ in range(rounds):
             for level in LEVELS:
                 for path in bodies:
+                    total0, parent0 = tree_cpu_seconds(server)
                     result = parse_wrk(wrk(level, seconds, server.url + path, files[path]))
+                    total1, parent1 = tree_cpu_seconds(server)
                     assert result["non_2xx"] == 0 and result["socket_errors"] == 0, result
+                    count = max(result["requests"], 1.0)
                     rates.setdefault((path, level), []).append(result["requests_per_s"])
+                    gateway_us.setdefault((path, level), []).append(
+                        1e6 * (parent1 - parent0) / count
+                    )
+                    tree_us.setdefault((path, level), []).append(1e6 * (total1 - total0) / count)
     lines = [
-        "| connections | /predict req/s | /v1/embeddings req/s | cost of /v1 |",
-        "|---:|---:|---:|---:|",
+        f"Other processes kept {others:.1f} of the machine's cores busy when it started.",
+        "",
+        "| c | /predict req/s | /v1 req/s | throughput cost | gateway CPU µs/req "
+        "(/predict, /v1) | server CPU µs/req (/predict, /v1) | CPU cost |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for level in LEVELS:
-        predict = statistics.median(rates[("/predict", level)])
-        openai = statistics.median(rates[("/v1/embeddings", level)])
+        key_p, key_o = ("/predict", level), ("/v1/embeddings", level)
+        predict, openai = statistics.median(rates[key_p]), statistics.median(rates[key_o])
+        gate_p, gate_o = statistics.median(gateway_us[key_p]), statistics.median(gateway_us[key_o])
+        all_p, all_o = statistics.median(tree_us[key_p]), statistics.median(tree_us[key_o])
         lines.append(
-            f"| {level} | {predict:,.0f} | {openai:,.0f} | {100 * (1 - openai / predict):+.1f}% |"
+            f"| {level} | {predict:,.0f} | {openai:,.0f} | {100 * (1 - openai / predict):+.1f}% "
+            f"| {gate_p:,.0f}, {gate_o:,.0f} | {all_p:,.0f}, {all_o:,.0f} "
+            f"| {100 * (all_o / all_p - 1):+.1f}% |"
         )
     lines.append("")
     rounds_shown = []

@@ -348,6 +348,23 @@ def test_a_client_closing_a_stream_halfway_closes_the_generator(
     assert again.choices[0].message.content == "talk forever "
 
 
+def test_a_stream_past_its_deadline_ends_in_an_error_the_client_raises(
+    client: openai.OpenAI, marker: Path
+) -> None:
+    before = closed_count(marker)
+    said: list[ChatCompletionMessageParam] = [{"role": "user", "content": "talk forever"}]
+    stream = client.chat.completions.create(
+        model="talker", messages=said, stream=True, extra_headers={"X-Request-Timeout": "1"}
+    )
+    received = []
+    with pytest.raises(openai.APIError) as ended:
+        for chunk in stream:
+            received.append(chunk.choices[0].delta.content)
+    assert ended.value.code == "deadline_exceeded"
+    assert received[:2] == ["talk ", "forever "]
+    wait_for(lambda: closed_count(marker) == before + 1, 10, "the worker to close the generator")
+
+
 # --- errors -----------------------------------------------------------------------------
 
 

@@ -57,6 +57,7 @@ _FORMATS: Final = {
     openai_api.CHAT: protocol.FMT_OPENAI_CHAT,
     openai_api.COMPLETIONS: protocol.FMT_OPENAI_COMPLETIONS,
 }
+_NO_MODEL_LIMIT: Final = 1 << 20  # with no model served, enough to read the 404's name
 _BY_PATH: Final = {path: route for route, path in openai_api.PATHS.items()}
 _EMPTY: Final = 'empty body; send a JSON request such as {"model": ..., "input": ...}'
 
@@ -117,7 +118,9 @@ class OpenAIHandler:
                 if scope["method"] != "POST":
                     status = await _plain_error(send, 405, f"use POST for {path}", "POST")
                     return
-                limit = max((m.settings.max_body_bytes for m in runtime.models.values()), default=0)
+                # The model is named inside the body: read up to the largest model's limit.
+                limits = [m.settings.max_body_bytes for m in runtime.models.values()]
+                limit = max(limits, default=_NO_MODEL_LIMIT)
                 body = await read_body(receive, headers.get(b"content-length"), limit, _EMPTY)
                 request = openai_api.parse(route, body)
                 model = _model(runtime, request.model, route)
