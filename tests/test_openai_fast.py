@@ -16,6 +16,8 @@ from shared.errors import ModelNotFound, PayloadTooLarge, RequestError, ShapeMis
 from shared.openai_api import EmbeddingsRequest, TextRequest
 from worker.codec.openai import TextContext, declared_routes
 
+pytestmark = pytest.mark.fast
+
 
 def body(**fields: Any) -> bytes:
     return orjson.dumps(fields)
