@@ -18,6 +18,11 @@
    all streams. A streaming worker runs one stream at a time, so with 16
    streams on two workers most of the time to first token is the queue.
 
+3. The front alone: the gateway app in-process over the fake worker of
+   tests/asgi.py (which answers at once), driven by plain ASGI calls, so its
+   CPU time per request is the gateway's own work for each route (reading
+   the body and finding the model included), free of the machine's load.
+
 Writes ``bench/out/openai.md`` and prints it.
 """
 
@@ -32,6 +37,7 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -180,12 +186,75 @@ def chat(folder: Path, tokens: int) -> list[str]:
     return lines
 
 
+async def _front(requests: int) -> dict[str, float]:
+    """CPU microseconds per request of the gateway app itself, per route."""
+    from tests.asgi import reply, serving
+
+    bodies = {
+        "/predict": json.dumps({"input_tensor": SENTENCE}).encode(),
+        "/v1/embeddings": json.dumps({"model": "demo", "input": SENTENCE}).encode(),
+    }
+    answer = json.dumps({"prediction": [[0.5] * 32]}).encode()
+    costs: dict[str, list[float]] = {}
+    async with serving() as served:
+        signature = {"source": "handler", "outputs": None, "stream": False}
+        served.ready(signature={**signature, "openai": ["embeddings"]}, capacity=64)
+        served.answer = lambda sent: [reply(sent, answer, "json")]
+        app = served.app
+        for _ in range(5):  # alternate the routes, take the median
+            for path, body in bodies.items():
+                scope = {
+                    "type": "http",
+                    "method": "POST",
+                    "path": path,
+                    "headers": [(b"content-type", b"application/json")],
+                }
+                sent: list[dict[str, object]] = []
+
+                async def receive(body: bytes = body) -> dict[str, object]:
+                    return {"type": "http.request", "body": body, "more_body": False}
+
+                async def send(message: dict[str, object], sent: list[Any] = sent) -> None:
+                    sent.append(message)
+
+                started = time.process_time()
+                for _ in range(requests):
+                    await app(scope, receive, send)  # type: ignore[arg-type]
+                spent = time.process_time() - started
+                statuses = {m["status"] for m in sent if m["type"] == "http.response.start"}
+                assert statuses == {200}, statuses
+                costs.setdefault(path, []).append(1e6 * spent / requests)
+    return {path: statistics.median(values) for path, values in costs.items()}
+
+
+def front(requests: int) -> list[str]:
+    costs = asyncio.run(_front(requests))
+    predict, openai = costs["/predict"], costs["/v1/embeddings"]
+    return [
+        "| route | gateway CPU µs per request |",
+        "|---|---:|",
+        f"| POST /predict | {predict:.1f} |",
+        f"| POST /v1/embeddings | {openai:.1f} ({openai - predict:+.1f}) |",
+    ]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=4.0)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--front-requests", type=int, default=2000)
+    parser.add_argument("--front-only", action="store_true", help="only part 3")
     args = parser.parse_args(argv)
+    heading = [
+        "## The front alone: the gateway in-process over a fake worker",
+        "",
+        *front(args.front_requests),
+        "",
+    ]
+    if args.front_only:
+        print("\n".join(heading))
+        return 0
     with tempfile.TemporaryDirectory(prefix="bench-openai-") as temp:
         folder = Path(temp)
         report = [
@@ -202,6 +271,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "",
             *chat(folder, args.tokens),
             "",
+            *heading,
         ]
     OUT.mkdir(parents=True, exist_ok=True)
     text = "\n".join(report)

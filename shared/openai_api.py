@@ -4,10 +4,10 @@
     POST /v1/chat/completions   -> TextRequest (route "chat": messages)
     POST /v1/completions        -> TextRequest (route "completions": one prompt)
 
-The gateway reads a body here to find its model and whether it streams, and
-refuses a malformed one before it queues; it then passes the body to a worker
-untouched, whose codec (:mod:`worker.codec.openai`) reads it here again. So
-both sides take and refuse exactly the same things.
+The gateway reads only a body's envelope here (:func:`envelope`: its model
+and whether it streams), so its per-request work stays that of ``/predict``;
+it passes the body to a worker untouched, whose codec
+(:mod:`worker.codec.openai`) reads and checks all of it (:func:`parse`).
 
 A parameter torchpool does not implement is a 400 naming it, never silently
 ignored. A few are taken at the value that changes nothing (``n: 1``,
@@ -106,6 +106,20 @@ def load(body: bytes | memoryview | str) -> dict[str, Any]:
     return {key: value for key, value in document.items() if value is not None}
 
 
+def envelope(body: bytes | memoryview | str) -> tuple[str, bool]:
+    """(model, stream) of a body: what the gateway needs to route it; 400 if unreadable."""
+    try:
+        document = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise RequestError(f"body is not valid JSON: {exc}") from exc
+    if not isinstance(document, dict):
+        raise RequestError("the body must be a JSON object")
+    stream = document.get("stream")
+    if stream is not None and not isinstance(stream, bool):
+        raise _bad("stream must be true or false", "stream")
+    return _model(document), stream is True
+
+
 def parse(route: str, body: bytes | memoryview | str) -> EmbeddingsRequest | TextRequest:
     """The request of ``route`` (one of :data:`ROUTES`) in ``body``."""
     document = load(body)
@@ -120,7 +134,8 @@ def parse_embeddings(document: dict[str, Any]) -> EmbeddingsRequest:
     inputs = _embedding_inputs(document.get("input"))
     encoding = document.get("encoding_format", "float")
     if encoding not in ENCODING_FORMATS:
-        raise _bad(f"encoding_format must be 'float' or 'base64', got {encoding!r:.40}", "encoding_format")
+        message = f"encoding_format must be 'float' or 'base64', got {encoding!r:.40}"
+        raise _bad(message, "encoding_format")
     dimensions = document.get("dimensions")
     if dimensions is not None and not (_is_int(dimensions) and dimensions >= 1):
         raise _bad(f"dimensions must be a positive integer, got {dimensions!r:.40}", "dimensions")

@@ -78,18 +78,26 @@ async def test_a_model_serves_only_its_declared_routes_unless_its_setting_says()
 
 
 @on_loop
-async def test_bad_bodies_are_refused_before_any_worker_sees_them() -> None:
+async def test_a_body_without_a_readable_envelope_never_reaches_a_worker() -> None:
     async with serving() as served:
         ready(served, ["chat"], stream=True)
         unknown = await served.client.post("/v1/chat/completions", json={**CHAT, "model": "x"})
         assert unknown.status_code == 404
         assert unknown.json()["error"]["code"] == "model_not_found"
-        tools = await served.client.post("/v1/chat/completions", json={**CHAT, "tools": []})
-        assert tools.json() == error(
-            400, "parameter 'tools' is not supported by this server", "tools", "bad_request"
-        )
+        nameless = await served.client.post("/v1/chat/completions", json={"messages": []})
+        assert nameless.status_code == 400 and nameless.json()["error"]["param"] == "model"
+        odd = await served.client.post("/v1/chat/completions", json={**CHAT, "stream": "yes"})
+        assert odd.json()["error"]["param"] == "stream"
         assert (await served.client.post("/v1/chat/completions", content=b"{")).status_code == 400
         assert served.requests() == []
+        # The rest of the body is the worker's to check: its 400 comes back in OpenAI's shape.
+        served.answer = lambda sent: [
+            error_reply(sent, "bad_request", "parameter 'tools' is not supported", param="tools")
+        ]
+        tools = await served.client.post("/v1/chat/completions", json={**CHAT, "tools": []})
+        assert tools.json() == error(
+            400, "parameter 'tools' is not supported", "tools", "bad_request"
+        )
 
 
 @on_loop

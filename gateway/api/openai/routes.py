@@ -6,9 +6,10 @@
     POST /v1/chat/completions       a chat completion, or with ``stream`` its chunks
     POST /v1/completions            a text completion, or its chunks
 
-The gateway reads the body (:mod:`shared.openai_api`) for its ``model`` and
-``stream`` and refuses a malformed one at once; the body then goes to a
-worker untouched, whose codec (:mod:`worker.codec.openai`) makes the answer.
+The gateway reads only the body's ``model`` and ``stream``
+(:func:`shared.openai_api.envelope`); the body goes to a worker untouched,
+whose codec (:mod:`worker.codec.openai`) checks the rest (its 400s come back
+in the same shape) and makes the answer.
 A stream is written by :func:`gateway.api.sse.write_stream`, so it keeps the
 streaming rules of ``/predict``: credit after each write, the worker told at
 once when the client leaves or the deadline passes, no retry once output was
@@ -24,7 +25,7 @@ API keys are the server's ``--api-key``, sent as ``Authorization: Bearer KEY``.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Final
 
 import orjson
@@ -52,11 +53,14 @@ if TYPE_CHECKING:
 PREFIX: Final = "/v1/"
 MODELS: Final = "/v1/models"
 MODEL: Final = "/v1/models/{model}"  # as metrics label it
+_MODELS_PREFIX: Final = MODELS + "/"
+_UNKNOWN: Final = "/v1/{unknown}"
 _FORMATS: Final = {
     openai_api.EMBEDDINGS: protocol.FMT_OPENAI_EMBEDDINGS,
     openai_api.CHAT: protocol.FMT_OPENAI_CHAT,
     openai_api.COMPLETIONS: protocol.FMT_OPENAI_COMPLETIONS,
 }
+_JSON: Final = JSON.encode()
 _NO_MODEL_LIMIT: Final = 1 << 20  # with no model served, enough to read the 404's name
 _BY_PATH: Final = {path: route for route, path in openai_api.PATHS.items()}
 _EMPTY: Final = 'empty body; send a JSON request such as {"model": ..., "input": ...}'
@@ -68,19 +72,17 @@ FRAMING: Final = Framing(
 )
 
 
-def served_routes(model: ModelRuntime) -> list[str] | None:
+def served_routes(model: ModelRuntime) -> Sequence[str] | None:
     """The OpenAI routes ``model`` serves; None while unknown (no worker ready to say)."""
     configured = model.settings.openai
     if configured is not None:
-        return list(configured)
-    ready = model.pool.ready_workers()
-    if not ready:
-        return None
-    routes: list[str] = []
-    for worker in ready:
-        declared = (worker.signature or {}).get("openai") or []
-        routes += [route for route in declared if route not in routes]
-    return routes
+        return configured
+    for worker in model.pool.serving():
+        # Every worker of a model runs the same handler: the first ready one says.
+        if worker.ready:
+            declared = (worker.signature or {}).get("openai")
+            return declared if isinstance(declared, list) else []
+    return None
 
 
 class OpenAIHandler:
@@ -98,45 +100,52 @@ class OpenAIHandler:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.perf_counter()
         path: str = scope["path"]
-        label = MODEL if path.startswith(MODELS + "/") else path
+        route = _BY_PATH.get(path)
+        label = path if route is not None else _label(path)
         status = 200
         served = ""
         try:
-            headers = dict(scope["headers"])
+            declared = authorization = timeout = None
+            for key, value in scope["headers"]:  # one pass, as /predict reads them
+                if key == b"content-length":
+                    declared = value
+                elif key == b"authorization":
+                    authorization = value
+                elif key == TIMEOUT_HEADER:
+                    timeout = value
             try:
-                if self._keys and not token_matches(headers.get(b"authorization"), self._keys):
+                if self._keys and not token_matches(authorization, self._keys):
                     raise Unauthorized("a valid API key is required: Authorization: Bearer KEY")
                 runtime = self._runtime_of()
-                if path == MODELS or path.startswith(MODELS + "/"):
-                    status = await self._models(scope, send, runtime)
-                    return
-                route = _BY_PATH.get(path)
                 if route is None:
-                    label = "/v1/{unknown}"
-                    status = await _plain_error(send, 404, f"unknown path {path}")
+                    if label == _UNKNOWN:
+                        status = await _plain_error(send, 404, f"unknown path {path}")
+                    else:
+                        status = await self._models(scope, send, runtime)
                     return
                 if scope["method"] != "POST":
                     status = await _plain_error(send, 405, f"use POST for {path}", "POST")
                     return
                 # The model is named inside the body: read up to the largest model's limit.
-                limits = [m.settings.max_body_bytes for m in runtime.models.values()]
+                limits = (m.settings.max_body_bytes for m in runtime.models.values())
                 limit = max(limits, default=_NO_MODEL_LIMIT)
-                body = await read_body(receive, headers.get(b"content-length"), limit, _EMPTY)
-                request = openai_api.parse(route, body)
-                model = _model(runtime, request.model, route)
+                body = await read_body(receive, declared, limit, _EMPTY)
+                name, stream = openai_api.envelope(body)
+                model = _model(runtime, name, route)
                 served = model.name
                 if len(body) > model.settings.max_body_bytes:
                     limit = model.settings.max_body_bytes
                     raise PayloadTooLarge(
                         f"body exceeds model {model.name}'s limit of {limit} bytes"
                     )
-                timeout_s = timeout_header(headers.get(TIMEOUT_HEADER))
-                prepared = (_FORMATS[route], body, timeout_s, protocol.RequestExtras())
-                if isinstance(request, openai_api.TextRequest) and request.stream:
+                timeout_s = timeout_header(timeout)
+                fmt = _FORMATS[route]
+                if stream and route != openai_api.EMBEDDINGS:
+                    prepared = (fmt, body, timeout_s, protocol.RequestExtras())
                     status = await write_stream(model, receive, send, prepared, FRAMING)
                     return
-                reply = await run_request(receive, model.dispatcher, *prepared)
-                await send_response(send, 200, reply.body, JSON.encode())
+                reply = await run_request(receive, model.dispatcher, fmt, body, timeout_s)
+                await send_response(send, 200, reply.body, _JSON)
             except ClientClosed as exc:
                 status = exc.status
             except TorchpoolError as exc:
@@ -159,12 +168,19 @@ class OpenAIHandler:
             name = path[len(MODELS) + 1 :]
             _model(runtime, name, None)
             document = self._describe(name)
-        await send_response(send, 200, orjson.dumps(document), JSON.encode())
+        await send_response(send, 200, orjson.dumps(document), _JSON)
         return 200
 
     def _describe(self, name: str) -> dict[str, Any]:
         created = self._created.setdefault(name, int(time.time()))
         return {"id": name, "object": "model", "created": created, "owned_by": "torchpool"}
+
+
+def _label(path: str) -> str:
+    """The metrics route of a path that is none of the POST routes."""
+    if path == MODELS:
+        return MODELS
+    return MODEL if path.startswith(_MODELS_PREFIX) else _UNKNOWN
 
 
 def _model(runtime: Runtime, name: str, route: str | None) -> ModelRuntime:
@@ -195,5 +211,5 @@ async def _plain_error(send: Send, status: int, message: str, allow: str = "") -
     code = "method_not_allowed" if allow else "unknown_url"
     error = {"message": message, "type": errors.INVALID_REQUEST, "param": None, "code": code}
     extra = [(b"allow", allow.encode())] if allow else []
-    await send_response(send, status, orjson.dumps({"error": error}), JSON.encode(), extra)
+    await send_response(send, status, orjson.dumps({"error": error}), _JSON, extra)
     return status
