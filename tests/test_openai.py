@@ -74,7 +74,6 @@ model_kwargs = {{ model_dir = {json.dumps(str(text_dir))} }}
 workers = 1
 max_batch_size = 16
 max_batch_delay_ms = 20
-max_body_mb = 0.01
 
 [models.gpt]
 handler = "examples.text_generation:TextGenerator"
@@ -86,6 +85,7 @@ handler = "tests.openai_models:Talker"
 model_kwargs = {{ marker = {json.dumps(str(marker))}, interval_s = 0.02 }}
 workers = 1
 heartbeat_s = 0.2
+max_body_mb = 0.01
 """
     )
     server = Server(["--config", str(config)], folder / "serve.log", env={"HF_HUB_OFFLINE": "1"})
@@ -386,8 +386,9 @@ def test_errors_raise_the_clients_own_types(client: openai.OpenAI, server: Serve
     stranger = openai.OpenAI(base_url=server.url + "/v1", api_key="wrong", max_retries=0)
     with stranger, pytest.raises(openai.AuthenticationError):
         stranger.models.list()
+    long_talk: list[ChatCompletionMessageParam] = [{"role": "user", "content": "word " * 4000}]
     with pytest.raises(openai.APIStatusError) as too_big:
-        client.embeddings.create(model="embedder", input=["word " * 1000] * 4)
+        client.chat.completions.create(model="talker", messages=long_talk)
     assert too_big.value.status_code == 413
     assert too_big.value.type == "invalid_request_error"
 
@@ -396,12 +397,14 @@ def test_errors_raise_the_clients_own_types(client: openai.OpenAI, server: Serve
 
 # The app's schema, its /v1 routes only, with each request's model one of those served so
 # that generated requests reach the models (a model outside the list is still fuzzed).
+# Not talker: its tiny body limit answers big generated bodies 413, which schemathesis
+# does not count as refusing them.
 OPENAPI = copy.deepcopy(create_app(ServeSettings()).openapi())
 for _item in OPENAPI["paths"].values():
     for _operation in _item.values():
         _body = _operation.get("requestBody", {}).get("content", {}).get("application/json")
         if _body is not None:
-            _body["schema"]["properties"]["model"] = {"enum": ["embedder", "gpt", "talker"]}
+            _body["schema"]["properties"]["model"] = {"enum": ["embedder", "gpt"]}
 schema = schemathesis.openapi.from_dict(OPENAPI).include(path_regex="^/v1/")
 CHECKS = [
     checks.not_a_server_error,
