@@ -21,11 +21,7 @@ from starlette.exceptions import HTTPException
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-<<<<<<< HEAD
-from gateway.api import admin, openai, v2
-=======
-from gateway.api import admin, triton, v2
->>>>>>> main
+from gateway.api import admin, openai, triton, v2
 from gateway.api.auth import ApiKeyMiddleware, parse_tokens
 from gateway.api.health import health_json
 from gateway.api.http import (
