@@ -173,8 +173,8 @@ def create_app(
         runtime = Runtime(config, on_fatal or (lambda reason: None))
         app.state.runtime = runtime
         metrics.attach(runtime)
-        await runtime.start()
         try:
+            await runtime.start()
             yield
         finally:
             await runtime.stop()
