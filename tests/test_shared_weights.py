@@ -249,12 +249,14 @@ def test_no_shared_weights_loads_privately_and_health_says_why(
         env={"TORCHPOOL_NO_SHARED_WEIGHTS": "1"},
     )  # fmt: skip
     (worker,) = server.health()["workers"]
-    assert worker["weights"] == {
+    assert worker["weights"]["load_s"] > 0
+    assert {**worker["weights"], "load_s": 0} == {
         "shared": False,
         "reason": "--no-shared-weights",
         "file": None,
         "bytes": 0,
         "mapped": False,
+        "load_s": 0,
     }
     assert not weight_files(shm)
     assert "weights private (not shared): --no-shared-weights" in server.log()

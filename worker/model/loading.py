@@ -22,6 +22,7 @@ from __future__ import annotations
 import importlib
 import io
 import pickle
+import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,8 +94,11 @@ def load_model(settings: ModelSettings, device: torch.device) -> LoadedModel:
     The ``--input-shape`` flag overrides the row shape the source carries, and
     ``--input-dtype`` its dtype when set to anything but the default float32.
     """
+    started = time.monotonic()
     try:
         model = _load_shared(settings, device)
+        if model.sharing is not None:
+            model.sharing.load_s = round(time.monotonic() - started, 3)
     except ModelLoadError as exc:
         raise ModelLoadError(one_line(exc.message)) from exc
     except Exception as exc:
@@ -227,7 +231,8 @@ def _load(settings: ModelSettings, device: torch.device) -> LoadedModel:
     if found.kind == modelfile.TORCHSCRIPT:
         return _load_torchscript(path, device)
     if settings.model_class:
-        return _load_state_dict(path, settings.model_class, settings.model_kwargs, device)
+        share = not settings.no_shared_weights
+        return _load_state_dict(path, settings.model_class, settings.model_kwargs, device, share)
     return _load_pickle(found, device)
 
 
@@ -294,11 +299,15 @@ def _load_pickle(found: modelfile.ModelFile, device: torch.device) -> LoadedMode
 
 
 def _load_state_dict(
-    path: Path, class_path: str, kwargs: Mapping[str, Any], device: torch.device
+    path: Path,
+    class_path: str,
+    kwargs: Mapping[str, Any],
+    device: torch.device,
+    share: bool = True,
 ) -> LoadedModel:
     cls = import_object(class_path, "--model-class")
     try:
-        obj, mapped = _load_weights(path, device)
+        obj, mapped = _load_weights(path, device, share)
     except pickle.UnpicklingError as exc:
         # The sniff found only tensor globals, yet torch's weights_only loader,
         # the actual guard, refused one: say which.
@@ -367,10 +376,10 @@ def _assigned(
     return model
 
 
-def _load_weights(path: Path, device: torch.device) -> tuple[Any, bool]:
+def _load_weights(path: Path, device: torch.device, share: bool) -> tuple[Any, bool]:
     """``torch.load`` with weights only, and whether it is memory-mapped (on CPU, when
-    the format allows)."""
-    if device.type == "cpu":
+    the format allows and ``share``: else every worker reads its own copy)."""
+    if share and device.type == "cpu":
         try:
             return torch.load(path, weights_only=True, map_location=device, mmap=True), True
         except RuntimeError:

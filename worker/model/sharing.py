@@ -74,6 +74,9 @@ class Sharing:
     bytes: int = 0
     # Whether this worker mapped what another published (True) or published it.
     mapped: bool = False
+    # Seconds the model itself took to load (torch was imported already), publishing
+    # or mapping included: what sharing can shorten, apart from the interpreter's start.
+    load_s: float | None = None
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -82,6 +85,7 @@ class Sharing:
             "file": self.file,
             "bytes": self.bytes,
             "mapped": self.mapped,
+            "load_s": self.load_s,
         }
 
 
