@@ -115,6 +115,9 @@ def load_model(settings: ModelSettings, device: torch.device) -> LoadedModel:
 
 # --- sharing ----------------------------------------------------------------------
 
+FILE_MAPPED: Final = "its tensors map the model file itself (torch.load mmap)"
+MAPPED: Final = "mapped what another worker published; its own copy, loaded first, is freed"
+
 
 def _kind(settings: ModelSettings) -> str:
     if settings.handler:
@@ -153,16 +156,24 @@ def _load_shared(settings: ModelSettings, device: torch.device) -> LoadedModel:
         model.sharing = Sharing(False, why)
         return model
     assert settings.weights_dir is not None
+    store = Store(Path(settings.weights_dir), content_key(settings, kind))
+    loaded: LoadedModel | None = None
     try:
-        store = Store(Path(settings.weights_dir), content_key(settings, kind))
+        if kind == "state_dict":
+            # Mapped from the model file itself as a rule: no turn to wait for.
+            loaded = _load(settings, device)
         with store.turn():
             mapped = store.open()
             if mapped is None:
-                return _publish(_load(settings, device), store)
-            return _from_mapped(settings, device, mapped)
+                loaded = loaded or _load(settings, device)
+                return _publish(loaded, store)
+            if loaded is None and mapped.skeleton is not None:
+                return _from_skeleton(mapped, device)
+            loaded = loaded or _load(settings, device)
+            return _attach(loaded, mapped)
     except (OSError, ValueError) as exc:
         # Shared memory full, a folder not writable...: serve from a private copy.
-        model = _load(settings, device)
+        model = loaded or _load(settings, device)
         model.sharing = Sharing(False, f"sharing failed: {one_line(str(exc))}")
         return model
 
@@ -170,7 +181,7 @@ def _load_shared(settings: ModelSettings, device: torch.device) -> LoadedModel:
 def _publish(model: LoadedModel, store: Store) -> LoadedModel:
     """First worker: write the weights to the store, then serve from the mapping too."""
     if model.file_mapped:
-        model.sharing = Sharing(True, "its tensors map the model file itself (torch.load mmap)")
+        model.sharing = Sharing(True, FILE_MAPPED)
         return model
     tensors, private = weights.collect(model.roots)
     if not tensors:
@@ -181,29 +192,34 @@ def _publish(model: LoadedModel, store: Store) -> LoadedModel:
         skeleton = weights.script_skeleton(model.forward, tensors)
     store.publish(tensors, skeleton)
     mapped = store.open()
-    assert mapped is not None
+    if mapped is None:
+        raise OSError(f"{store.path} vanished right after it was published")
     shared = weights.attach(model.roots, mapped.tensors)
     model.mapped = mapped
     model.sharing = Sharing(True, _shared_reason(private), str(mapped.path), shared)
     return model
 
 
-def _from_mapped(settings: ModelSettings, device: torch.device, mapped: Mapped) -> LoadedModel:
-    """A later worker: build the structure only where it can, and map the weights."""
-    if mapped.skeleton is not None:
-        module = weights.load_skeleton(mapped.skeleton, device)
-        module.eval()
-        model = LoadedModel(module, device, None, "float32", "torchscript", roots={"": module})
-        shared = weights.attach(model.roots, mapped.tensors, skeleton=True)
-        how = "mapped what another worker published; structure from its skeleton archive"
-    else:
-        model = _load(settings, device)
-        if model.file_mapped:
-            model.sharing = Sharing(True, "its tensors map the model file itself (torch.load mmap)")
-            return model
-        shared = weights.attach(model.roots, mapped.tensors)
-        how = "mapped what another worker published; its own copy, loaded first, is freed"
+def _attach(model: LoadedModel, mapped: Mapped) -> LoadedModel:
+    """A later worker that loaded the model: swap its tensors for the mapped ones."""
+    if model.file_mapped:
+        model.sharing = Sharing(True, FILE_MAPPED)
+        return model
+    shared = weights.attach(model.roots, mapped.tensors)
     model.mapped = mapped
+    model.sharing = Sharing(True, MAPPED, str(mapped.path), shared, mapped=True)
+    return model
+
+
+def _from_skeleton(mapped: Mapped, device: torch.device) -> LoadedModel:
+    """A later TorchScript worker: the weightless archive, then the mapped weights."""
+    assert mapped.skeleton is not None
+    module = weights.load_skeleton(mapped.skeleton, device)
+    module.eval()
+    model = LoadedModel(module, device, None, "float32", "torchscript", roots={"": module})
+    shared = weights.attach(model.roots, mapped.tensors, skeleton=True)
+    model.mapped = mapped
+    how = "mapped what another worker published; structure from its skeleton archive"
     model.sharing = Sharing(True, how, str(mapped.path), shared, mapped=True)
     return model
 

@@ -185,18 +185,23 @@ class Store:
         start = _aligned(_HEADER.size + len(_pack(index, shift=1 << 40)))
         packed = _pack(index, shift=start)
         temporary = self.path.with_suffix(f".{os.getpid()}.tmp")
-        with temporary.open("wb") as file:
-            file.write(_HEADER.pack(MAGIC, len(packed)))
-            file.write(packed)
-            for entry, tensor in zip(entries, tensors.values(), strict=True):
-                file.seek(start + entry["offset"])
-                file.write(_bytes_of(tensor))
-            if skeleton is not None:
-                file.seek(start + skeleton_at)
-                file.write(skeleton)
-            file.flush()
-            os.fsync(file.fileno())
-        os.rename(temporary, self.path)
+        try:
+            with temporary.open("wb") as file:
+                file.write(_HEADER.pack(MAGIC, len(packed)))
+                file.write(packed)
+                for entry, tensor in zip(entries, tensors.values(), strict=True):
+                    file.seek(start + entry["offset"])
+                    file.write(_bytes_of(tensor))
+                if skeleton is not None:
+                    file.seek(start + skeleton_at)
+                    file.write(skeleton)
+                file.flush()
+                os.fsync(file.fileno())
+            os.rename(temporary, self.path)
+        except BaseException:
+            # A full /dev/shm, say: leave no half file to fill it further.
+            temporary.unlink(missing_ok=True)
+            raise
 
 
 def _pack(index: dict[str, Any], shift: int) -> bytes:
