@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 import torch
 
+from shared import modelconfig
 from shared.config import ModelSettings
 from tests import sharing_zoo, zoo
 from tests.conftest import Server, gone, wait_for
@@ -271,3 +272,13 @@ def test_health_documents_pss_beside_rss(demo_server: Server) -> None:
         assert worker["weights"]["shared"] is False
         assert "demo" in worker["weights"]["reason"]
     json.dumps(document)
+
+
+def test_a_config_file_turns_sharing_off_per_model_and_names_the_cache(tmp_path: Path) -> None:
+    path = tmp_path / "torchpool.toml"
+    path.write_text(
+        '[server]\nweights_cache = "/var/tmp"\n[models.a]\nno_shared_weights = true\n[models.b]\n'
+    )
+    config = modelconfig.load(path)
+    assert config.server.weights_cache == "/var/tmp"
+    assert config.models["a"].no_shared_weights and not config.models["b"].no_shared_weights

@@ -92,17 +92,20 @@ def attach(
         raise ValueError(
             f"published weights do not match: missing {missing[:3]}, extra {extra[:3]}"
         )
-    total = 0
     for name, tensor in mine.items():
         view = views[name]
+        # Every tensor is checked before any is swapped: a mismatch leaves the model whole.
         if view.dtype != tensor.dtype or (view.shape != tensor.shape and not skeleton):
             raise ValueError(
                 f"published {name} is {dtype_name(view.dtype)}{list(view.shape)}, "
                 f"the model's {dtype_name(tensor.dtype)}{list(tensor.shape)}"
             )
-        with torch.no_grad():
+    total = 0
+    with torch.no_grad():
+        for name, tensor in mine.items():
+            view = views[name]
             tensor.data = view
-        total += view.numel() * view.element_size()
+            total += view.numel() * view.element_size()
     return total
 
 
