@@ -10,6 +10,8 @@ import pytest
 from gateway.pool.placement import Placement, format_cores, plan, split_cores, visible_gpus
 from shared.config import ConfigError
 
+pytestmark = pytest.mark.fast
+
 EIGHT = list(range(8))
 
 

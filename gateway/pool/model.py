@@ -9,19 +9,23 @@ model's name) and the machine's cores, which placement splits among them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import enum
 import logging
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from gateway.pool.dispatch import Dispatcher
 from gateway.pool.placement import Placement
+from gateway.pool.process import Spawner, WorkerProcess
 from gateway.pool.supervisor import Supervisor
 from gateway.pool.transport import Transport
 from gateway.pool.weights import WeightsCache
-from gateway.pool.workers import Pool, WorkerRecord
+from gateway.pool.workers import Pool, State, WorkerRecord
 from shared.config import PoolSettings
 from shared.errors import ModelLoadError
 from shared.fingerprint import fingerprint
@@ -36,6 +40,21 @@ class ModelState(str, enum.Enum):
     UNLOADING = "unloading"  # removed: finishing what it holds, then its workers stop
 
 
+@dataclass(frozen=True)
+class Seams:
+    """How a model's supervisor starts worker processes and tells time.
+
+    The defaults are the real ones; the fast tests give fakes (tests/asgi.py).
+    """
+
+    spawner: Spawner = WorkerProcess.spawn
+    clock: Callable[[], float] = time.monotonic
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
+
+
+REAL_SEAMS = Seams()
+
+
 class ModelRuntime:
     """A model's pool, dispatcher and supervisor, started and stopped together."""
 
@@ -47,6 +66,7 @@ class ModelRuntime:
         transport: Transport,
         on_failed: Callable[[ModelRuntime, str], None],
         taken: Callable[[], Sequence[int]] = tuple,
+        seams: Seams = REAL_SEAMS,
         weights: WeightsCache | None = None,
     ) -> None:
         self.name = name
@@ -65,7 +85,15 @@ class ModelRuntime:
             ),
         )
         self.supervisor = Supervisor(
-            settings, self.pool, transport, self.dispatcher, self._failed, taken=taken
+            settings,
+            self.pool,
+            transport,
+            self.dispatcher,
+            self._failed,
+            spawner=seams.spawner,
+            clock=seams.clock,
+            sleep=seams.sleep,
+            taken=taken,
         )
         self.supervisor.on_ready = self._worker_ready
         self.error: str | None = None
@@ -109,13 +137,30 @@ class ModelRuntime:
             if self._weights is not None:
                 self._weights.remove_model(self.name)
 
-    async def wait_loaded(self) -> None:
-        """Until the model is ready; ModelLoadError if it fails first."""
-        while self.state is ModelState.LOADING:
+    async def wait_all_ready(self) -> None:
+        """Until every local worker of the model is ready (an admin load's 201).
+
+        ModelLoadError when the model fails, or when a worker gives up for good
+        (it failed its boots in a row) while others are ready: the pool asked for
+        can then never be reached.
+        """
+        while True:
             self._changed.clear()
-            await self._changed.wait()
-        if self.state is ModelState.FAILED:
-            raise ModelLoadError(f"model {self.name!r} could not load: {self.error}")
+            if self.state is ModelState.FAILED:
+                raise ModelLoadError(f"model {self.name!r} could not load: {self.error}")
+            workers = self.pool.workers
+            failed = [w for w in workers if w.state is State.FAILED]
+            if failed:
+                raise ModelLoadError(
+                    f"model {self.name!r}: worker {failed[0].slot} could not load: "
+                    f"{failed[0].last_error}"
+                )
+            if all(w.ready for w in workers):
+                return
+            # READY wakes this at once; a worker giving up has no event of its
+            # own, so look again at least every quarter second.
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), 0.25)
 
     async def reload(self, settings: PoolSettings | None = None) -> None:
         """Rolling replacement of every worker; ModelLoadError if it fails (old ones serve on)."""

@@ -53,7 +53,8 @@ from worker.codec.inputs import Codec, InputSpec, prepare
 from worker.control import WorkerState
 from worker.model.handler import positional_count
 from worker.model.loading import LoadedModel
-from worker.serve.batching import Job, model_failure
+from worker.serve.batching import Job
+from worker.serve.failure import model_failure
 
 # Credit of a stream whose REQUEST names none.
 DEFAULT_CREDIT: Final = 8
