@@ -107,6 +107,24 @@ def test_a_write_to_a_mapped_weight_stays_in_its_process(tmp_path: Path) -> None
     assert torch.equal(third.roots["model"].weight, sharing_zoo.seeded_linear().weight)
 
 
+def test_tensors_that_map_a_file_already_are_not_published_again(tmp_path: Path) -> None:
+    weights = tmp_path / "linear.pt"
+    torch.save(sharing_zoo.seeded_linear().state_dict(), weights)
+    folder = tmp_path / "shared"
+    settings = ModelSettings(
+        weights_dir=str(folder),
+        handler="tests.sharing_zoo:MappedHandler",
+        model_kwargs={"weights": str(weights)},
+    )
+    first, second = load_model(settings, CPU), load_model(settings, CPU)
+    for model in (first, second):
+        assert model.sharing is not None and model.sharing.shared
+        assert str(weights) in model.sharing.reason
+    assert not list(folder.glob("*.weights"))
+    rows = torch.randn(2, sharing_zoo.ROW)
+    assert torch.equal(answer(second, rows), sharing_zoo.seeded_linear()(rows))
+
+
 def test_without_a_weights_dir_it_loads_privately_and_says_why(files: dict[str, Any]) -> None:
     model = load_model(ModelSettings(model=str(files["torchscript"])), CPU)
     assert model.sharing is not None and not model.sharing.shared

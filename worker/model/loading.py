@@ -159,18 +159,27 @@ def _load_shared(settings: ModelSettings, device: torch.device) -> LoadedModel:
     store = Store(Path(settings.weights_dir), content_key(settings, kind))
     loaded: LoadedModel | None = None
     try:
-        if kind == "state_dict":
-            # Mapped from the model file itself as a rule: no turn to wait for.
-            loaded = _load(settings, device)
+        if kind == "torchscript":
+            # Worth waiting for: once published, the structure loads from a
+            # weightless skeleton. Workers that boot together take turns.
+            with store.turn():
+                mapped = store.open()
+                if mapped is None:
+                    loaded = _load(settings, device)
+                    return _publish(loaded, store)
+            return (
+                _from_skeleton(mapped, device)
+                if mapped.skeleton
+                else _attach(_load(settings, device), mapped)
+            )
+        # Every other kind loads in full anyway: in parallel, then the turn only
+        # to publish, or to find what another worker published and map it.
+        loaded = _load(settings, device)
         with store.turn():
             mapped = store.open()
             if mapped is None:
-                loaded = loaded or _load(settings, device)
                 return _publish(loaded, store)
-            if loaded is None and mapped.skeleton is not None:
-                return _from_skeleton(mapped, device)
-            loaded = loaded or _load(settings, device)
-            return _attach(loaded, mapped)
+        return _attach(loaded, mapped)
     except (OSError, ValueError) as exc:
         # Shared memory full, a folder not writable...: serve from a private copy.
         model = loaded or _load(settings, device)
@@ -187,6 +196,12 @@ def _publish(model: LoadedModel, store: Store) -> LoadedModel:
     if not tensors:
         model.sharing = Sharing(False, "the model holds no nn.Module parameters or buffers")
         return model
+    in_files = weights.file_backed(tensors)
+    if len(in_files) == len(tensors):
+        files = ", ".join(sorted(set(in_files.values())))
+        model.sharing = Sharing(True, f"its tensors map the model's files ({files})")
+        return model
+    tensors = {name: t for name, t in tensors.items() if name not in in_files}
     skeleton = None
     if model.source == "torchscript":
         skeleton = weights.script_skeleton(model.forward, tensors)
@@ -196,7 +211,8 @@ def _publish(model: LoadedModel, store: Store) -> LoadedModel:
         raise OSError(f"{store.path} vanished right after it was published")
     shared = weights.attach(model.roots, mapped.tensors)
     model.mapped = mapped
-    model.sharing = Sharing(True, _shared_reason(private), str(mapped.path), shared)
+    reason = _shared_reason(private, in_files)
+    model.sharing = Sharing(True, reason, str(mapped.path), shared)
     return model
 
 
@@ -224,10 +240,13 @@ def _from_skeleton(mapped: Mapped, device: torch.device) -> LoadedModel:
     return model
 
 
-def _shared_reason(private: int) -> str:
+def _shared_reason(private: int, in_files: dict[str, str]) -> str:
+    parts = ["published"]
+    if in_files:
+        parts.append(f"{len(in_files)} tensors map the model's files already")
     if private:
-        return f"published; {private} bytes of tensors the format cannot hold stay private"
-    return "published"
+        parts.append(f"{private} bytes of tensors the format cannot hold stay private")
+    return "; ".join(parts)
 
 
 def _load(settings: ModelSettings, device: torch.device) -> LoadedModel:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -75,23 +76,60 @@ def collect(roots: dict[str, nn.Module]) -> tuple[dict[str, torch.Tensor], int]:
     return shared, private
 
 
+def file_backed(tensors: dict[str, torch.Tensor]) -> dict[str, str]:
+    """The tensors whose memory is a mapping of a regular file, by name, and that file.
+
+    Such a tensor (a safetensors file Hugging Face mapped, a state_dict loaded
+    with ``mmap=True``) is shared already: every worker maps the same file from
+    the page cache. Publishing it again would only hold a second copy in
+    shared memory.
+    """
+    ranges = _file_ranges()
+    found: dict[str, str] = {}
+    for name, tensor in tensors.items():
+        address = tensor.data_ptr()
+        for start, end, path in ranges:
+            if start <= address < end:
+                found[name] = path
+                break
+    return found
+
+
+def _file_ranges() -> list[tuple[int, int, str]]:
+    """This process's mappings of regular files: (start, end, path)."""
+    try:
+        lines = Path("/proc/self/maps").read_text().splitlines()
+    except OSError:
+        return []  # not Linux: every tensor is published
+    ranges = []
+    for line in lines:
+        fields = line.split(maxsplit=5)
+        if len(fields) < 6 or not fields[5].startswith("/") or fields[5].endswith("(deleted)"):
+            continue
+        path = fields[5]
+        if path.startswith("/dev/") and not path.startswith("/dev/shm/"):
+            continue
+        low, high = fields[0].split("-")
+        ranges.append((int(low, 16), int(high, 16), path))
+    return ranges
+
+
 def attach(
     roots: dict[str, nn.Module], views: dict[str, torch.Tensor], skeleton: bool = False
 ) -> int:
-    """Point every shared tensor of ``roots`` at its view; the bytes now mapped.
+    """Point each tensor of ``roots`` named in ``views`` at its view; the bytes now mapped.
 
     ``skeleton``: the tensors were emptied (:func:`script_skeleton`), so their
     shapes are not compared. Raises ValueError when the structure does not
     match the file (another model under the same key would be a bug, not a
     condition to serve through).
     """
-    mine, _ = collect(roots)
-    missing = [name for name in views if name not in mine]
-    if missing or len(mine) != len(views):
-        extra = [name for name in mine if name not in views]
-        raise ValueError(
-            f"published weights do not match: missing {missing[:3]}, extra {extra[:3]}"
-        )
+    collected, _ = collect(roots)
+    unknown = [name for name in views if name not in collected]
+    if unknown:
+        raise ValueError(f"published weights do not match the model: no {unknown[:3]} here")
+    # Tensors not in the file were left out as mapped from a model file already.
+    mine = {name: collected[name] for name in views}
     for name, tensor in mine.items():
         view = views[name]
         # Every tensor is checked before any is swapped: a mismatch leaves the model whole.
