@@ -59,7 +59,7 @@ _ENCODINGS: Final = frozenset({"gzip", "deflate"})
 _PLATFORMS: Final = {"torchscript": "pytorch_libtorch"}
 
 
-class _V2Route(APIRoute):
+class V2Route(APIRoute):
     """A route whose TorchpoolErrors become the protocol's ``{"error": ...}`` answers."""
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
@@ -74,7 +74,7 @@ class _V2Route(APIRoute):
         return guarded
 
 
-router = APIRouter(prefix="/v2", tags=["Open Inference Protocol"], route_class=_V2Route)
+router = APIRouter(prefix="/v2", tags=["Open Inference Protocol"], route_class=V2Route)
 
 _ERROR_SCHEMA: Final[dict[str, Any]] = {
     "type": "object",
@@ -94,7 +94,7 @@ def errors_openapi(*statuses: int) -> dict[int | str, dict[str, Any]]:
     }
 
 
-def _check_model(runtime: Runtime, name: str, version: str | None) -> ModelRuntime:
+def check_model(runtime: Runtime, name: str, version: str | None) -> ModelRuntime:
     model = runtime.model(name)
     if version is not None and version != VERSION:
         raise ModelNotFound(f"model {name!r} has no version {version!r}; it has {VERSION!r}")
@@ -106,9 +106,10 @@ def _check_model(runtime: Runtime, name: str, version: str | None) -> ModelRunti
 
 @router.get("")
 async def server_metadata(request: Request) -> Response:
-    """Server name, version and the protocol extensions it supports."""
+    """Server name, version and the protocol extensions it serves (see gateway.api.triton)."""
+    extensions = getattr(request.app.state, "extensions", EXTENSIONS)
     return json_response(
-        {"name": "torchpool", "version": request.app.version, "extensions": EXTENSIONS}
+        {"name": "torchpool", "version": request.app.version, "extensions": extensions}
     )
 
 
@@ -132,7 +133,7 @@ async def server_ready(request: Request) -> Response:
 
 # --- repository (Triton's model repository extension) --------------------------
 
-_REPOSITORY_STATES: Final = {
+REPOSITORY_STATES: Final = {
     ModelState.READY: "READY",
     ModelState.LOADING: "LOADING",
     ModelState.FAILED: "UNAVAILABLE",
@@ -145,7 +146,7 @@ async def repository_index(request: Request) -> Response:
     """Every served model with its version, state and, when it is not ready, why."""
     index = []
     for model in runtime_of(request).models.values():
-        entry = {"name": model.name, "version": VERSION, "state": _REPOSITORY_STATES[model.state]}
+        entry = {"name": model.name, "version": VERSION, "state": REPOSITORY_STATES[model.state]}
         if model.error is not None:
             entry["reason"] = model.error
         index.append(entry)
@@ -162,7 +163,7 @@ def _described(pool: Pool) -> WorkerRecord | None:
     return loaded[0] if loaded else None
 
 
-def _signature(model: ModelRuntime, name: str) -> dict[str, Any]:
+def model_signature(model: ModelRuntime, name: str) -> dict[str, Any]:
     """The model's inputs and outputs as its workers reported them at READY."""
     worker = _described(model.pool)
     if worker is None:
@@ -194,8 +195,8 @@ def _signature(model: ModelRuntime, name: str) -> dict[str, Any]:
 
 async def model_metadata(request: Request, name: str, version: str | None = None) -> Response:
     """Name, versions, platform, and the inputs and outputs with -1 for variable dims."""
-    model = _check_model(runtime_of(request), name, version)
-    signature = _signature(model, name)
+    model = check_model(runtime_of(request), name, version)
+    signature = model_signature(model, name)
     return json_response(
         {
             "name": name,
@@ -209,7 +210,7 @@ async def model_metadata(request: Request, name: str, version: str | None = None
 
 async def model_ready(request: Request, name: str, version: str | None = None) -> Response:
     """200 while at least one worker serves the model, else 503."""
-    model = _check_model(runtime_of(request), name, version)
+    model = check_model(runtime_of(request), name, version)
     if not_ready_reason(model.pool, 1) is not None:
         message = f"model {name!r} is not ready: no worker serves it now"
         return json_response({"error": message, "name": name, "ready": False}, 503)
@@ -218,9 +219,9 @@ async def model_ready(request: Request, name: str, version: str | None = None) -
 
 async def model_config(request: Request, name: str, version: str | None = None) -> Response:
     """The parts of a Triton model configuration that describe this model."""
-    model = _check_model(runtime_of(request), name, version)
+    model = check_model(runtime_of(request), name, version)
     settings = model.settings
-    signature = _signature(model, name)
+    signature = model_signature(model, name)
 
     def tensors(specs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         return [
@@ -245,7 +246,7 @@ async def model_config(request: Request, name: str, version: str | None = None) 
 
 async def infer(request: Request, name: str, version: str | None = None) -> Response:
     """Run the model on a v2 inference request; the worker parses and answers it."""
-    model = _check_model(runtime_of(request), name, version)
+    model = check_model(runtime_of(request), name, version)
     settings = model.settings
     extra: protocol.RequestExtras = {"model": name, "version": VERSION}
     encoding = (request.headers.get("content-encoding") or "identity").strip().lower()

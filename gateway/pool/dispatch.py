@@ -26,7 +26,13 @@ from gateway.pool.pending import Pending, Reply
 from gateway.pool.transport import Transport
 from gateway.pool.workers import Pool, WorkerRecord
 from shared import protocol
-from shared.errors import DeadlineExceeded, TorchpoolError, Unavailable, error_from_code
+from shared.errors import (
+    DeadlineExceeded,
+    QueueFull,
+    TorchpoolError,
+    Unavailable,
+    error_from_code,
+)
 
 log = logging.getLogger("torchpool.dispatch")
 
@@ -105,7 +111,7 @@ class Dispatcher:
         if worker is not None:
             pass
         elif len(self._queue) >= self._queue_size:
-            raise Unavailable(
+            raise QueueFull(
                 f"all workers are busy and the queue is full ({self._queue_size} waiting)"
             )
         else:
