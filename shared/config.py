@@ -72,6 +72,20 @@ def parse_bool(text: str) -> bool:
     raise ConfigError(f"{text!r} is not a boolean (use 1/0, true/false)")
 
 
+OPENAI_ROUTES = ("embeddings", "chat", "completions")
+
+
+def parse_openai_routes(text: str) -> tuple[str, ...]:
+    """``"chat,completions"`` -> ``("chat", "completions")``; each one of OPENAI_ROUTES."""
+    routes = tuple(part.strip() for part in text.split(",") if part.strip())
+    unknown = [route for route in routes if route not in OPENAI_ROUTES]
+    if unknown:
+        raise ConfigError(
+            f"unknown OpenAI route {unknown[0]!r}; the routes are {', '.join(OPENAI_ROUTES)}"
+        )
+    return routes
+
+
 def parse_cores(text: str) -> tuple[int, ...]:
     """``"0-3,6"`` -> ``(0, 1, 2, 3, 6)``, as in /proc/<pid>/status."""
     cores: list[int] = []
@@ -156,6 +170,18 @@ class ModelSettings:
         "No effect on GPU and remote workers (see docs/elastic-cores.md).",
         parse_bool,
     )
+    no_shared_weights: bool = _opt(
+        False,
+        "Each CPU worker loads its own private copy of the weights instead of mapping the "
+        "one copy the first worker published (see docs/shared-weights.md).",
+        parse_bool,
+    )
+    weights_dir: str | None = _opt(
+        None,
+        "Folder where CPU workers of this model publish and map their shared weights. The "
+        "gateway sets it for its local workers (a folder of its own under --weights-cache, "
+        "removed when the model goes); remote workers of one host may share one given here.",
+    )
 
     def __post_init__(self) -> None:
         if self.model_kwargs is None:
@@ -234,6 +260,12 @@ class PoolSettings(ModelSettings):
     )
     max_worker_rss_mb: float = _opt(
         0.0, "Replace a worker whose RSS grows past this many MiB (0: never).", float
+    )
+    openai: tuple[str, ...] | None = _opt(
+        None,
+        "OpenAI API routes the model serves: embeddings, chat, completions (comma-separated; "
+        "a list in a config file). Default: what its handler's openai_routes declares.",
+        parse_openai_routes,
     )
 
     def __post_init__(self) -> None:
@@ -316,6 +348,12 @@ class ServerSettings:
         False,
         "Exit when any model fails to load at start (default: only when every model did).",
         parse_bool,
+    )
+    weights_cache: str = _opt(
+        "/dev/shm",
+        "Folder under which the gateway keeps the weights its CPU workers share (one "
+        "folder per gateway, removed when it exits; a later start removes what a killed "
+        "gateway left). Memory-backed (/dev/shm) unless you name a disk folder.",
     )
 
     def __post_init__(self) -> None:

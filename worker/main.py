@@ -15,6 +15,7 @@ after :func:`worker.pinning.apply` has set the thread and device variables.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import secrets
@@ -170,6 +171,8 @@ def run(
     if (reason := signals.stop_reason) is not None:
         control.send({"t": protocol.BYE, "reason": reason})
         return 0
+    from worker.codec.openai import declared_routes  # torch is loaded by now
+
     # On the board before READY: a request the gateway sends once this worker is
     # ready may already borrow its cores, or find them busy.
     elastic = elastic_cores(settings, pin, model)
@@ -186,6 +189,8 @@ def run(
                 "source": model.source,
                 "outputs": model.outputs,
                 "stream": model.stream is not None,
+                "openai": declared_routes(model.handler, model.stream is not None),
+                "weights": None if model.sharing is None else model.sharing.as_json(),
             },
             "device": str(model.device) if pin.gpu is None else pin.label,
             **sampler.sample(),
@@ -200,6 +205,7 @@ def load(settings: WorkerSettings, pin: pinning.Pinning, sampler: MemorySampler)
         import torch
     except ImportError as exc:
         raise ModelLoadError(f"torch cannot be imported: {exc}") from exc
+    from worker.codec.openai import declared_routes
     from worker.model.loading import load_model, warm_up
     from worker.stats import torch_cuda_probe
 
@@ -212,8 +218,27 @@ def load(settings: WorkerSettings, pin: pinning.Pinning, sampler: MemorySampler)
     if use_cuda:
         sampler.install_cuda_probe(torch_cuda_probe(0))
     model = load_model(settings, device)
+    declared_routes(model.handler, model.stream is not None)  # refuses what it cannot serve
     warm_up(model)
+    if model.sharing is not None:
+        held = model.sharing
+        how = "shared" if held.shared else "private (not shared)"
+        print(f"{PROG}: weights {how}: {held.reason}", file=sys.stderr, flush=True)
+    release_free_heap()
     return model
+
+
+def release_free_heap() -> None:
+    """Give the heap's free pages back to the system (glibc ``malloc_trim``).
+
+    Loading frees what the mapped weights replaced and what unpickling
+    needed; glibc keeps such pages in its arenas, where they count as this
+    worker's private memory for as long as it lives.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).malloc_trim(0)
 
 
 def serve(
