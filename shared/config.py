@@ -72,6 +72,20 @@ def parse_bool(text: str) -> bool:
     raise ConfigError(f"{text!r} is not a boolean (use 1/0, true/false)")
 
 
+OPENAI_ROUTES = ("embeddings", "chat", "completions")
+
+
+def parse_openai_routes(text: str) -> tuple[str, ...]:
+    """``"chat,completions"`` -> ``("chat", "completions")``; each one of OPENAI_ROUTES."""
+    routes = tuple(part.strip() for part in text.split(",") if part.strip())
+    unknown = [route for route in routes if route not in OPENAI_ROUTES]
+    if unknown:
+        raise ConfigError(
+            f"unknown OpenAI route {unknown[0]!r}; the routes are {', '.join(OPENAI_ROUTES)}"
+        )
+    return routes
+
+
 def parse_cores(text: str) -> tuple[int, ...]:
     """``"0-3,6"`` -> ``(0, 1, 2, 3, 6)``, as in /proc/<pid>/status."""
     cores: list[int] = []
@@ -120,7 +134,9 @@ class ModelSettings:
         parse_bool,
     )
     model_name: str | None = _opt(
-        None, "Name the model is served under; default: the model file's stem, or 'demo'."
+        None,
+        "Name the model is served under; default: the model file's stem, else the "
+        "--handler class's name in lower case, else 'demo'.",
     )
     input_shape: tuple[int, ...] | None = _opt(
         None,
@@ -147,6 +163,25 @@ class ModelSettings:
     )
     max_body_mb: float = _opt(64.0, "Largest request body accepted, in MiB (413 past it).", float)
     heartbeat_s: float = _opt(1.0, "Seconds between worker heartbeats.", float)
+    elastic_cores: bool = _opt(
+        True,
+        "A CPU worker's forward pass borrows the cores of workers idle at that moment (any "
+        "model's), for that pass only; off: each worker always runs on its own cores. "
+        "No effect on GPU and remote workers (see docs/elastic-cores.md).",
+        parse_bool,
+    )
+    no_shared_weights: bool = _opt(
+        False,
+        "Each CPU worker loads its own private copy of the weights instead of mapping the "
+        "one copy the first worker published (see docs/shared-weights.md).",
+        parse_bool,
+    )
+    weights_dir: str | None = _opt(
+        None,
+        "Folder where CPU workers of this model publish and map their shared weights. The "
+        "gateway sets it for its local workers (a folder of its own under --weights-cache, "
+        "removed when the model goes); remote workers of one host may share one given here.",
+    )
 
     def __post_init__(self) -> None:
         if self.model_kwargs is None:
@@ -225,6 +260,12 @@ class PoolSettings(ModelSettings):
     )
     max_worker_rss_mb: float = _opt(
         0.0, "Replace a worker whose RSS grows past this many MiB (0: never).", float
+    )
+    openai: tuple[str, ...] | None = _opt(
+        None,
+        "OpenAI API routes the model serves: embeddings, chat, completions (comma-separated; "
+        "a list in a config file). Default: what its handler's openai_routes declares.",
+        parse_openai_routes,
     )
 
     def __post_init__(self) -> None:
@@ -308,6 +349,12 @@ class ServerSettings:
         "Exit when any model fails to load at start (default: only when every model did).",
         parse_bool,
     )
+    weights_cache: str = _opt(
+        "/dev/shm",
+        "Folder under which the gateway keeps the weights its CPU workers share (one "
+        "folder per gateway, removed when it exits; a later start removes what a killed "
+        "gateway left). Memory-backed (/dev/shm) unless you name a disk folder.",
+    )
 
     def __post_init__(self) -> None:
         parent = getattr(super(), "__post_init__", None)
@@ -328,7 +375,7 @@ class ServeSettings(ServerSettings, PoolSettings):
     config: str | None = _opt(
         None,
         "TOML file with a [server] table and one [models.NAME] table per model "
-        "(see the README); the model flags then come from it.",
+        "(see docs/config.md); the model flags then come from it.",
     )
 
     def server_settings(self) -> ServerSettings:
@@ -464,6 +511,11 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def negated_flag(name: str) -> str:
+    """``--no-elastic-cores``: how a boolean setting that defaults to on is turned off."""
+    return "--no-" + name.replace("_", "-")
+
+
 def env_name(name: str) -> str:
     return ENV_PREFIX + name.upper()
 
@@ -482,6 +534,11 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type[Any]) -> None:
             parser.add_argument(
                 flag(f.name), dest=f.name, action="store_const", const="1", help=help_text
             )
+            if default is True:
+                parser.add_argument(
+                    negated_flag(f.name), dest=f.name, action="store_const", const="0",
+                    help=f"Turn {flag(f.name)} off.",
+                )  # fmt: skip
         else:
             parser.add_argument(flag(f.name), dest=f.name, metavar=f.name.upper(), help=help_text)
 
@@ -527,8 +584,7 @@ def worker_argv(settings: ModelSettings) -> list[str]:
         if value is None or value == f.default or value == {}:
             continue
         if f.metadata["parse"] is parse_bool:
-            if value:
-                argv.append(flag(f.name))
+            argv.append(flag(f.name) if value else negated_flag(f.name))
             continue
         if isinstance(value, dict):
             text = json.dumps(value)

@@ -28,7 +28,7 @@ the header; its ``t`` key names the message type. Payload frames follow raw:
     READY     control -> gateway  [ {t, uid, load_s, capacity, input_shape?, input_dtype?,
                                      model_name, signature?, + memory fields} ]
     HEARTBEAT control -> gateway  [ {t, uid, busy, batch_s, served, batches, waits,
-                                     + memory fields} ]
+                                     threads?, thread_passes?, + memory fields} ]
     ERROR     control -> gateway  [ {t, uid, code, message, fatal} ]
     BYE       control -> gateway  [ {t, uid, reason} ]
     BEAT      gateway -> control  [ {t} ]       the gateway is alive
@@ -50,6 +50,12 @@ want of credit as it is sent: a batch never waits for more while some do
 requests waited in the worker before their forward pass, counted in the
 buckets of ``WAIT_BUCKETS_S`` (one more count for the overflow), cumulative
 like ``batches``.
+
+``threads`` in a HEARTBEAT is the intra-op thread count of the worker's last
+forward pass (more than its own cores when the pass borrowed idle workers'
+cores, see ``worker.lending``); ``thread_passes`` counts its passes by thread
+count, ``[[threads, count], ...]``, cumulative like ``batches``. Both are
+optional: a worker of an older make leaves them out.
 
 ``batch_s`` in a HEARTBEAT is how long the forward pass now running has run,
 in seconds, or null when the worker is idle: the gateway's way to tell a hung
@@ -87,11 +93,15 @@ streaming model is answered by one REPLY holding every output in a list.
 Format ``generate`` is the Open Inference Protocol's generate extension: the
 body is its JSON request (``{"<input name>": value, "parameters": {...}}``),
 the REQUEST carries ``model`` and ``version``, and each CHUNK is a generate
-response object.
+response object. Formats ``openai.embeddings``, ``openai.chat`` and
+``openai.completions`` carry the OpenAI API's request bodies untouched
+(:mod:`shared.openai_api` reads them); the REPLY, or each CHUNK of a stream,
+is an OpenAI response object as JSON (``fmt`` ``json``).
 
 READY's ``signature`` describes the model for ``/v2/models/{name}``:
 ``{"source": "demo" | "torchscript" | ..., "outputs": [{"name", "dtype",
-"shape"}] | null, "stream": bool}``; output shapes put ``-1`` for the batch and are known
+"shape"}] | null, "stream": bool, "openai": [route, ...]}`` (the OpenAI routes its handler
+declares); output shapes put ``-1`` for the batch and are known
 only when the worker ran a warm-up forward.
 
 Tensors are never pickled. A tensor travels as a map
@@ -147,6 +157,9 @@ FMT_V2_JSON: Final = "v2json"
 FMT_V2_BINARY: Final = "v2binary"
 FMT_RAW: Final = "raw"
 FMT_GENERATE: Final = "generate"
+FMT_OPENAI_EMBEDDINGS: Final = "openai.embeddings"
+FMT_OPENAI_CHAT: Final = "openai.chat"
+FMT_OPENAI_COMPLETIONS: Final = "openai.completions"
 
 # Reply code for success.
 OK: Final = "ok"
@@ -215,6 +228,12 @@ class MemoryFields(TypedDict, total=False):
     """Measured when the message is sent; the CUDA figures are None off CUDA."""
 
     rss_bytes: int
+    # Proportional set size: shared pages count 1/N in each of the N processes
+    # mapping them; private_bytes (USS) are this process's own, shared_pss_bytes
+    # its share of the rest (pss = private + shared_pss). None where unknown.
+    pss_bytes: int | None
+    private_bytes: int | None
+    shared_pss_bytes: int | None
     cuda_allocated_bytes: int | None
     cuda_reserved_bytes: int | None
 
@@ -320,7 +339,12 @@ class ReadyHeader(_Ready, total=False):
     device: str
 
 
-class HeartbeatHeader(MemoryFields):
+class HeartbeatThreads(TypedDict, total=False):
+    threads: int  # intra-op threads of the last forward pass
+    thread_passes: list[list[int]]  # [[threads, count], ...], cumulative
+
+
+class HeartbeatHeader(MemoryFields, HeartbeatThreads):
     t: str
     uid: str
     busy: bool

@@ -15,6 +15,7 @@ after :func:`worker.pinning.apply` has set the thread and device variables.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import secrets
@@ -34,7 +35,9 @@ from shared.errors import ModelLoadError
 from shared.fingerprint import fingerprint as settings_fingerprint
 from shared.heap import freeze_startup_heap
 from worker import pinning
+from worker.board import Board, board_path
 from worker.control import LINGER_MS, ControlThread, WorkerState
+from worker.lending import Lending, TorchThreads
 from worker.signals import SignalWake
 from worker.stats import MemorySampler
 
@@ -64,7 +67,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (OSError, ValueError) as exc:
         print(f"{PROG}: error: cannot read CURVE keys: {exc}", file=sys.stderr)
         return protocol.EXIT_BAD_CONFIG
-    pin = pinning.apply(settings.cores, settings.device, settings.gpu)
+    elastic = settings.elastic_cores and board_path(settings.connect) is not None
+    pin = pinning.apply(settings.cores, settings.device, settings.gpu, elastic)
     parent = os.getppid() if settings.slot >= 0 else None
     if parent is not None and not die_with_parent(parent):
         print(f"{PROG}: the parent process exited before the worker started", file=sys.stderr)
@@ -173,6 +177,11 @@ def run(
     if (reason := signals.stop_reason) is not None:
         control.send({"t": protocol.BYE, "reason": reason})
         return 0
+    from worker.codec.openai import declared_routes  # torch is loaded by now
+
+    # On the board before READY: a request the gateway sends once this worker is
+    # ready may already borrow its cores, or find them busy.
+    elastic = elastic_cores(settings, pin, model)
     control.send(
         {
             "t": protocol.READY,
@@ -186,13 +195,15 @@ def run(
                 "source": model.source,
                 "outputs": model.outputs,
                 "stream": model.stream is not None,
+                "openai": declared_routes(model.handler, model.stream is not None),
+                "weights": None if model.sharing is None else model.sharing.as_json(),
             },
             "device": str(model.device) if pin.gpu is None else pin.label,
             **sampler.sample(),
         }
     )
     tell_supervisor_ready()
-    return serve(settings, model, data, control, state, signals)
+    return serve(settings, pin, model, data, control, state, signals, elastic)
 
 
 def tell_supervisor_ready() -> None:
@@ -214,6 +225,7 @@ def load(settings: WorkerSettings, pin: pinning.Pinning, sampler: MemorySampler)
         import torch
     except ImportError as exc:
         raise ModelLoadError(f"torch cannot be imported: {exc}") from exc
+    from worker.codec.openai import declared_routes
     from worker.model.loading import load_model, warm_up
     from worker.stats import torch_cuda_probe
 
@@ -226,20 +238,42 @@ def load(settings: WorkerSettings, pin: pinning.Pinning, sampler: MemorySampler)
     if use_cuda:
         sampler.install_cuda_probe(torch_cuda_probe(0))
     model = load_model(settings, device)
+    declared_routes(model.handler, model.stream is not None)  # refuses what it cannot serve
     warm_up(model)
+    if model.sharing is not None:
+        held = model.sharing
+        how = "shared" if held.shared else "private (not shared)"
+        print(f"{PROG}: weights {how}: {held.reason}", file=sys.stderr, flush=True)
+    release_free_heap()
     return model
+
+
+def release_free_heap() -> None:
+    """Give the heap's free pages back to the system (glibc ``malloc_trim``).
+
+    Loading frees what the mapped weights replaced and what unpickling
+    needed; glibc keeps such pages in its arenas, where they count as this
+    worker's private memory for as long as it lives.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).malloc_trim(0)
 
 
 def serve(
     settings: WorkerSettings,
+    pin: pinning.Pinning,
     model: LoadedModel,
     data: zmq.Socket[bytes],
     control: ControlThread,
     state: WorkerState,
     signals: SignalWake,
+    elastic: tuple[Lending | None, Board | None] = (None, None),
 ) -> int:
     from worker.serve.loop import Server
 
+    lending, board = elastic
     server = Server(
         data,
         model,
@@ -247,9 +281,39 @@ def serve(
         max_batch_size=settings.max_batch_size,
         max_batch_delay_ms=settings.max_batch_delay_ms,
         max_body_bytes=settings.max_body_bytes,
+        threads=pin.threads,
+        lending=lending,
     )
-    stop = server.serve(control, signals)
-    if stop.drain:
-        server.drain()
+    try:
+        stop = server.serve(control, signals)
+        if stop.drain:
+            server.drain()
+    finally:
+        if board is not None:
+            board.disown(pin.cores)
+            board.close()
     control.send({"t": protocol.BYE, "reason": stop.reason})
     return stop.status
+
+
+def elastic_cores(
+    settings: WorkerSettings, pin: pinning.Pinning, model: LoadedModel
+) -> tuple[Lending | None, Board | None]:
+    """Lending for a local CPU worker with --elastic-cores; (None, None) otherwise.
+
+    Remote workers, GPU workers and streaming models keep their own cores.
+    A board that cannot be opened (a read-only runtime directory) turns
+    lending off with a line on stderr: the worker serves as before.
+    """
+    path = board_path(settings.connect)
+    if not settings.elastic_cores or path is None or model.device.type != "cpu":
+        return None, None
+    if model.stream is not None or len(pin.host) <= len(pin.cores):
+        return None, None
+    try:
+        board = Board(path)
+    except OSError as exc:
+        print(f"{PROG}: elastic cores off: cannot open {path}: {exc}", file=sys.stderr)
+        return None, None
+    board.own(pin.cores)
+    return Lending(board, pin.cores, pin.host, TorchThreads()), board

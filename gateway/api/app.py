@@ -21,7 +21,7 @@ from starlette.exceptions import HTTPException
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from gateway.api import admin, triton, v2
+from gateway.api import admin, openai, triton, v2
 from gateway.api.auth import ApiKeyMiddleware, parse_tokens
 from gateway.api.health import health_json
 from gateway.api.http import (
@@ -105,8 +105,13 @@ class TorchpoolApp(FastAPI):
     predict: PredictHandler | None = None
     # /predict asking for Server-Sent Events from a streaming model (gateway.api.sse).
     stream_predict: StreamPredictHandler | None = None
+    # Everything under /v1/: the OpenAI API (gateway.api.openai), also past FastAPI.
+    openai: openai.OpenAIHandler | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and self.openai and scope["path"].startswith(openai.PREFIX):
+            await self.openai(scope, receive, send)
+            return
         if scope["type"] == "http" and self.predict:
             path: str = scope["path"]
             name: str | None = None
@@ -156,6 +161,7 @@ class TorchpoolApp(FastAPI):
                     },
                 }
             }
+            schema["paths"].update(openai.paths())
             self.openapi_schema = schema
         return self.openapi_schema
 
@@ -179,9 +185,11 @@ def create_app(
         runtime = make_runtime(config, on_fatal or (lambda reason: None))
         app.state.runtime = runtime
         metrics.attach(runtime)
-        await runtime.start()
         grpc_server = None
         try:
+            # Inside the try: a start that fails half-way still stops what it
+            # started (and removes the runtime folder and the shared weights).
+            await runtime.start()
             if config.server.grpc_port is not None:
                 from gateway.api.grpc.server import GrpcServer  # grpcio only when asked for
 
@@ -213,6 +221,7 @@ def create_app(
     app.stream_predict = StreamPredictHandler(
         lambda: app.state.runtime, keys, metrics.observe_request
     )
+    app.openai = openai.OpenAIHandler(lambda: app.state.runtime, keys, metrics.observe_request)
 
     @app.get("/health", responses={503: {"description": "No worker is ready", **_ANY_JSON}})
     async def health(request: Request) -> Response:
