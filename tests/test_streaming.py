@@ -154,6 +154,22 @@ def test_generate_parameters_reach_a_handler_that_takes_them(server: Server) -> 
     assert "parameters must be a JSON object" in refused.json()["error"]
 
 
+@pytest.mark.parametrize("route", ["generate", "generate_stream"])
+def test_generate_answers_the_statuses_its_openapi_documents(server: Server, route: str) -> None:
+    """Triton reads a generate body as JSON whatever its Content-Type, and answers any
+    invalid argument 400: so do these routes, and their OpenAPI lists no 415."""
+    path = f"/v2/models/{{name}}/{route}"
+    documented = server.client.get("/openapi.json").json()["paths"][path]["post"]["responses"]
+    assert "415" not in documented and "400" in documented
+    for content_type, body in (("text/plain", b"not json"), ("image/png", b"\x89PNG")):
+        answer = server.client.post(
+            f"/v2/models/counter/{route}", content=body, headers={"content-type": content_type}
+        )
+        assert answer.status_code == 400, answer.text
+        assert str(answer.status_code) in documented
+        assert set(answer.json()) == {"error"}
+
+
 def streaming_worker(server: Server) -> dict[str, Any]:
     busy = wait_for(
         lambda: [w for w in server.health()["workers"] if w["inflight"]],

@@ -24,31 +24,32 @@ version, 413 too large, 503 unavailable (with Retry-After), 500 model failure,
 from __future__ import annotations
 
 from collections.abc import Callable, Coroutine
-from http import HTTPStatus
 from typing import Any, Final
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.routing import APIRoute
 from starlette.responses import Response
 
+from gateway.api import http
 from gateway.api.http import (
     TIMEOUT_HEADER,
-    error_response,
+    V2_ERROR_SCHEMA,
     json_response,
-    not_ready_reason,
     read_body,
     run_request,
     runtime_of,
     server_not_ready_reason,
     timeout_header,
+    v2_error_response,
 )
-from gateway.pool.model import ModelRuntime, ModelState
+from gateway.pool.model import ModelRuntime, ModelState, not_ready_reason
 from gateway.pool.runtime import Runtime
 from gateway.pool.workers import Pool, WorkerRecord
 from shared import protocol
-from shared.errors import ModelNotFound, RequestError, TorchpoolError, Unavailable, v2_status
+from shared.errors import ModelNotFound, RequestError, TorchpoolError, Unavailable
 
 VERSION: Final = "1"
+INFER: Final = "/infer"  # the inference route's last step, after /models/{name}[/versions/{v}]
 INPUT_NAME: Final = "input__0"
 HEADER_LENGTH: Final = "inference-header-content-length"
 OCTET_STREAM: Final = "application/octet-stream"
@@ -69,32 +70,21 @@ class _V2Route(APIRoute):
             try:
                 return await handler(request)
             except TorchpoolError as exc:
-                return error_response(exc, {"error": exc.message}, v2_status(exc))
+                return v2_error_response(exc)
 
         return guarded
 
 
 router = APIRouter(prefix="/v2", tags=["Open Inference Protocol"], route_class=_V2Route)
 
-_ERROR_SCHEMA: Final[dict[str, Any]] = {
-    "type": "object",
-    "required": ["error"],
-    "properties": {"error": {"type": "string"}},
-}
-
 
 def errors_openapi(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    """OpenAPI entries for the error statuses a route answers."""
-    return {
-        status: {
-            "description": HTTPStatus(status).phrase,
-            "content": {"application/json": {"schema": _ERROR_SCHEMA}},
-        }
-        for status in statuses
-    }
+    """OpenAPI entries for the error statuses a /v2 route answers (``{"error"}`` bodies)."""
+    return http.errors_openapi(*statuses, schema=V2_ERROR_SCHEMA)
 
 
-def _check_model(runtime: Runtime, name: str, version: str | None) -> ModelRuntime:
+def check_model(runtime: Runtime, name: str, version: str | None) -> ModelRuntime:
+    """The model served as ``name``; 404 for an unknown name or version."""
     model = runtime.model(name)
     if version is not None and version != VERSION:
         raise ModelNotFound(f"model {name!r} has no version {version!r}; it has {VERSION!r}")
@@ -120,7 +110,7 @@ async def server_live() -> Response:
 
 @router.get(
     "/health/ready",
-    responses={503: {"description": "Not ready, or draining", **errors_openapi(503)[503]}},
+    responses=errors_openapi(503),
 )
 async def server_ready(request: Request) -> Response:
     """200 when at least --min-ready workers are ready and the server is not draining."""
@@ -194,7 +184,7 @@ def _signature(model: ModelRuntime, name: str) -> dict[str, Any]:
 
 async def model_metadata(request: Request, name: str, version: str | None = None) -> Response:
     """Name, versions, platform, and the inputs and outputs with -1 for variable dims."""
-    model = _check_model(runtime_of(request), name, version)
+    model = check_model(runtime_of(request), name, version)
     signature = _signature(model, name)
     return json_response(
         {
@@ -209,7 +199,7 @@ async def model_metadata(request: Request, name: str, version: str | None = None
 
 async def model_ready(request: Request, name: str, version: str | None = None) -> Response:
     """200 while at least one worker serves the model, else 503."""
-    model = _check_model(runtime_of(request), name, version)
+    model = check_model(runtime_of(request), name, version)
     if not_ready_reason(model.pool, 1) is not None:
         message = f"model {name!r} is not ready: no worker serves it now"
         return json_response({"error": message, "name": name, "ready": False}, 503)
@@ -218,7 +208,7 @@ async def model_ready(request: Request, name: str, version: str | None = None) -
 
 async def model_config(request: Request, name: str, version: str | None = None) -> Response:
     """The parts of a Triton model configuration that describe this model."""
-    model = _check_model(runtime_of(request), name, version)
+    model = check_model(runtime_of(request), name, version)
     settings = model.settings
     signature = _signature(model, name)
 
@@ -245,7 +235,7 @@ async def model_config(request: Request, name: str, version: str | None = None) 
 
 async def infer(request: Request, name: str, version: str | None = None) -> Response:
     """Run the model on a v2 inference request; the worker parses and answers it."""
-    model = _check_model(runtime_of(request), name, version)
+    model = check_model(runtime_of(request), name, version)
     settings = model.settings
     extra: protocol.RequestExtras = {"model": name, "version": VERSION}
     encoding = (request.headers.get("content-encoding") or "identity").strip().lower()
@@ -329,7 +319,7 @@ for _suffix, _endpoint, _method, _openapi, _responses in (
     ("", model_metadata, "GET", None, errors_openapi(404, 503)),
     ("/ready", model_ready, "GET", None, errors_openapi(404, 503)),
     ("/config", model_config, "GET", None, errors_openapi(404, 503)),
-    ("/infer", infer, "POST", INFER_OPENAPI, _INFER_RESPONSES),
+    (INFER, infer, "POST", INFER_OPENAPI, _INFER_RESPONSES),
 ):
     for _base in ("/models/{name}", "/models/{name}/versions/{version}"):
         router.add_api_route(

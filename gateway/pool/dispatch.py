@@ -26,7 +26,13 @@ from gateway.pool.pending import Pending, Reply
 from gateway.pool.transport import Transport
 from gateway.pool.workers import Pool, WorkerRecord
 from shared import protocol
-from shared.errors import DeadlineExceeded, TorchpoolError, Unavailable, error_from_code
+from shared.errors import (
+    SHUTTING_DOWN,
+    DeadlineExceeded,
+    TorchpoolError,
+    Unavailable,
+    error_from_code,
+)
 
 log = logging.getLogger("torchpool.dispatch")
 
@@ -83,7 +89,7 @@ class Dispatcher:
         class to make (a stream's, see :mod:`gateway.pool.streams`).
         """
         if self._pool.draining:
-            raise Unavailable("the server is shutting down")
+            raise Unavailable(SHUTTING_DOWN)
         worker = self._pool.pick()  # one with credit is ready: no need to list the ready ones
         if worker is None and not self._pool.ready_workers():
             raise Unavailable(self._not_ready_message())

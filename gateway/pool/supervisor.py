@@ -39,10 +39,10 @@ from gateway.pool.placement import Placement, choose_gpus, format_cores, place_a
 from gateway.pool.process import ProcessHandle, Spawner, WorkerProcess, describe_exit
 from gateway.pool.succession import Succession
 from gateway.pool.transport import REMOTE, Transport
-from gateway.pool.workers import Pool, Role, State, WorkerRecord
+from gateway.pool.workers import DeathCause, Pool, Role, State, WorkerRecord
 from shared import protocol
 from shared.config import ENV_PREFIX, PoolSettings, worker_argv
-from shared.errors import Conflict, Unavailable
+from shared.errors import SHUTTING_DOWN, Conflict, Unavailable
 
 log = logging.getLogger("torchpool.supervisor")
 
@@ -90,7 +90,7 @@ class Supervisor:
         self._drain_started: float | None = None
         self._hurry = asyncio.Event()
         # Observer for metrics: called once per unplanned worker death with its
-        # cause (see death_cause(); "heartbeat", "hello_timeout", "unreachable").
+        # cause (a DeathCause's value).
         self.on_death: Callable[[str], None] | None = None
         # Observer: called when a serving worker becomes ready.
         self.on_ready: Callable[[WorkerRecord], None] | None = None
@@ -109,7 +109,7 @@ class Supervisor:
     async def stop(self) -> None:
         """Drain in-flight requests, then stop every worker: ask, wait, kill, reap."""
         self._stopping = True
-        self._succession.fail_reload(Unavailable("the server is shutting down"))
+        self._succession.fail_reload(Unavailable(SHUTTING_DOWN))
         self.begin_drain()
         await self.drain()
         # Remote workers are services of their own: they outlive this gateway and
@@ -131,7 +131,7 @@ class Supervisor:
             self._hurry.set()
             # Nobody is left waiting: every open request is answered now, so the
             # HTTP server has no connection to wait for and shuts down at once.
-            self._dispatcher.abandon_all(Unavailable("the server is shutting down now"))
+            self._dispatcher.abandon_all(Unavailable(f"{SHUTTING_DOWN} now"))
 
     async def drain(self) -> None:
         """Wait for in-flight work, at most what is left of --drain-timeout-s."""
@@ -304,11 +304,12 @@ class Supervisor:
             if worker.state is State.STARTING and worker.process is None:
                 await self.spawn(worker)
 
-    def declare_lost(self, worker: WorkerRecord, how: str, cause: str, retry: bool = True) -> None:
+    def declare_lost(
+        self, worker: WorkerRecord, how: str, cause: DeathCause, retry: bool = True
+    ) -> None:
         """Give up on a live but silent, hung or unreachable worker: settle, stop, reap.
 
-        ``cause`` is a short word for metrics: heartbeat, hello_timeout,
-        unreachable, batch_timeout. ``retry`` False answers its requests 503.
+        ``cause`` is what the metrics count it as. ``retry`` False answers its requests 503.
         """
         if worker.state in (State.RESTARTING, State.FAILED, State.STOPPED):
             return
@@ -362,10 +363,14 @@ class Supervisor:
                 # thread of the GIL for a while; booting workers get more slack.
                 limit = allowed if worker.state is State.READY else max(allowed, BOOT_SLACK_S)
                 if age is not None and age > limit:
-                    self.declare_lost(worker, f"sent no heartbeat for {age:.1f}s", "heartbeat")
+                    self.declare_lost(
+                        worker, f"sent no heartbeat for {age:.1f}s", DeathCause.HEARTBEAT
+                    )
                 elif age is None and now - (worker.spawned_at or now) > HELLO_TIMEOUT_S:
                     self.declare_lost(
-                        worker, f"did not say hello within {HELLO_TIMEOUT_S:.0f}s", "hello_timeout"
+                        worker,
+                        f"did not say hello within {HELLO_TIMEOUT_S:.0f}s",
+                        DeathCause.HELLO_TIMEOUT,
                     )
             await self._sleep(interval)
 
@@ -413,7 +418,7 @@ class Supervisor:
         if limit is None or not isinstance(batch_s, int | float) or batch_s <= limit:
             return
         how = f"was killed: its batch ran longer than {limit:g} s (--max-batch-seconds)"
-        self.declare_lost(worker, how, "batch_timeout", retry=False)
+        self.declare_lost(worker, how, DeathCause.BATCH_TIMEOUT, retry=False)
 
     def _on_ready(self, worker: WorkerRecord, message: protocol.ReadyHeader) -> None:
         if worker.state not in (State.STARTING, State.LOADING):
@@ -494,7 +499,7 @@ class Supervisor:
         This only asks for the reload; the reconcile step carries it out.
         """
         if self._stopping:
-            raise Unavailable("the server is shutting down")
+            raise Unavailable(SHUTTING_DOWN)
         reload = self._succession.begin_reload(settings or self._settings)
         self._reconcile_soon()
         try:
@@ -560,9 +565,9 @@ class Supervisor:
 
     # --- helpers ---------------------------------------------------------------
 
-    def _count_death(self, cause: str) -> None:
+    def _count_death(self, cause: DeathCause) -> None:
         if self.on_death is not None:
-            self.on_death(cause)
+            self.on_death(cause.value)
 
     def _send_control(
         self, worker: WorkerRecord, message: protocol.BeatHeader | protocol.StopHeader
@@ -586,10 +591,10 @@ class Supervisor:
         task.add_done_callback(self._tasks.discard)
 
 
-def death_cause(code: int | None) -> str:
-    """A worker's exit, as a metrics label: killed by a signal, failed to load, or exited."""
+def death_cause(code: int | None) -> DeathCause:
+    """A worker's exit, as the metrics count it: killed by a signal, failed to load, or exited."""
     if code is not None and code < 0:
-        return "signal"
+        return DeathCause.SIGNAL
     if code == protocol.EXIT_LOAD_FAILED:
-        return "load_failed"
-    return "exit"
+        return DeathCause.LOAD_FAILED
+    return DeathCause.EXIT

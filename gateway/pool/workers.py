@@ -38,6 +38,41 @@ class State(str, enum.Enum):
     STOPPED = "stopped"  # stopped on purpose
 
 
+# A READY worker that holds requests, as /health and the metrics show it.
+BUSY = "busy"
+# Every state a worker is shown in (/health, the metrics' state series), in order.
+SHOWN_STATES: tuple[str, ...] = tuple(
+    shown
+    for state in State
+    for shown in ((state.value, BUSY) if state is State.READY else (state.value,))
+)
+
+
+class DeathCause(str, enum.Enum):
+    """Why a worker died unplanned, as the metrics count it (``worker_deaths``)."""
+
+    SIGNAL = "signal"
+    EXIT = "exit"
+    LOAD_FAILED = "load_failed"
+    HEARTBEAT = "heartbeat"
+    HELLO_TIMEOUT = "hello_timeout"
+    UNREACHABLE = "unreachable"
+    BATCH_TIMEOUT = "batch_timeout"
+
+    @property
+    def explained(self) -> str:
+        """The cause with a word on what it means, where its name does not say."""
+        note = _DEATH_NOTES.get(self)
+        return f"{self.value} ({note})" if note else self.value
+
+
+_DEATH_NOTES = {
+    DeathCause.EXIT: "non-zero or unexpected",
+    DeathCause.HEARTBEAT: "went silent",
+    DeathCause.BATCH_TIMEOUT: "a forward pass ran past --max-batch-seconds",
+}
+
+
 @dataclass
 class WorkerRecord:
     """One pool slot and the process currently filling it."""
@@ -126,7 +161,7 @@ class WorkerRecord:
 
     def shown_state(self) -> str:
         if self.state is State.READY and self.inflight:
-            return "busy"
+            return BUSY
         return self.state.value
 
     def heartbeat_age(self, now: float | None = None) -> float | None:
