@@ -134,7 +134,9 @@ class ModelSettings:
         "declares (a torch.export program, a handler), else float32.",
     )
     device: str = _opt(
-        "cpu", "cpu, cuda (all visible GPUs), a list such as cuda:0,2, or auto (cuda if present)."
+        "cpu",
+        "cpu, cuda (all visible GPUs), a list such as cuda:0,2 (cuda:N: the N-th visible GPU, "
+        "as torch counts them), or auto (cuda if present).",
     )
     max_batch_size: int = _opt(
         8, "Most rows a worker runs in one forward pass; 1 turns batching off.", int

@@ -151,9 +151,32 @@ FMT_GENERATE: Final = "generate"
 # Reply code for success.
 OK: Final = "ok"
 
+# A stream's credit: chunks a worker may send ahead of what the client has been
+# written; enough to keep a fast reader's pipe full, few enough that a slow one
+# costs little. The gateway sends it in REQUEST ``credit``; a worker takes it
+# for a REQUEST that names none.
+STREAM_CREDIT: Final = 8
+
+# A body frame at least this big is sent zero-copy (pyzmq tracks the buffer until
+# it is sent); a smaller one is copied, which costs less than the tracking.
+ZERO_COPY_BYTES: Final = 64 * 1024
+
+# The model version of every served model (the Open Inference Protocol's, for
+# instance in ``/v2/models/{name}/versions/1``): REQUEST ``version`` names it.
+MODEL_VERSION: Final = "1"
+
 # Routing-id suffixes of the two channels.
 DATA_SUFFIX: Final = b"/d"
 CONTROL_SUFFIX: Final = b"/c"
+
+# The variables every threading runtime torch may pull in reads, once, at import:
+# a local worker is spawned with them set to its core count, and sets them again.
+THREAD_ENV_VARS: Final = (
+    "OMP_NUM_THREADS",
+    "MKL_NUM_THREADS",
+    "OPENBLAS_NUM_THREADS",
+    "NUMEXPR_NUM_THREADS",
+)
 
 # Exit code of a worker whose model cannot be loaded (gunicorn's "app could not
 # load" idea): the supervisor does not respawn such a worker in a hot loop.

@@ -45,6 +45,17 @@ def server(tmp_path_factory: pytest.TempPathFactory, marker: Path) -> Iterator[S
         server.stop()
 
 
+@pytest.fixture(scope="module")
+def fractions(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    log = tmp_path_factory.mktemp("serve") / "serve.log"
+    server = Server(["--workers", "1", "--handler", "tests.streams:Fractions"], log)
+    try:
+        server.wait_ready(1)
+        yield server
+    finally:
+        server.stop()
+
+
 def events(response: httpx.Response) -> Iterator[tuple[str, Any, float]]:
     """(event name, parsed data, monotonic arrival) for each Server-Sent Event."""
     name, data = "message", ""
@@ -83,6 +94,23 @@ def test_without_accept_the_outputs_come_once_in_a_list(server: Server) -> None:
     response = server.predict({"input_tensor": [[4, 0, -1]]})
     assert response.status_code == 200
     assert response.json() == {"prediction": [0, 1, 2, 3]}
+
+
+def test_the_same_output_prints_the_same_numbers_on_predict_and_a_stream(
+    fractions: Server,
+) -> None:
+    body = {"input_tensor": [[1.0, 2.0], [0.1, 10.0]]}
+    whole = fractions.predict(body)
+    assert whole.status_code == 200, whole.text
+    with fractions.client.stream("POST", "/predict", json=body, headers=SSE) as r:
+        assert r.status_code == 200
+        raw = [line[len("data: ") :] for line in r.iter_lines() if line.startswith("data: ")]
+    chunks = [orjson.loads(data)["output"] for data in raw[:-1]]
+    assert chunks == whole.json()["prediction"]
+    # float32 in its shortest form (0.33333334), not widened to float64 (0.3333333432674408),
+    # on both routes: the text itself, not only the numbers it parses to.
+    assert '"float32":[0.33333334,0.6666667]' in raw[0]
+    assert '"float32":[0.33333334,0.6666667]' in whole.text
 
 
 def test_error_mid_stream_ends_it_and_the_worker_serves_on(server: Server) -> None:

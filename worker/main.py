@@ -58,7 +58,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (OSError, ValueError) as exc:
         print(f"{PROG}: error: cannot read CURVE keys: {exc}", file=sys.stderr)
         return protocol.EXIT_BAD_CONFIG
-    pin = pinning.apply(settings.cores, settings.device, settings.gpu)
+    try:
+        pin = pinning.apply(settings.cores, settings.device, settings.gpu)
+    except ConfigError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return protocol.EXIT_BAD_CONFIG
     parent = os.getppid() if settings.slot >= 0 else None
     if parent is not None and not die_with_parent(parent):
         print(f"{PROG}: the parent process exited before the worker started", file=sys.stderr)

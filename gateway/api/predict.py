@@ -38,6 +38,7 @@ from gateway.api.http import (
 )
 from shared import protocol
 from shared.errors import ClientClosed, TorchpoolError
+from shared.media import OCTET_STREAM, media_type
 
 if TYPE_CHECKING:
     from gateway.pool.model import ModelRuntime
@@ -49,13 +50,11 @@ PREDICT_NAMED = "/predict/{name}"  # its route, as metrics label it
 
 JSON = b"application/json"
 MSGPACK = b"application/msgpack"
-# Taken for a body that names no content type: bytes the worker's handler reads.
-OCTET_STREAM = b"application/octet-stream"
 _BODY_FORMATS = {
-    JSON: protocol.FMT_JSON,
-    MSGPACK: protocol.FMT_MSGPACK,
-    b"application/x-msgpack": protocol.FMT_MSGPACK,
-    b"application/vnd.msgpack": protocol.FMT_MSGPACK,
+    "application/json": protocol.FMT_JSON,
+    "application/msgpack": protocol.FMT_MSGPACK,
+    "application/x-msgpack": protocol.FMT_MSGPACK,
+    "application/vnd.msgpack": protocol.FMT_MSGPACK,
 }
 _MEDIA_TYPES = {protocol.FMT_JSON: JSON, protocol.FMT_MSGPACK: MSGPACK}
 _EMPTY = 'empty body; send {"input_tensor": [[...], ...]}'
@@ -72,15 +71,15 @@ def body_format(content_type: bytes | None) -> tuple[str, protocol.RequestExtras
     JSON (``application/json``, ``*+json``) and msgpack are tensor bodies; anything
     else, or no content type at all, is ``raw`` and carries its full Content-Type.
     """
-    media = (content_type or b"").split(b";", 1)[0].strip().lower()
+    media = media_type(content_type)
     fmt = _BODY_FORMATS.get(media)
-    if fmt is None and media.endswith(b"+json"):
+    if fmt is None and media.endswith("+json"):
         fmt = protocol.FMT_JSON
     if fmt is not None:
         return fmt, None
-    ctype = (content_type or b"").strip() or OCTET_STREAM
     # latin-1: HTTP header bytes as they came, whatever they hold.
-    return protocol.FMT_RAW, {"ctype": ctype.decode("latin-1")}
+    ctype = (content_type or b"").strip().decode("latin-1")
+    return protocol.FMT_RAW, {"ctype": ctype or OCTET_STREAM}
 
 
 class Exchange:

@@ -47,15 +47,13 @@ from gateway.pool.runtime import Runtime
 from gateway.pool.workers import Pool, WorkerRecord
 from shared import protocol
 from shared.errors import ModelNotFound, RequestError, TorchpoolError, Unavailable
+from shared.media import OCTET_STREAM, content_encoding
 
-VERSION: Final = "1"
+VERSION: Final = protocol.MODEL_VERSION
 INFER: Final = "/infer"  # the inference route's last step, after /models/{name}[/versions/{v}]
 INPUT_NAME: Final = "input__0"
 HEADER_LENGTH: Final = "inference-header-content-length"
-OCTET_STREAM: Final = "application/octet-stream"
 EXTENSIONS: Final = ["binary_tensor_data"]
-# The compressions a worker can undo; identity is no compression.
-_ENCODINGS: Final = frozenset({"gzip", "deflate"})
 # Triton's platform names by how the model was loaded; everything else is "pytorch".
 _PLATFORMS: Final = {"torchscript": "pytorch_libtorch"}
 
@@ -238,11 +236,9 @@ async def infer(request: Request, name: str, version: str | None = None) -> Resp
     model = check_model(runtime_of(request), name, version)
     settings = model.settings
     extra: protocol.RequestExtras = {"model": name, "version": VERSION}
-    encoding = (request.headers.get("content-encoding") or "identity").strip().lower()
-    if encoding in _ENCODINGS:
+    encoding = content_encoding(request.headers.get("content-encoding"))
+    if encoding is not None:
         extra["encoding"] = encoding
-    elif encoding != "identity":
-        raise RequestError(f"Content-Encoding {encoding!r} is not supported; use gzip or deflate")
     header_length = request.headers.get(HEADER_LENGTH)
     if header_length is not None:
         if not header_length.isdigit() or int(header_length) == 0:

@@ -52,7 +52,6 @@ STOP_GRACE_S = 5.0  # after STOP/SIGTERM, before SIGKILL
 MAX_BOOT_FAILURES = 5  # deaths before ready, in a row, before a slot is failed
 BACKOFF_BASE_S = 0.5
 BACKOFF_MAX_S = 30.0
-THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS")
 
 
 class Supervisor:
@@ -168,7 +167,7 @@ class Supervisor:
         # Everything a local worker needs is on its command line; the gateway's own
         # TORCHPOOL_* settings (--curve-secret, say) must not leak into it.
         env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
-        env.update({name: str(len(placement.cores)) for name in THREAD_ENV})
+        env.update({name: str(len(placement.cores)) for name in protocol.THREAD_ENV_VARS})
         if placement.gpu is not None:
             argv += ["--gpu", str(placement.gpu)]
             env["CUDA_VISIBLE_DEVICES"] = str(placement.gpu)

@@ -20,7 +20,7 @@ from typing import Any, Final, Protocol
 
 import torch
 
-from shared.errors import ModelFailure, RequestError, ShapeMismatch
+from shared.errors import ModelFailure, PayloadTooLarge, RequestError, ShapeMismatch
 from worker import pytree
 from worker.codec import tensors
 
@@ -43,6 +43,12 @@ class InputSpec:
     dtype_asked: bool = False
     # Raw content types a handler takes ("image/*" allowed); None: any.
     accepts: tuple[str, ...] | None = None
+
+
+def check_body_size(body: bytes | memoryview, max_bytes: int) -> None:
+    """413 when a body (as received, or inflated) is longer than ``max_bytes``."""
+    if len(body) > max_bytes:
+        raise PayloadTooLarge(f"body of {len(body)} bytes exceeds the limit of {max_bytes}")
 
 
 class Codec(Protocol):

@@ -38,8 +38,6 @@ from worker.serve.batching import Job
 from worker.serve.pacing import Pacer
 from worker.signals import SignalWake
 
-# Bodies at least this big are handed to ZeroMQ without a copy.
-_ZERO_COPY_BYTES: Final = 64 * 1024
 # Socket flags as plain ints, frame by frame: pyzmq's send_multipart and
 # recv_multipart combine enum.Flag members per frame, and a two-frame message
 # sent and read that way measured 16 us against 6.5 us with these.
@@ -294,7 +292,7 @@ class Server:
     def _send(self, frames: list[bytes]) -> None:
         self._state.served += 1
         try:
-            copy = len(frames[-1]) < _ZERO_COPY_BYTES
+            copy = len(frames[-1]) < protocol.ZERO_COPY_BYTES
             for frame in frames[:-1]:
                 # Once a message's first frame is taken, zmq takes the rest.
                 self._data.send(frame, _NOBLOCK_MORE, copy=copy)
