@@ -32,7 +32,7 @@ log = logging.getLogger("torchpool.server")
 PROXY_ENV = "FORWARDED_ALLOW_IPS"
 
 
-class _Server(uvicorn.Server):
+class _DrainingServer(uvicorn.Server):
     """uvicorn's server, with a drain before it stops listening.
 
     The first SIGTERM/SIGINT flips readiness to 503 and refuses new work while
@@ -91,7 +91,7 @@ def serve(config: Config) -> int:
     settings = config.server
     sock = bind(settings.host, settings.port)
     fatal: list[str] = []
-    server: _Server
+    server: _DrainingServer
 
     def on_fatal(reason: str) -> None:
         fatal.append(reason)
@@ -112,7 +112,7 @@ def serve(config: Config) -> int:
         proxy_headers=PROXY_ENV in os.environ,
     )
 
-    server = _Server(uvicorn_config, lambda: getattr(app.state, "runtime", None))
+    server = _DrainingServer(uvicorn_config, lambda: getattr(app.state, "runtime", None))
     for sig in (signal.SIGTERM, signal.SIGINT):
         # uvicorn re-raises the signal it caught once it is done; let that pass.
         signal.signal(sig, lambda *_: None)

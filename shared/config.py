@@ -35,8 +35,10 @@ class ConfigError(ValueError):
     """A setting that cannot work; its message is one line for the operator."""
 
 
-def _opt(default: Any, help: str, parse: Callable[[str], Any] | None = None, **extra: Any) -> Any:
-    return field(default=default, metadata={"help": help, "parse": parse, **extra})
+def _opt(
+    default: Any, help: str, parse: Callable[[str], Any] | None = None, **metadata: Any
+) -> Any:
+    return field(default=default, metadata={"help": help, "parse": parse, **metadata})
 
 
 def parse_shape(text: str) -> tuple[int, ...]:

@@ -8,8 +8,10 @@ queue on the worker's side:
     control channel  routing id  b"<uid>/c"   hello, loading, ready, heartbeat, error, bye
                                               in: gateway heartbeats, stop
 
-``<uid>`` names one worker process for its lifetime (the gateway hands local
-workers ``<slot>.<generation>``; a remote worker makes one up).
+``<uid>`` names one worker process for its lifetime: the gateway hands a local
+worker ``<model>/<slot>.<generation>`` (``<slot>.<generation>`` when the model
+has no name), so uids stay unique across the pools of one gateway; a remote
+worker makes one up (``<host>-<pid>-<random hex>`` unless given ``--uid``).
 
 Every message is a multipart ZeroMQ message whose first frame is a msgpack map,
 the header; its ``t`` key names the message type. Payload frames follow raw:
@@ -26,9 +28,8 @@ the header; its ``t`` key names the message type. Payload frames follow raw:
                                      model and its settings' fingerprint)
     LOADING   control -> gateway  [ {t, uid} ]
     READY     control -> gateway  [ {t, uid, load_s, capacity, input_shape?, input_dtype?,
-                                     model_name, signature?, + memory fields} ]
-    HEARTBEAT control -> gateway  [ {t, uid, busy, batch_s, served, batches, waits,
-                                     + memory fields} ]
+                                     signature?, + memory fields} ]
+    HEARTBEAT control -> gateway  [ {t, uid, batch_s, batches, waits, + memory fields} ]
     ERROR     control -> gateway  [ {t, uid, code, message, fatal} ]
     BYE       control -> gateway  [ {t, uid, reason} ]
     BEAT      gateway -> control  [ {t} ]       the gateway is alive
@@ -117,6 +118,15 @@ from shared.errors import PayloadTooLarge, RequestError
 # Carried by REQUEST and HELLO; a worker of another version is refused. Version 2
 # replaced REQUEST's wall-clock ``deadline_ms`` with ``timeout_ms`` (time left);
 # version 3 added streams (REQUEST ``stream``/``credit``, CHUNK, END, CANCEL, CREDIT).
+#
+# The version changes when one side would misread the other: a field whose meaning
+# changes, a field or message a reader needs that an older peer does not send.
+# Optional fields may be added, and fields nobody reads dropped, within a version:
+# every reader ignores keys it does not know and defaults those it may lack. So
+# version 3 stopped sending READY ``model_name``/``device`` and HEARTBEAT
+# ``busy``/``served``, which no gateway ever read (the device comes from HELLO,
+# requests served are counted by the gateway): remote workers of either make join
+# either gateway.
 VERSION: Final = 3
 
 # Message types.
@@ -280,28 +290,6 @@ class ReplyHeader(_Reply, total=False):
     json_len: int
 
 
-class ChunkHeader(TypedDict):
-    t: str
-    id: int
-    seq: int
-
-
-class EndHeader(TypedDict):
-    t: str
-    id: int
-
-
-class CancelHeader(TypedDict):
-    t: str
-    id: int
-
-
-class CreditHeader(TypedDict):
-    t: str
-    id: int
-    n: int
-
-
 class _Hello(TypedDict):
     t: str
     v: int
@@ -323,32 +311,23 @@ class HelloHeader(_Hello, total=False):
     fingerprint_error: str
 
 
-class LoadingHeader(TypedDict):
-    t: str
-    uid: str
-
-
 class _Ready(MemoryFields):
     t: str
     uid: str
     load_s: float
     capacity: int
-    model_name: str
 
 
 class ReadyHeader(_Ready, total=False):
     input_shape: list[int] | None
     input_dtype: str | None
     signature: dict[str, Any]
-    device: str
 
 
 class HeartbeatHeader(MemoryFields):
     t: str
     uid: str
-    busy: bool
     batch_s: float | None  # seconds the batch now running has run; None when idle
-    served: int
     batches: list[list[int]]  # [[rows, count], ...], cumulative
     waits: dict[str, Any]  # {"counts": [...], "sum": seconds}, cumulative
 

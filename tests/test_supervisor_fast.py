@@ -208,8 +208,8 @@ async def test_recycling_hands_over_to_a_ready_successor_before_draining_the_old
         gw.answer(old, pending.id)
     assert old.recycling  # wanted; the reconcile step starts the successor
     await gw.spawned(2)
-    assert [w.role for w in gw.pool.extra] == [Role.SUCCESSOR]
-    (successor,) = gw.pool.extra
+    assert [w.role for w in gw.pool.handovers] == [Role.SUCCESSOR]
+    (successor,) = gw.pool.handovers
 
     # Until the successor is ready, the old worker keeps serving.
     held = gw.dispatcher.enqueue("json", b"{}")
@@ -229,7 +229,7 @@ async def test_recycling_hands_over_to_a_ready_successor_before_draining_the_old
     assert (await gw.dispatcher.result(held)).body == b"{}"
     gw.spawner.of(old).exit(0)
     await eventually(lambda: old.state is State.STOPPED, "the old worker to be reaped")
-    assert gw.pool.by_uid(old.uid) is None and old not in gw.pool.extra
+    assert gw.pool.by_uid(old.uid) is None and old not in gw.pool.handovers
     assert gw.deaths == [] and successor.ready
 
 
@@ -239,10 +239,10 @@ async def test_a_successor_that_dies_keeps_the_old_worker_and_retries_later() ->
     (old,) = await gw.serving()
     gw.serve_one(old)
     await gw.spawned(2)
-    (successor,) = gw.pool.extra
+    (successor,) = gw.pool.handovers
 
     gw.spawner.of(successor).exit(protocol.EXIT_LOAD_FAILED)
-    await eventually(lambda: not gw.pool.extra, "the successor to be forgotten")
+    await eventually(lambda: not gw.pool.handovers, "the successor to be forgotten")
     assert gw.pool.workers[0] is old and old.ready and not old.recycling
     assert gw.deaths == ["load_failed"]
 
@@ -250,11 +250,11 @@ async def test_a_successor_that_dies_keeps_the_old_worker_and_retries_later() ->
     for _ in range(round(RECYCLE_RETRY_S) - 1):
         await gw.clock.advance(1.0)
         gw.say(old, protocol.HEARTBEAT)
-    assert not gw.pool.extra
+    assert not gw.pool.handovers
     await gw.clock.advance(1.0)
     gw.say(old, protocol.HEARTBEAT)
     await gw.spawned(3)
-    assert [w.role for w in gw.pool.extra] == [Role.SUCCESSOR]
+    assert [w.role for w in gw.pool.handovers] == [Role.SUCCESSOR]
 
 
 # --- regressions (issue #10, item 6) ------------------------------------------------
@@ -297,12 +297,12 @@ async def test_a_successor_declared_lost_is_counted_as_one_death() -> None:
     (old,) = await gw.serving()
     gw.serve_one(old)
     await gw.spawned(2)
-    (successor,) = gw.pool.extra
+    (successor,) = gw.pool.handovers
     process = gw.spawner.of(successor)
     while not process.killed:  # the successor never says hello; the old one beats on
         await gw.clock.advance(1.0)
         gw.say(old, protocol.HEARTBEAT)
-    await eventually(lambda: successor not in gw.pool.extra, "the successor to be reaped")
+    await eventually(lambda: successor not in gw.pool.handovers, "the successor to be reaped")
     assert gw.deaths == ["hello_timeout"]
     assert gw.pool.workers[0] is old and old.ready
 

@@ -50,7 +50,6 @@ class WorkerState:
     def __init__(self) -> None:
         # time.monotonic() when the batch now running started; None while idle.
         self._busy_since: float | None = None
-        self.served = 0
         # Forward passes run, by rows in the batch; only the serving loop writes it.
         self.batches: dict[int, int] = {}
         # Seconds each request waited in the worker before its forward pass.
@@ -234,9 +233,7 @@ class ControlThread(threading.Thread):
         return {
             "t": protocol.HEARTBEAT,
             "uid": self._uid,
-            "busy": self._state.busy,
             "batch_s": self._state.batch_s(),
-            "served": self._state.served,
             "batches": self._state.batches_report(),
             "waits": self._state.waits.report(),
             **self._sampler.sample(),

@@ -179,13 +179,11 @@ def run(
             "capacity": 1 if model.stream is not None else 2 * settings.max_batch_size,
             "input_shape": None if model.input_shape is None else list(model.input_shape),
             "input_dtype": model.input_dtype,
-            "model_name": settings.served_name,
             "signature": {
                 "source": model.source,
                 "outputs": model.outputs,
                 "stream": model.stream is not None,
             },
-            "device": str(model.device) if pin.gpu is None else pin.label,
             **sampler.sample(),
         }
     )
@@ -222,9 +220,9 @@ def serve(
     state: WorkerState,
     signals: SignalWake,
 ) -> int:
-    from worker.serve.loop import Server
+    from worker.serve.loop import ServingLoop
 
-    server = Server(
+    loop = ServingLoop(
         data,
         model,
         state,
@@ -232,8 +230,8 @@ def serve(
         max_batch_delay_ms=settings.max_batch_delay_ms,
         max_body_bytes=settings.max_body_bytes,
     )
-    stop = server.serve(control, signals)
+    stop = loop.serve(control, signals)
     if stop.drain:
-        server.drain()
+        loop.drain()
     control.send({"t": protocol.BYE, "reason": stop.reason})
     return stop.status

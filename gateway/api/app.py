@@ -86,7 +86,7 @@ PREDICT_OPENAPI: dict[str, Any] = {
 
 class TorchpoolApp(FastAPI):
     """FastAPI for every route but the hot one: ``/predict`` goes straight to
-    :class:`gateway.predict.PredictHandler`, past routing and middleware."""
+    :class:`gateway.api.predict.PredictHandler`, past routing and middleware."""
 
     predict: PredictHandler | None = None
     # /predict asking for Server-Sent Events from a streaming model (gateway.api.sse).

@@ -54,7 +54,7 @@ router = APIRouter(prefix="/v2", tags=["Open Inference Protocol"])
 
 
 class EventStream(Response):
-    """A response that runs a stream and writes its events (:func:`gateway.sse.write_stream`)."""
+    """A response that runs a stream and writes its events (:func:`sse.write_stream`)."""
 
     def __init__(self, model: ModelRuntime, request: Prepared) -> None:
         super().__init__(media_type=sse.EVENT_STREAM.decode())

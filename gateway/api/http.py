@@ -152,20 +152,20 @@ async def send_response(
     status: int,
     body: bytes,
     media_type: bytes,
-    extra: list[tuple[bytes, bytes]] | None = None,
+    headers: list[tuple[bytes, bytes]] | None = None,
 ) -> None:
-    """A whole answer on a plain ASGI ``send``."""
-    headers = [(b"content-type", media_type), (b"content-length", str(len(body)).encode())]
+    """A whole answer on a plain ASGI ``send``; ``headers``: more than its type and length."""
+    fixed = [(b"content-type", media_type), (b"content-length", str(len(body)).encode())]
     await send(
-        {"type": "http.response.start", "status": status, "headers": headers + (extra or [])}
+        {"type": "http.response.start", "status": status, "headers": fixed + (headers or [])}
     )
     await send({"type": "http.response.body", "body": body})
 
 
 async def send_error(send: Send, error: TorchpoolError) -> None:
     """:func:`error_response` on a plain ASGI ``send``."""
-    extra = [(k.lower().encode(), v.encode()) for k, v in error_headers(error).items()]
-    await send_response(send, error.status, orjson.dumps(error.to_json()), JSON.encode(), extra)
+    headers = [(k.lower().encode(), v.encode()) for k, v in error_headers(error).items()]
+    await send_response(send, error.status, orjson.dumps(error.to_json()), JSON.encode(), headers)
 
 
 # --- requests -----------------------------------------------------------------------
@@ -226,15 +226,15 @@ async def run_request(
     fmt: str,
     body: bytes,
     timeout_s: float | None,
-    extra: protocol.RequestExtras | None = None,
+    fields: protocol.RequestExtras | None = None,
 ) -> Reply:
     """Hand a request to the dispatcher and wait for its reply.
 
     While it is queued, a client that disconnects takes it out of the queue
     (never run); once it is on a worker, the reply is awaited regardless.
     """
-    pending = dispatcher.enqueue(fmt, body, timeout_s, extra)
-    if not dispatcher.is_queued(pending):
+    pending = dispatcher.enqueue(fmt, body, timeout_s, fields)
+    if not pending.queued:
         return await dispatcher.result(pending)
     # One watcher task, whose end answers the request ClientClosed; the reply is
     # awaited here, not in a second task (fewer tasks and futures per request).

@@ -2,7 +2,7 @@
 
 The page is one static HTML file with a little vanilla JavaScript, no build
 step: every second it fetches ``/health`` (the workers) and ``/status.json``
-(traffic over the last seconds, from :class:`gateway.metrics.RecentWindow`)
+(traffic over the last seconds, from :class:`gateway.api.metrics.RecentWindow`)
 and redraws itself.
 """
 

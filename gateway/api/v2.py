@@ -111,7 +111,8 @@ async def server_live() -> Response:
     responses=errors_openapi(503),
 )
 async def server_ready(request: Request) -> Response:
-    """200 when at least --min-ready workers are ready and the server is not draining."""
+    """200 when every model has its own min_ready workers ready (--min-ready, or its
+    table's ``min_ready``) and the server is not draining: the /health/ready rule."""
     reason = server_not_ready_reason(runtime_of(request))
     if reason is not None:
         return json_response({"error": reason, "ready": False}, 503)
@@ -235,10 +236,10 @@ async def infer(request: Request, name: str, version: str | None = None) -> Resp
     """Run the model on a v2 inference request; the worker parses and answers it."""
     model = check_model(runtime_of(request), name, version)
     settings = model.settings
-    extra: protocol.RequestExtras = {"model": name, "version": VERSION}
+    fields: protocol.RequestExtras = {"model": name, "version": VERSION}
     encoding = content_encoding(request.headers.get("content-encoding"))
     if encoding is not None:
-        extra["encoding"] = encoding
+        fields["encoding"] = encoding
     header_length = request.headers.get(HEADER_LENGTH)
     if header_length is not None:
         if not header_length.isdigit() or int(header_length) == 0:
@@ -246,7 +247,7 @@ async def infer(request: Request, name: str, version: str | None = None) -> Resp
                 f"Inference-Header-Content-Length must be a positive byte count, "
                 f"got {header_length!r}"
             )
-        extra["json_len"] = int(header_length)
+        fields["json_len"] = int(header_length)
     timeout_s = timeout_header(request.headers.get(TIMEOUT_HEADER))
     body = await read_body(
         request.receive,
@@ -254,14 +255,14 @@ async def infer(request: Request, name: str, version: str | None = None) -> Resp
         settings.max_body_bytes,
         'empty body; send an inference request {"inputs": [...]}',
     )
-    if "json_len" in extra and "encoding" not in extra and extra["json_len"] > len(body):
+    if "json_len" in fields and "encoding" not in fields and fields["json_len"] > len(body):
         raise RequestError(
-            f"Inference-Header-Content-Length {extra['json_len']} exceeds the body of "
+            f"Inference-Header-Content-Length {fields['json_len']} exceeds the body of "
             f"{len(body)} bytes"
         )
-    fmt = protocol.FMT_V2_BINARY if "json_len" in extra else protocol.FMT_V2_JSON
-    reply = await run_request(request.receive, model.dispatcher, fmt, body, timeout_s, extra)
-    json_len = reply.extra.get("json_len")
+    fmt = protocol.FMT_V2_BINARY if "json_len" in fields else protocol.FMT_V2_JSON
+    reply = await run_request(request.receive, model.dispatcher, fmt, body, timeout_s, fields)
+    json_len = reply.fields.get("json_len")
     if reply.fmt == protocol.FMT_V2_BINARY and isinstance(json_len, int):
         return Response(
             reply.body,

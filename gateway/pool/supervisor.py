@@ -249,7 +249,7 @@ class Supervisor:
         Grows or shrinks the slot list to the wanted count (removed slots drain
         before they stop); drops successors that died or whose slot is gone,
         hands slots over to ready successors and starts the ones wanted
-        (:class:`gateway.succession.Succession`); starts the next generation
+        (:class:`gateway.pool.succession.Succession`); starts the next generation
         of every slot whose backoff is over, and spawns every slot that has no
         process yet. Passes run one at a time; any event may ask for one, and
         a pass with nothing to do changes nothing.
@@ -258,7 +258,7 @@ class Supervisor:
             if self._stopping:
                 return
             self._scale()
-            self._succession.settle()
+            self._succession.reconcile()
             await self._succession.start(self._settings)
             await self._refill()
 
@@ -436,7 +436,7 @@ class Supervisor:
         if worker.role is Role.SUCCESSOR:
             self._reconcile_soon()  # which hands its slot over
             return
-        self.serve(worker)
+        self.put_in_service(worker)
 
     def admit_remote(self, uid: str, message: dict[str, Any]) -> WorkerRecord | None:
         """A worker we did not spawn says hello over --bind (CURVE already checked it)."""
@@ -507,12 +507,12 @@ class Supervisor:
             self._reconcile_soon()  # which stops its successors
             raise
 
-    # The acts succession asks for (gateway.succession.Acts).
+    # The acts succession asks for (gateway.pool.succession.Acts).
 
     def retire(self, worker: WorkerRecord, reason: str, drain: bool = True) -> None:
         """Take ``worker`` out of service and stop it: after what it holds, with ``drain``."""
-        if worker in self._pool.extra:
-            self._pool.extra.remove(worker)
+        if worker in self._pool.handovers:
+            self._pool.handovers.remove(worker)
         worker.role = Role.RETIRING
         if not drain:
             worker.state = State.STOPPED
@@ -521,12 +521,12 @@ class Supervisor:
             self._pool.forget(worker)
             worker.state = State.STOPPED
             return
-        self._pool.extra.append(worker)  # until it is reaped
+        self._pool.handovers.append(worker)  # until it is reaped
         self._send_control(worker, {"t": protocol.STOP, "reason": reason})
         # A worker answers all it holds before it acts on STOP; it gets no new work.
         self._background(self._drain_then_stop(process) if drain else process.stop(STOP_GRACE_S))
 
-    def serve(self, worker: WorkerRecord) -> None:
+    def put_in_service(self, worker: WorkerRecord) -> None:
         """``worker`` is ready in its slot: give it the waiting work, tell the observer."""
         self._dispatcher.pump()
         if self.on_ready is not None:
@@ -543,8 +543,8 @@ class Supervisor:
 
     def _retired(self, worker: WorkerRecord, how: str) -> None:
         """A retiring worker exited (drained, or let go of)."""
-        if worker in self._pool.extra:
-            self._pool.extra.remove(worker)
+        if worker in self._pool.handovers:
+            self._pool.handovers.remove(worker)
         self._pool.forget(worker)
         worker.state = State.STOPPED
         self._dispatcher.worker_lost(worker, how)  # normally holds nothing by now

@@ -193,8 +193,9 @@ class Pool:
     """All worker records, looked up by wire identity.
 
     ``workers`` holds the local slots (index == slot), ``remote`` the workers that
-    joined over --bind; both serve. ``extra`` holds the successors and retiring
-    workers of a recycle, a reload or a scale-down: alive, but not (or no longer) serving.
+    joined over --bind; both serve. ``handovers`` holds the workers of a hand-over:
+    the successors and retiring workers of a recycle, a reload or a scale-down,
+    alive, but not (or no longer) serving.
     """
 
     REMOTE_IDS_FROM = 1000
@@ -204,7 +205,7 @@ class Pool:
         self._generations = itertools.count()
         self.workers = [WorkerRecord(p, next(self._generations), model=model) for p in placements]
         self.remote: list[WorkerRecord] = []
-        self.extra: list[WorkerRecord] = []
+        self.handovers: list[WorkerRecord] = []
         self._by_uid = {w.uid: w for w in self.workers}
         self._remote_ids = itertools.count(self.REMOTE_IDS_FROM)
         # True once any worker has been ready: from then on load failures are
@@ -286,7 +287,7 @@ class Pool:
         return [*self.workers, *self.remote] if self.remote else self.workers
 
     def all_records(self) -> list[WorkerRecord]:
-        return [*self.workers, *self.remote, *self.extra]
+        return [*self.workers, *self.remote, *self.handovers]
 
     def ready_workers(self) -> list[WorkerRecord]:
         return [w for w in self.serving() if w.ready]

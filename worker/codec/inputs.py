@@ -59,7 +59,7 @@ class Codec(Protocol):
         ...
 
     def encode(self, context: Any, result: Any) -> tuple[bytes, str, dict[str, Any]]:
-        """-> (REPLY body, its fmt, extra REPLY header fields)."""
+        """-> (REPLY body, its fmt, more REPLY header fields)."""
         ...
 
 

@@ -1,6 +1,6 @@
 """``/predict`` bodies: the envelope ``{"input_tensor": ...}`` in, ``{"prediction": ...}`` out.
 
-Two body formats (see :mod:`shared.protocol`), one :class:`~worker.inputs.Codec` each:
+Two body formats (see :mod:`shared.protocol`), one :class:`~worker.codec.inputs.Codec` each:
 
 - ``json``: ``{"input_tensor": <nested list>}``, strict RFC 8259 (NaN and
   Infinity are refused);
@@ -8,7 +8,7 @@ Two body formats (see :mod:`shared.protocol`), one :class:`~worker.inputs.Codec`
   (or a nested list).
 
 Only the envelope is read here; the payload goes through
-:func:`worker.inputs.prepare` and the tensor conversions of
+:func:`worker.codec.inputs.prepare` and the tensor conversions of
 :mod:`worker.codec.tensors`, which the Open Inference Protocol formats
 (:mod:`worker.codec.v2`) share. Every decoding failure is a
 :class:`shared.errors.RequestError` (400) whose message says what was wrong,

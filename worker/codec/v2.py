@@ -335,7 +335,7 @@ def describe_outputs(result: Any) -> list[dict[str, Any]] | None:
 
 
 def encode_reply(context: V2Context, result: Any) -> tuple[bytes, str, dict[str, Any]]:
-    """A model result -> (body, fmt, extra REPLY header fields) of the v2 response."""
+    """A model result -> (body, fmt, more REPLY header fields) of the v2 response."""
     pairs = named_outputs(result)
     if context.wanted is None:
         chosen = [(name, tensor, context.binary_default) for name, tensor in pairs]

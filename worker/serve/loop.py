@@ -55,7 +55,7 @@ class Stop:
     status: int = 0
 
 
-class Server:
+class ServingLoop:
     """Serves ``model`` on ``data`` (a connected DEALER owned by this thread)."""
 
     def __init__(
@@ -264,7 +264,7 @@ class Server:
                     result = self._model.postprocess(result)
                 except Exception as exc:
                     raise batching.model_failure(exc) from exc
-            body, fmt, extra = self._codecs[job.fmt].encode(job.context, result)
+            body, fmt, reply_fields = self._codecs[job.fmt].encode(job.context, result)
         except TorchpoolError as err:
             self._reply_error(job.request_id, err)
         except Exception as exc:
@@ -275,7 +275,7 @@ class Server:
                 "id": job.request_id,
                 "code": protocol.OK,
                 "fmt": fmt,
-                **extra,
+                **reply_fields,
             }
             self._send([protocol.pack(header), body])
 
@@ -290,7 +290,6 @@ class Server:
         self._send([protocol.pack(header)])
 
     def _send(self, frames: list[bytes]) -> None:
-        self._state.served += 1
         try:
             copy = len(frames[-1]) < protocol.ZERO_COPY_BYTES
             for frame in frames[:-1]:

@@ -332,14 +332,14 @@ class StreamRunner:
             print("torchpool worker: a chunk was dropped: gateway not reachable", file=sys.stderr)
 
     def _reply_collected(self, job: Job, outputs: list[Any]) -> None:
-        extra: dict[str, Any] = {}
+        reply_fields: dict[str, Any] = {}
         if isinstance(job.context, GenerateContext):
             merged = merge_fields([generate_fields(item) for item in outputs])
             body, fmt = jsonio.dump(_generate_document(job.context, merged)), protocol.FMT_JSON
         else:
-            body, fmt, extra = self._codecs[job.fmt].encode(job.context, outputs)
+            body, fmt, reply_fields = self._codecs[job.fmt].encode(job.context, outputs)
         reply = {"t": protocol.REPLY, "id": job.request_id, "code": protocol.OK, "fmt": fmt}
-        self._send([protocol.pack({**reply, **extra}), body])
+        self._send([protocol.pack({**reply, **reply_fields}), body])
 
 
 def with_parameters(stream: Callable[..., Any]) -> Callable[[Any, dict[str, Any]], Any]:
