@@ -47,6 +47,13 @@ class _DrainingServer(uvicorn.Server):
         self._draining = False
         self._hurried = False
 
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        # uvicorn says where it listens only for sockets it bound itself; this one
+        # was bound before the pool started (see bind()), so say it here.
+        if self.started and sockets:
+            log.info("listening on %s", listening_url(sockets[0]))
+
     def handle_exit(self, sig: int, frame: types.FrameType | None) -> None:
         # This runs in a signal handler: only flag, and hand work to the loop.
         runtime = self._runtime_of()
@@ -66,6 +73,12 @@ class _DrainingServer(uvicorn.Server):
     def _drain_then_exit(self, runtime: Runtime) -> None:
         task = runtime.loop.create_task(runtime.drain())
         task.add_done_callback(lambda _: setattr(self, "should_exit", True))
+
+
+def listening_url(sock: socket.socket) -> str:
+    """``http://HOST:PORT`` of a listening socket, with the port it really got."""
+    host, port = sock.getsockname()[:2]
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -105,7 +118,7 @@ def serve(config: Config) -> int:
         loop="auto",
         http="auto",
         timeout_graceful_shutdown=math.ceil(drain_s),
-        access_log=False,
+        access_log=settings.access_log,
         # uvicorn's X-Forwarded-For/-Proto rewriting wraps every request, /predict
         # included, and torchpool reads neither the client address nor the scheme:
         # it runs only when asked for, by uvicorn's own FORWARDED_ALLOW_IPS.

@@ -294,6 +294,11 @@ class ServerSettings:
         parse_bool,
     )
     log_level: str = _opt("info", "Log level: debug, info, warning or error.")
+    access_log: bool = _opt(
+        False,
+        "Log one line per HTTP request (uvicorn's access log: client, method, path, status).",
+        parse_bool,
+    )
     default_model: str | None = _opt(
         None, "With several models: the one plain POST /predict goes to (else it is 404)."
     )

@@ -251,7 +251,7 @@ class Dispatcher:
             frames = [self._pack(header), pending.body]
             self._transport.send(worker.data_identity, frames, worker.link)
         except zmq.ZMQError as exc:
-            log.warning("worker %d is unreachable (%s)", worker.slot, exc)
+            log.warning("%s is unreachable (%s)", worker.name, exc)
             if self._on_unreachable is not None:
                 self._on_unreachable(worker)
             return False

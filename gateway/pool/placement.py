@@ -116,12 +116,13 @@ def place_another(
     per_worker: int | None = None,
     cores: Sequence[int] | None = None,
     taken: Sequence[int] = (),
+    model: str = "",
 ) -> Placement:
     """Place one more worker beside ``existing`` ones (scaling up at run time).
 
     It gets free cores when enough are left, as many as its peers have;
-    otherwise it shares the cores of an existing slot, and a warning says so.
-    ``taken`` are cores other models' workers hold.
+    otherwise it shares the cores of an existing slot, and a warning (naming
+    ``model``) says so. ``taken`` are cores other models' workers hold.
     """
     cores = usable_cores() if cores is None else list(cores)
     size = per_worker or (len(existing[0].cores) if existing else len(cores))
@@ -131,7 +132,12 @@ def place_another(
         chosen = tuple(free[:size])
     else:
         chosen = existing[slot % len(existing)].cores if existing else tuple(cores[:size])
-        log.warning("no free cores for worker %d: it shares cores %s", slot, format_cores(chosen))
+        log.warning(
+            "no free cores for %sworker %d: it shares cores %s",
+            f"{model} " if model else "",
+            slot,
+            format_cores(chosen),
+        )
     return Placement(
         slot=slot,
         device="cuda" if gpus else "cpu",

@@ -112,7 +112,7 @@ class Succession:
         reason = recycle_reason(worker, settings)
         if reason is None:
             return False
-        log.info("recycling worker %d: %s", worker.slot, reason)
+        log.info("recycling %s: %s", worker.name, reason)
         worker.recycling = True
         return True
 
@@ -193,7 +193,7 @@ class Succession:
         for successor in successors.values():
             self._take_over(successor)
         reload.outcome.set_result(None)
-        log.info("reloaded %d workers", len(successors))
+        log.info("model %s: reloaded %d workers", self._pool.model, len(successors))
 
     def _died(self, successor: WorkerRecord) -> None:
         """A successor died before it took over (reaping recorded why in last_error)."""
@@ -202,7 +202,9 @@ class Succession:
         reload = self.reload
         if reload is not None and successor in reload.successors.values():
             del reload.successors[successor.slot]
-            log.error("reload failed; the old workers serve on: %s", note)
+            log.error(
+                "model %s: reload failed; the old workers serve on: %s", self._pool.model, note
+            )
             self.fail_reload(ModelLoadError(note))
             return
         if successor.slot < len(self._pool.workers):
@@ -236,7 +238,7 @@ class Succession:
         self._pool.handovers.remove(successor)
         successor.role = Role.CURRENT
         self._pool.workers[slot] = successor
-        log.info("worker %d replaced by pid %s; draining pid %s", slot, successor.pid, old.pid)
+        log.info("%s replaced by pid %s; draining pid %s", old.name, successor.pid, old.pid)
         # A worker answers all it holds before it acts on STOP; it gets no new work.
         self._acts.retire(old, "replaced")
         self._acts.put_in_service(successor)

@@ -144,7 +144,9 @@ class Supervisor:
             idle.cancel()
             if self._dispatcher.outstanding:
                 log.warning(
-                    "stopping with %d requests still in flight", self._dispatcher.outstanding
+                    "model %s: stopping with %d requests still in flight",
+                    self._pool.model,
+                    self._dispatcher.outstanding,
                 )
 
     # --- acts -------------------------------------------------------------------
@@ -173,8 +175,7 @@ class Supervisor:
             env["CUDA_VISIBLE_DEVICES"] = str(placement.gpu)
         worker.state = State.STARTING
         self._pool.register(worker)
-        label = f"{worker.model} worker {worker.slot}" if worker.model else f"worker {worker.slot}"
-        process = await self._spawner(argv, env, label=label)
+        process = await self._spawner(argv, env, label=worker.name)
         worker.process = process
         worker.pid = process.pid
         worker.spawned_at = self._clock()
@@ -183,8 +184,8 @@ class Supervisor:
             # record will serve from it, so it stops now; reaping still ends it.
             self._background(process.stop(STOP_GRACE_S))
         log.info(
-            "worker %d spawned: pid %d, %s, cores %s",
-            worker.slot, process.pid, placement.label, format_cores(placement.cores),
+            "%s spawned: pid %d, %s, cores %s",
+            worker.name, process.pid, placement.label, format_cores(placement.cores),
         )  # fmt: skip
         self._background(self._reap(worker, process))
 
@@ -211,7 +212,7 @@ class Supervisor:
         self._dispatcher.worker_lost(worker, how)
         if worker.last_error is None or was_ready:
             worker.last_error = self._death_note(worker, process, how)
-        log.error("worker %d (pid %d) %s", worker.slot, process.pid, how)
+        log.error("%s (pid %d) %s", worker.name, process.pid, how)
         self._replace(worker, code, was_ready)
 
     def _replace(self, worker: WorkerRecord, code: int, was_ready: bool) -> None:
@@ -224,8 +225,8 @@ class Supervisor:
         if worker.boot_failures >= MAX_BOOT_FAILURES:
             worker.state = State.FAILED
             log.error(
-                "worker %d failed %d boots in a row; not restarting it: %s",
-                worker.slot, worker.boot_failures, worker.last_error,
+                "%s failed %d boots in a row; not restarting it: %s",
+                worker.name, worker.boot_failures, worker.last_error,
             )  # fmt: skip
             if not self._pool.ever_ready:
                 self._check_fatal()
@@ -234,7 +235,7 @@ class Supervisor:
         delay = 0.0
         if worker.boot_failures:
             delay = min(BACKOFF_MAX_S, BACKOFF_BASE_S * 2 ** (worker.boot_failures - 1))
-            log.info("restarting worker %d in %.1fs", worker.slot, delay)
+            log.info("restarting %s in %.1fs", worker.name, delay)
         worker.respawn_at = self._clock() + delay
         self._background(self._reconcile_after(delay))
 
@@ -273,16 +274,16 @@ class Supervisor:
                 self._gpus,
                 self._settings.cores_per_worker,
                 taken=self._taken(),
+                model=self._pool.model,
             )
-            workers.append(
-                WorkerRecord(
-                    placement, generation=self._pool.next_generation(), model=self._pool.model
-                )
+            added = WorkerRecord(
+                placement, generation=self._pool.next_generation(), model=self._pool.model
             )
-            log.info("scaling up: worker %d", slot)
+            workers.append(added)
+            log.info("scaling up: %s", added.name)
         while len(workers) > self._wanted:
             worker = workers.pop()
-            log.info("scaling down: draining worker %d", worker.slot)
+            log.info("scaling down: draining %s", worker.name)
             self.retire(worker, "scaled down")
 
     async def _refill(self) -> None:
@@ -313,7 +314,7 @@ class Supervisor:
         if worker.state in (State.RESTARTING, State.FAILED, State.STOPPED):
             return
         self._count_death(cause)
-        log.error("worker %d %s; replacing it", worker.slot, how)
+        log.error("%s %s; replacing it", worker.name, how)
         # Read by _reap, which sees RESTARTING: a silent ready worker did boot.
         worker.lost_when_ready = worker.state is State.READY
         worker.state = State.RESTARTING
@@ -392,7 +393,7 @@ class Supervisor:
             worker.pid = hello.get("pid", worker.pid)
             worker.host = hello.get("host")
             if worker.remote and worker.state in (State.STOPPED, State.RESTARTING):
-                log.info("remote worker %d (%s) is back", worker.slot, worker.uid)
+                log.info("remote %s (%s) is back", worker.name, worker.uid)
                 worker.state = State.STARTING
         elif kind == protocol.LOADING:
             worker.state = State.LOADING
@@ -400,10 +401,10 @@ class Supervisor:
             self._on_ready(worker, cast(protocol.ReadyHeader, message))
         elif kind == protocol.ERROR:
             worker.last_error = str(cast(protocol.ErrorHeader, message).get("message"))
-            log.error("worker %d: %s", worker.slot, worker.last_error)
+            log.error("%s: %s", worker.name, worker.last_error)
         elif kind == protocol.BYE:
             reason = cast(protocol.ByeHeader, message).get("reason")
-            log.info("worker %d says bye: %s", worker.slot, reason)
+            log.info("%s says bye: %s", worker.name, reason)
 
     def _check_batch_time(self, worker: WorkerRecord, batch_s: object) -> None:
         """Kill a worker whose forward pass has run past --max-batch-seconds.
@@ -432,7 +433,7 @@ class Supervisor:
         worker.boot_failures = 0
         worker.last_error = None
         self._pool.ever_ready = True
-        log.info("worker %d ready in %.2fs", worker.slot, worker.load_seconds or 0.0)
+        log.info("%s ready in %.2fs", worker.name, worker.load_seconds or 0.0)
         if worker.role is Role.SUCCESSOR:
             self._reconcile_soon()  # which hands its slot over
             return
@@ -456,7 +457,7 @@ class Supervisor:
         )
         self._pool.remote.append(worker)
         self._pool.register(worker)
-        log.info("remote worker %d joined: %s from %s", worker.slot, uid, hello.get("host"))
+        log.info("remote %s joined: %s from %s", worker.name, uid, hello.get("host"))
         return worker
 
     # --- scaling -----------------------------------------------------------------

@@ -134,6 +134,12 @@ class WorkerRecord:
         return f"{prefix}{self.slot}.{self.generation}"
 
     @property
+    def name(self) -> str:
+        """How logs name it: ``demo worker 0``, its model then its slot, so the
+        workers of two models are never confused."""
+        return f"{self.model} worker {self.slot}" if self.model else f"worker {self.slot}"
+
+    @property
     def remote(self) -> bool:
         return self.remote_uid is not None
 
