@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 
-def _sentences(payload: Any, content_type: str) -> list[str]:
+def sentences(payload: Any, content_type: str) -> list[str]:
     """The request's sentences: a text body, a JSON string or a JSON list of strings."""
     if isinstance(payload, bytes):
         try:
@@ -84,7 +84,7 @@ class TextEmbedder:
     def preprocess(self, payload: Any, content_type: str) -> dict[str, torch.Tensor]:
         """Token ids of this request's sentences, padded only to its own longest one."""
         encoded = self.tokenizer(
-            _sentences(payload, content_type),
+            sentences(payload, content_type),
             padding=True,
             truncation=True,
             max_length=self.max_length,

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import torch
 
-from tests.conftest import Server
+from tests.conftest import Server, wait_for
 from tests.zoo import ROW, build_all
 
 ROWS = [[math.sin(i * ROW + j) for j in range(ROW)] for i in range(4)]
@@ -116,6 +116,14 @@ def test_model_failure_is_500_and_the_worker_lives_on(
     pids = server.worker_pids()
     failed = server.predict({"input_tensor": [[1.0] * 5]})
     assert failed.status_code == 500, failed.text
-    assert failed.json()["code"] == "model_error"
+    body = failed.json()
+    assert body["code"] == "model_error"
+    # The model's own message, without TorchScript's traceback or a server path in it;
+    # the traceback is in the log under the answer's error id.
+    assert "mat1 and mat2 shapes cannot be multiplied" in body["error"], body
+    assert "Traceback" not in body["error"] and "site-packages" not in body["error"], body
+    assert "/" not in body["error"].replace("...", ""), body
+    wait_for(lambda: f"model error {body['error_id']}" in server.log(), 10, "the logged error")
+    assert "Traceback of TorchScript" in server.log().split(body["error_id"], 1)[1]
     assert server.worker_pids() == pids
     assert_close(predict(server), reference(zoo["model"]))

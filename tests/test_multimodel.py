@@ -297,9 +297,12 @@ def test_models_are_loaded_and_unloaded_at_run_time(gateway: tuple[Server, Path]
     )
     assert junk.status_code == 400 and "mlp.pt" in junk.json()["error"]
     loaded = server.client.put(
-        "/admin/models/extra", headers=AUTH, json={"workers": 1}, timeout=120
+        "/admin/models/extra", headers=AUTH, json={"workers": 2}, timeout=120
     )
     assert loaded.status_code == 201, loaded.text
+    # 201 means every requested worker is ready, never a pool still loading.
+    extra = loaded.json()["health"]
+    assert [w["state"] for w in extra["workers"]] == ["ready", "ready"], extra
     answer = server.client.post("/predict/extra", json={"input_tensor": [ROW]})
     assert answer.status_code == 200
     assert server.client.delete("/admin/models/extra", headers=AUTH).status_code == 200

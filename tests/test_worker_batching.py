@@ -11,7 +11,7 @@ import torch
 
 from shared.errors import ModelFailure
 from tests.models import Mean, PairNet, Picky
-from worker.model.assembly import split_output
+from worker.model.assembly import Assembly, split_output
 from worker.serve.batching import Job, collect, group, run_group
 from worker.serve.pacing import Pacer
 
@@ -94,7 +94,7 @@ def test_split_keeps_order_and_structure() -> None:
 def test_split_refuses_what_cannot_be_cut() -> None:
     assert split_output(torch.zeros(3, 2), [1, 1]) is None
     assert split_output(torch.tensor(1.0), [1]) is None
-    assert split_output({"a": torch.zeros(2), "b": "label"}, [1, 1]) is None
+    assert split_output({"a": torch.zeros(2), "b": 3}, [1, 1]) is None  # a batch-wide number
     assert split_output([], [1, 1]) is None
 
 
@@ -146,3 +146,48 @@ def test_runs_under_inference_mode(make: Callable[[], torch.Tensor]) -> None:
 
     run_group(forward, [make(), make()])
     assert seen == [True]
+
+
+# --- static leaves: strings, numbers, booleans and None beside the tensors ----------
+
+
+def tokens(request_id: int, length: int, modality: Any = "text") -> Job:
+    inputs = {
+        "input_ids": torch.full((1, length), request_id, dtype=torch.int64),
+        "attention_mask": torch.ones((1, length), dtype=torch.int64),
+        "modality": modality,
+    }
+    return Job(request_id, "json", inputs)
+
+
+def test_requests_batch_only_with_equal_static_leaves() -> None:
+    padded = Assembly(pad_values=0)
+    jobs = [tokens(1, 3), tokens(2, 4, "image"), tokens(3, 4), tokens(4, 3, None)]
+    assert [ids(g) for g in group(jobs, padded)] == [[1, 3], [2], [4]]
+
+
+def test_predict_gets_static_leaves_as_they_are_and_rows_padded() -> None:
+    seen: list[dict[str, Any]] = []
+
+    def forward(batch: dict[str, Any]) -> dict[str, Any]:
+        seen.append(batch)
+        return {"rows": batch["input_ids"].sum(dim=1), "modality": batch["modality"]}
+
+    padded = Assembly(pad_values={"input_ids": 0, "attention_mask": 0})
+    jobs = [tokens(1, 2), tokens(2, 3)]
+    results = run_group(forward, [j.inputs for j in jobs], padded)
+    assert len(seen) == 1, "the two requests ran in one forward pass"
+    assert seen[0]["modality"] == "text"
+    assert seen[0]["input_ids"].shape == (2, 3)
+    assert [r["rows"].tolist() for r in results] == [[2], [6]]
+    assert [r["modality"] for r in results] == ["text", "text"]
+
+
+def test_split_gives_strings_to_every_request_but_never_splits_a_number() -> None:
+    parts = split_output({"y": torch.arange(3), "kind": "text", "none": None}, [1, 2])
+    assert parts is not None
+    assert [p["kind"] for p in parts] == ["text", "text"]
+    assert [p["none"] for p in parts] == [None, None]
+    assert [p["y"].tolist() for p in parts] == [[0], [1, 2]]
+    # A number may be computed over the whole batch: run each request alone instead.
+    assert split_output({"y": torch.arange(3), "loss": 0.5}, [1, 2]) is None

@@ -245,3 +245,30 @@ def test_handler_attributes_are_checked_at_load() -> None:
         handler.accepts_of(Bad(), "m:C")
     with pytest.raises(Exception, match="pad_values must be a number"):
         handler.assembly_of(Bad(), "m:C", padded=True)
+
+
+# --- static leaves beside the tensors ---------------------------------------------
+
+
+def test_strings_numbers_and_none_pass_through_preprocess_unchanged() -> None:
+    def preprocess(payload: Any, content_type: str) -> dict[str, Any]:
+        return {**tokens(payload), "modality": "text", "scale": 0.5, "flag": True, "tag": None}
+
+    body = orjson.dumps({"input_tensor": "hi"})
+    inputs, _ = codec.JsonCodec(spec(preprocess, dtype_asked=True)).decode({}, body)
+    assert inputs["modality"] == "text"
+    assert inputs["scale"] == 0.5 and inputs["flag"] is True and inputs["tag"] is None
+    assert inputs["ids"].dtype == torch.int64  # integer leaves are never cast
+
+
+@pytest.mark.parametrize(
+    ("returned", "named"),
+    [({"x": object()}, "object"), ({"modality": "text"}, "no tensor"), ({}, "empty")],
+    ids=["object-leaf", "only-static", "empty"],
+)
+def test_preprocess_without_tensors_or_with_objects_is_a_model_failure(
+    returned: dict[str, Any], named: str
+) -> None:
+    body = orjson.dumps({"input_tensor": "hi"})
+    with pytest.raises(ModelFailure, match=named):
+        codec.JsonCodec(spec(lambda payload, ctype: returned)).decode({}, body)

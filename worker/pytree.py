@@ -2,6 +2,12 @@
 
 What a handler's ``preprocess`` returns and its ``predict`` takes. These few
 helpers walk one without torch's private ``torch.utils._pytree``.
+
+Beside tensors, a tree may hold *static* leaves: strings, bytes, numbers,
+booleans and None that describe the input rather than carry rows of it
+(sentence-transformers 6 puts ``"modality": "text"`` in its tokenizer's dict).
+They have no batch dimension: requests batch together only when their static
+leaves are equal, and the batch carries them through unchanged.
 """
 
 from __future__ import annotations
@@ -13,6 +19,23 @@ import torch
 
 # ("leaf",) | ("dict", ((key, spec), ...)) | ("tuple" | "list", (spec, ...))
 Spec = tuple[Any, ...]
+
+STATIC_TYPES = (str, bytes, int, float, bool, type(None))
+
+
+def is_static(leaf: Any) -> bool:
+    """Whether ``leaf`` is a plain value carried beside the tensors (see the module doc)."""
+    return isinstance(leaf, STATIC_TYPES)
+
+
+def tensors(tree: Any) -> list[torch.Tensor]:
+    """The tensor leaves, in :func:`leaves` order."""
+    return [leaf for leaf in leaves(tree) if isinstance(leaf, torch.Tensor)]
+
+
+def statics(tree: Any) -> tuple[Hashable, ...]:
+    """The static leaves, in :func:`leaves` order: equal for inputs that may batch together."""
+    return tuple(leaf for leaf in leaves(tree) if is_static(leaf))
 
 
 def leaves(tree: Any) -> list[Any]:

@@ -9,6 +9,7 @@ model's name) and the machine's cores, which placement splits among them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import logging
 from collections.abc import Callable, Sequence
@@ -18,7 +19,7 @@ from gateway.pool.dispatch import Dispatcher
 from gateway.pool.placement import Placement
 from gateway.pool.supervisor import Supervisor
 from gateway.pool.transport import Transport
-from gateway.pool.workers import DeathCause, Pool, WorkerRecord
+from gateway.pool.workers import DeathCause, Pool, State, WorkerRecord
 from shared.config import PoolSettings
 from shared.errors import SHUTTING_DOWN, ModelLoadError
 from shared.fingerprint import fingerprint
@@ -118,13 +119,30 @@ class ModelRuntime:
         """Let in-flight requests finish (at most drain_timeout_s), then stop every worker."""
         await self.supervisor.stop()
 
-    async def wait_loaded(self) -> None:
-        """Until the model is ready; ModelLoadError if it fails first."""
-        while self.state is ModelState.LOADING:
+    async def wait_all_ready(self) -> None:
+        """Until every local worker of the model is ready (an admin load's 201).
+
+        ModelLoadError when the model fails, or when a worker gives up for good
+        (it failed its boots in a row) while others are ready: the pool asked for
+        can then never be reached.
+        """
+        while True:
             self._changed.clear()
-            await self._changed.wait()
-        if self.state is ModelState.FAILED:
-            raise ModelLoadError(f"model {self.name!r} could not load: {self.error}")
+            if self.state is ModelState.FAILED:
+                raise ModelLoadError(f"model {self.name!r} could not load: {self.error}")
+            workers = self.pool.workers
+            failed = [w for w in workers if w.state is State.FAILED]
+            if failed:
+                raise ModelLoadError(
+                    f"model {self.name!r}: worker {failed[0].slot} could not load: "
+                    f"{failed[0].last_error}"
+                )
+            if all(w.ready for w in workers):
+                return
+            # READY wakes this at once; a worker giving up has no event of its
+            # own, so look again at least every quarter second.
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), 0.25)
 
     async def reload(self, settings: PoolSettings | None = None) -> None:
         """Rolling replacement of every worker; ModelLoadError if it fails (old ones serve on)."""

@@ -111,7 +111,10 @@ class Runtime:
         return model
 
     async def load(self, name: str, settings: PoolSettings, wait: bool = True) -> ModelRuntime:
-        """Start serving a new model; with ``wait``, until it is ready (ModelLoadError if not)."""
+        """Start serving a new model; with ``wait``, until every worker is ready.
+
+        ModelLoadError (and the model unloaded) when that cannot happen.
+        """
         if name in self._routed:
             state = "being unloaded" if name not in self.models else "served"
             raise Conflict(f"model {name!r} is {state} already", models=list(self.models))
@@ -126,7 +129,7 @@ class Runtime:
         await model.start()
         if wait and settings.workers:
             try:
-                await model.wait_loaded()
+                await model.wait_all_ready()
             except Exception:
                 await self.unload(name)
                 raise

@@ -212,8 +212,8 @@ class Succession:
             current.recycling = False
             current.recycle_not_before = self._clock() + RECYCLE_RETRY_S
             log.error(
-                "replacement for worker %d died before it was ready; keeping the old one: %s",
-                successor.slot, note,
+                "replacement for %s died before it was ready; keeping the old one: %s",
+                current.name, note,
             )  # fmt: skip
 
     def _has_successor(self, slot: int) -> bool:

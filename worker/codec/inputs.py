@@ -98,21 +98,36 @@ def prepare(value: Any, content_type: str, spec: InputSpec, what: str = INPUT_KE
     if spec.dtype_asked:
         # Only floating-point leaves: token ids and masks stay integers.
         return pytree.map_leaves(
-            lambda leaf: leaf.to(spec.dtype) if leaf.is_floating_point() else leaf, result
+            lambda leaf: (
+                leaf.to(spec.dtype)
+                if isinstance(leaf, torch.Tensor) and leaf.is_floating_point()
+                else leaf
+            ),
+            result,
         )
     return result
 
 
 def _check_tree(result: Any) -> None:
-    """A preprocess result must be tensors whose first dimensions agree (the rows)."""
+    """A preprocess result must hold tensors whose first dimensions agree (the rows).
+
+    Beside them it may hold static leaves (strings, numbers, booleans, None;
+    see :mod:`worker.pytree`), passed to ``predict`` as they are.
+    """
     leaves = pytree.leaves(result)
-    kinds = {type(leaf).__name__ for leaf in leaves if not isinstance(leaf, torch.Tensor)}
-    if kinds or not leaves:
-        found = ", ".join(sorted(kinds)) or "an empty container"
+    kinds = {
+        type(leaf).__name__
+        for leaf in leaves
+        if not isinstance(leaf, torch.Tensor) and not pytree.is_static(leaf)
+    }
+    found_tensors = pytree.tensors(result)
+    if kinds or not found_tensors:
+        found = ", ".join(sorted(kinds)) or ("no tensor" if leaves else "an empty container")
         raise ModelFailure(
-            f"preprocess returned {found}; it must return a tensor or a dict/tuple/list of tensors"
+            f"preprocess returned {found}; it must return a tensor or a dict/tuple/list "
+            "holding tensors (beside them: strings, numbers, booleans or None)"
         )
-    shapes = [tuple(leaf.shape) for leaf in leaves]
+    shapes = [tuple(leaf.shape) for leaf in found_tensors]
     if any(len(shape) == 0 for shape in shapes) or len({shape[0] for shape in shapes}) != 1:
         raise ModelFailure(
             f"preprocess returned tensors of shapes {[list(s) for s in shapes]}; every one "

@@ -40,15 +40,16 @@ class Assembly:
             return "collate"
         dims = tuple(
             (leaf.dtype, tuple(leaf.shape[1:-1] if self._padded(leaf) else leaf.shape[1:]))
-            for leaf in pytree.leaves(inputs)
+            for leaf in pytree.tensors(inputs)
         )
-        return pytree.spec(inputs), dims
+        return pytree.spec(inputs), dims, pytree.statics(inputs)
 
     def length(self, inputs: Any) -> int:
         """The sequence length padding would stretch: the longest last dimension."""
         if self.pad_values is None or self.collate is not None:
             return 0
-        return max((leaf.shape[-1] for leaf in pytree.leaves(inputs) if leaf.ndim >= 2), default=0)
+        leaves = pytree.tensors(inputs)
+        return max((leaf.shape[-1] for leaf in leaves if leaf.ndim >= 2), default=0)
 
     def combine(self, items: Sequence[Any]) -> Any:
         """One batch from compatible inputs (see :meth:`key`)."""
@@ -76,7 +77,9 @@ class Assembly:
             return self.pad_values.get(key, 0) if isinstance(key, str) else 0
         return self.pad_values or 0
 
-    def _concat(self, leaves: list[torch.Tensor], path: tuple[Hashable, ...]) -> torch.Tensor:
+    def _concat(self, leaves: list[Any], path: tuple[Hashable, ...]) -> Any:
+        if not isinstance(leaves[0], torch.Tensor):
+            return leaves[0]  # a static leaf, equal in every request of the batch (see key)
         if not self._padded(leaves[0]):
             return torch.cat(leaves)
         longest = max(leaf.shape[-1] for leaf in leaves)
@@ -94,10 +97,15 @@ def split_output(output: Any, counts: Sequence[int]) -> list[Any] | None:
     """Cut a batched output into one piece per request, by row count.
 
     Tensors are split along dim 0; tuples, lists and dicts are split leaf by
-    leaf. Returns None when the output cannot be cut that way (a tensor whose
-    first dimension is not the total row count, or a leaf that is not a
-    tensor): the caller then runs each request alone.
+    leaf; strings, bytes and None (a label the model passes through, such as
+    sentence-transformers' ``"modality"``) go to every request as they are.
+    Returns None when the output cannot be cut that way (a tensor whose first
+    dimension is not the total row count, or a number or other leaf that may
+    have been computed over the whole batch): the caller then runs each
+    request alone.
     """
+    if isinstance(output, str | bytes) or output is None:
+        return [output] * len(counts)
     total = sum(counts)
     if isinstance(output, torch.Tensor):
         if output.ndim == 0 or output.shape[0] != total:

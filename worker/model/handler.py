@@ -21,13 +21,17 @@ A handler is for models that need code around them. Only ``load`` and
      lists of ``bytes`` for ``BYTES``).
 
    It returns a tensor or a pytree of tensors (dict / tuple / list, nested
-   allowed), any dtype, each leaf's first dimension this request's rows.
+   allowed), any dtype, each tensor's first dimension this request's rows.
+   Beside the tensors the pytree may hold static leaves: strings, bytes,
+   numbers, booleans and None (sentence-transformers 6's tokenizer adds
+   ``"modality": "text"``). They have no rows and reach ``predict`` as they are.
    Nothing is cast unless ``--input-dtype`` or ``input_dtype`` asks: then a
    plain tensor is cast to it, and in a pytree only the floating-point leaves
    are (token ids stay integers). An exception here answers that request
    with 400 (``preprocess rejected the input: ...``);
-4. batches requests whose pytrees have the same structure and, leaf by leaf,
-   the same dtype and shape except the last dimension: each leaf is
+4. batches requests whose pytrees have the same structure, equal static
+   leaves and, tensor by tensor, the same dtype and shape except the last
+   dimension: each tensor is
    right-padded along its last dimension to the longest in the batch with the
    handler's ``pad_values``, then concatenated along dim 0 (leaves with fewer
    than two dimensions must match exactly). Waiting requests are grouped by
@@ -36,7 +40,9 @@ A handler is for models that need code around them. Only ``load`` and
    ``torch.inference_mode()``, every leaf moved to ``device``. Return a tensor
    (or a tuple/list/dict of tensors) whose first dimension is the batch so the
    worker can split it by rows (a per-token output keeps the batch's padded
-   length); any other output makes the worker call ``predict`` once per
+   length; strings and None in it go to every request as they are); any
+   other output (a number, say, which may describe the whole batch) makes
+   the worker call ``predict`` once per
    request. When ``predict`` raises on a batch, each request runs alone, so
    only the one that breaks it gets the 500;
 6. per request, if defined, calls ``postprocess(output) -> Any`` with that

@@ -30,13 +30,10 @@ from typing import Any, Final
 
 import torch
 
-from shared.errors import ModelFailure
 from worker import pytree
 from worker.model.assembly import Assembly
+from worker.serve.failure import model_failure
 from worker.serve.pacing import Pacer
-
-# Message of a model exception in a reply; long enough for a real shape error.
-_MAX_MESSAGE = 2000
 
 # A length group is cut where its longest request would be more than this many
 # times its shortest. Measured on CPU (a 2-layer d=256 transformer encoder, one
@@ -68,7 +65,7 @@ class Job:
     @cached_property
     def rows(self) -> int:
         # Read once: batching asks for it several times per request.
-        return int(pytree.leaves(self.inputs)[0].shape[0])
+        return int(pytree.tensors(self.inputs)[0].shape[0])
 
 
 # receive(timeout_s) -> the next decoded job, or None when none came in time.
@@ -144,19 +141,11 @@ def group(jobs: Sequence[Job], assembly: Assembly = PLAIN) -> list[list[Job]]:
     return groups
 
 
-def model_failure(exc: BaseException) -> ModelFailure:
-    """The reply for a model that raised: its exception type and message."""
-    message = f"{type(exc).__name__}: {exc}"
-    if len(message) > _MAX_MESSAGE:
-        message = message[:_MAX_MESSAGE] + "..."
-    return ModelFailure(message)
-
-
 Forward = Callable[[Any], Any]
 
 
 def rows_of(inputs: Any) -> int:
-    return int(pytree.leaves(inputs)[0].shape[0])
+    return int(pytree.tensors(inputs)[0].shape[0])
 
 
 def run_one(forward: Forward, inputs: Any, assembly: Assembly = PLAIN) -> Any:

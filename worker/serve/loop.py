@@ -35,6 +35,7 @@ from worker.control import ControlThread, WorkerState
 from worker.model.loading import LoadedModel
 from worker.serve import batching, streaming
 from worker.serve.batching import Job
+from worker.serve.failure import model_failure
 from worker.serve.pacing import Pacer
 from worker.signals import SignalWake
 
@@ -263,7 +264,7 @@ class ServingLoop:
                 try:
                     result = self._model.postprocess(result)
                 except Exception as exc:
-                    raise batching.model_failure(exc) from exc
+                    raise model_failure(exc) from exc
             body, fmt, reply_fields = self._codecs[job.fmt].encode(job.context, result)
         except TorchpoolError as err:
             self._reply_error(job.request_id, err)

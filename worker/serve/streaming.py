@@ -51,7 +51,8 @@ from worker.codec.inputs import Codec, InputSpec, check_body_size, prepare
 from worker.control import WorkerState
 from worker.model.handler import positional_count
 from worker.model.loading import LoadedModel
-from worker.serve.batching import Job, model_failure
+from worker.serve.batching import Job
+from worker.serve.failure import model_failure
 
 # The timeout of a request that names none (a gateway always does).
 _NO_TIMEOUT_S: Final = 3600.0
