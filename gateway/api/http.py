@@ -12,8 +12,8 @@ and the FastAPI routes alike (:mod:`gateway.api.app`, :mod:`gateway.api.v2`,
 - the readiness rule of /health/ready and /v2/health/ready, from each model's
   own (:func:`gateway.pool.model.not_ready_reason`).
 
-It imports nothing of the gateway's but the dispatcher's types, so any route
-module can import it.
+It imports nothing of the HTTP side and only the pool's dispatcher, request
+types and readiness rule, so any route module can import it.
 """
 
 from __future__ import annotations
