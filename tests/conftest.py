@@ -20,6 +20,10 @@ import httpx
 import psutil
 import pytest
 
+# tests.tiers: the fast tier's guard (a test marked fast that starts a process or is
+# slow fails); pytester runs pytest on a test file of its own (tests/test_tiers.py).
+pytest_plugins = ["tests.tiers", "pytester"]
+
 ROOT = Path(__file__).resolve().parent.parent
 BOOT_TIMEOUT_S = 90.0
 

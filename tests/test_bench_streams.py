@@ -9,6 +9,8 @@ import pytest
 from bench.servers import ServerFailed
 from bench.streams import one_stream, percentile, request_bytes
 
+pytestmark = pytest.mark.fast
+
 
 def chunked_sse(events: int) -> bytes:
     """A streamed /predict answer as uvicorn writes it: one HTTP chunk per event."""

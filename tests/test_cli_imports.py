@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import ROOT
 
 # Runs in a fresh interpreter: the test process has FastAPI loaded already.
@@ -32,6 +34,7 @@ def test_keys_command_loads_no_fastapi(tmp_path: Path) -> None:
     assert (tmp_path / "server.key").is_file() and (tmp_path / "server.key_secret").is_file()
 
 
+@pytest.mark.fast
 def test_create_app_is_still_importable_from_the_package() -> None:
     import gateway
     from gateway.api.app import create_app

@@ -22,6 +22,8 @@ from shared.config import (
     worker_argv,
 )
 
+pytestmark = pytest.mark.fast
+
 CONNECT = ["--connect", "ipc:///tmp/torchpool-test.sock"]
 
 

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import time
 
+import pytest
+
 from worker.control import WorkerState
+
+pytestmark = pytest.mark.fast
 
 
 def test_batch_s_counts_from_when_the_worker_became_busy() -> None:

@@ -21,6 +21,8 @@ from shared import protocol
 from shared.errors import ClientClosed, DeadlineExceeded, Unavailable
 from tests.fakes import FakeTransport, eventually, on_loop
 
+pytestmark = pytest.mark.fast
+
 
 def ready_pool(size: int, capacity: int) -> Pool:
     pool = Pool([Placement(slot, "cpu", None, (slot,)) for slot in range(size)])

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
+
 from scripts.flags_table import table, worker_table
 from tests.conftest import ROOT
+
+pytestmark = pytest.mark.fast
 
 
 def test_readme_flag_tables_match_the_settings() -> None:

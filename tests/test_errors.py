@@ -17,6 +17,8 @@ from shared.errors import (
     error_from_code,
 )
 
+pytestmark = pytest.mark.fast
+
 TABLE: list[tuple[type[TorchpoolError], int, str]] = [
     (TorchpoolError, 500, "internal"),
     (RequestError, 400, "bad_request"),

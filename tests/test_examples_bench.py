@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
+
 from bench.common import Results, Run
 from bench.realmodels import RECIPE, TP, close, target_lines
+
+pytestmark = pytest.mark.fast
 
 
 def run(model: str, server: str, c: int, rps: float, p50: float, errors: int = 0) -> Run:

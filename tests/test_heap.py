@@ -10,6 +10,8 @@ import pytest
 
 from shared.heap import freeze_startup_heap
 
+pytestmark = pytest.mark.fast
+
 
 class _Node:
     def __init__(self) -> None:

@@ -67,6 +67,7 @@ def get(app: FastAPI, path: str, headers: dict[str, str] | None = None) -> httpx
 # --- fast tier: no processes ------------------------------------------------------
 
 
+@pytest.mark.fast
 def test_each_app_has_its_own_registry() -> None:
     first, second = create_app(ServeSettings()), create_app(ServeSettings())
     for _ in range(3):
@@ -80,6 +81,7 @@ def test_each_app_has_its_own_registry() -> None:
     assert not any("/no/such/path" in dict(labels).values() for _, labels in one)
 
 
+@pytest.mark.fast
 def test_requests_refused_before_routing_keep_their_route() -> None:
     app = create_app(ServeSettings(api_key="secret"))
 
@@ -96,6 +98,7 @@ def test_requests_refused_before_routing_keep_their_route() -> None:
     assert value(samples, "torchpool_http_requests_total", **key) == 1
 
 
+@pytest.mark.fast
 def test_openmetrics_when_the_scraper_asks() -> None:
     app = create_app(ServeSettings())
     response = get(app, "/metrics", {"accept": "application/openmetrics-text"})
@@ -103,6 +106,7 @@ def test_openmetrics_when_the_scraper_asks() -> None:
     assert response.text.endswith("# EOF\n")
 
 
+@pytest.mark.fast
 def test_recent_window_rates_and_quantiles() -> None:
     now = [100.0]
     window = RecentWindow(size=8, clock=lambda: now[0])
@@ -120,6 +124,7 @@ def test_recent_window_rates_and_quantiles() -> None:
     assert window.summary(10.0)["requests"] == 0
 
 
+@pytest.mark.fast
 def test_recent_window_that_overflows_reports_the_span_it_holds() -> None:
     now = [1000.0]
     window = RecentWindow(size=4, clock=lambda: now[0])
@@ -130,6 +135,7 @@ def test_recent_window_that_overflows_reports_the_span_it_holds() -> None:
     assert window.summary(10.0)["requests_per_s"] == pytest.approx(4 / 0.3)
 
 
+@pytest.mark.fast
 def test_batches_from_heartbeats_add_up_across_restarts() -> None:
     pool = Pool([Placement(0, "cpu", None, (0,))])
     worker = pool.workers[0]
@@ -143,6 +149,7 @@ def test_batches_from_heartbeats_add_up_across_restarts() -> None:
     assert pool.batch_rows == {1: 4, 4: 1, 9: 1}
 
 
+@pytest.mark.fast
 def test_wait_counts_add_up_across_heartbeats_and_restarts() -> None:
     pool = Pool([Placement(0, "cpu", None, (0,))])
     worker = pool.workers[0]
@@ -161,6 +168,7 @@ def test_wait_counts_add_up_across_heartbeats_and_restarts() -> None:
     assert sum(pool.wait_counts) == 5
 
 
+@pytest.mark.fast
 def test_batch_histogram_buckets_include_the_max_batch_size() -> None:
     family = _histogram_family("batch_rows", BATCH_ROWS_HELP)
     _add_batch_histogram(family, "demo", {1: 4, 3: 1, 9: 1, 5000: 1}, max_batch_size=12)

@@ -6,6 +6,8 @@ import pytest
 
 from worker.serve.failure import MAX_MESSAGE, describe, model_failure
 
+pytestmark = pytest.mark.fast
+
 TORCHSCRIPT = (
     "The following operation failed in the TorchScript interpreter.\n"
     "Traceback of TorchScript, serialized code (most recent call last):\n"

@@ -11,7 +11,6 @@ import os
 import pickle
 import subprocess
 import sys
-import time
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -81,6 +80,7 @@ MODELS: dict[str, tuple[Callable[[Path], None], str]] = {
 
 
 @pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.fast
 def test_each_kind_is_recognised(tmp_path: Path, name: str) -> None:
     write, kind = MODELS[name]
     path = tmp_path / "model.pt"
@@ -95,6 +95,7 @@ def test_each_kind_is_recognised(tmp_path: Path, name: str) -> None:
         assert found.code == ()
 
 
+@pytest.mark.fast
 def test_sniffing_runs_nothing_the_pickle_names(tmp_path: Path) -> None:
     marker = tmp_path / "ran"
     path = tmp_path / "evil.pt"
@@ -133,6 +134,7 @@ NOT_MODELS: dict[str, tuple[Callable[[Path], Any], str]] = {
 
 
 @pytest.mark.parametrize("name", list(NOT_MODELS))
+@pytest.mark.fast
 def test_what_is_no_model_says_so(tmp_path: Path, name: str) -> None:
     make, needle = NOT_MODELS[name]
     path = tmp_path / "model.pt"
@@ -155,6 +157,7 @@ def test_what_is_no_model_says_so(tmp_path: Path, name: str) -> None:
         ("module", {}, "--trust-pickle"),
     ],
 )
+@pytest.mark.fast
 def test_check_refuses_what_the_flags_cannot_load(
     tmp_path: Path, name: str, flags: dict[str, bool], needle: str
 ) -> None:
@@ -168,6 +171,7 @@ def test_check_refuses_what_the_flags_cannot_load(
     ("name", "model_class", "trust_pickle"),
     [("torchscript", False, False), ("state_dict", True, False), ("module", False, True)],
 )
+@pytest.mark.fast
 def test_check_passes_what_the_flags_can_load(
     tmp_path: Path, name: str, model_class: bool, trust_pickle: bool
 ) -> None:
@@ -182,7 +186,6 @@ def test_serve_refuses_no_model_before_spawning(tmp_path: Path, name: str) -> No
     make, needle = NOT_MODELS[name]
     path = tmp_path / "model.pt"
     make(path)
-    started = time.monotonic()
     result = subprocess.run(
         [sys.executable, "-m", "gateway", "--port", "0", "--workers", "2", "--model", str(path)],
         cwd=ROOT,
@@ -196,4 +199,3 @@ def test_serve_refuses_no_model_before_spawning(tmp_path: Path, name: str) -> No
     assert lines[0].startswith("torchpool: error: cannot serve: ") and needle in lines[0]
     # The runtime never started: no endpoint for workers, so none was spawned.
     assert "workers connect to" not in result.stderr
-    assert time.monotonic() - started < 60

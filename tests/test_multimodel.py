@@ -41,6 +41,7 @@ def write(folder: Path, text: str, name: str = "torchpool.toml") -> Path:
 # --- fast: the config file ------------------------------------------------------------
 
 
+@pytest.mark.fast
 def test_a_config_file_gives_each_model_its_settings_and_server_defaults(tmp_path: Path) -> None:
     (tmp_path / "models").mkdir()
     (tmp_path / "models" / "clf.pt").write_bytes(b"PK\x03\x04")
@@ -96,6 +97,7 @@ def test_a_config_file_gives_each_model_its_settings_and_server_defaults(tmp_pat
         ("[models.a\n", r"not valid TOML"),
     ],
 )
+@pytest.mark.fast
 def test_config_mistakes_are_one_line_naming_file_table_and_key(
     tmp_path: Path, text: str, message: str
 ) -> None:
@@ -106,6 +108,7 @@ def test_config_mistakes_are_one_line_naming_file_table_and_key(
     assert "\n" not in str(raised.value)
 
 
+@pytest.mark.fast
 def test_serve_refuses_a_bad_config_with_exit_code_2(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -119,6 +122,7 @@ def test_serve_refuses_a_bad_config_with_exit_code_2(
     assert "--workers is a model setting" in capsys.readouterr().err
 
 
+@pytest.mark.fast
 def test_a_refused_model_file_names_its_table(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -128,6 +132,7 @@ def test_a_refused_model_file_names_its_table(
     assert f"{path}: [models.a] model: " in capsys.readouterr().err
 
 
+@pytest.mark.fast
 def test_placement_splits_the_cores_across_models_and_shares_only_when_out() -> None:
     demands = [Demand("a", 2, "cpu"), Demand("b", 1, "cpu", per_worker=2)]
     placed = plan_models(demands, cores=range(8), gpus=[])

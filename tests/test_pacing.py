@@ -12,6 +12,8 @@ from worker.serve.batching import Job, collect
 from worker.serve.loop import await_message
 from worker.serve.pacing import Pacer, WaitHistogram
 
+pytestmark = pytest.mark.fast
+
 
 def test_no_wait_before_any_forward_is_measured_is_bounded_by_the_delay() -> None:
     pacer = Pacer(0.002)

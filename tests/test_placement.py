@@ -12,6 +12,8 @@ from shared.config import ConfigError
 from shared.devices import visible_gpus
 from worker import pinning
 
+pytestmark = pytest.mark.fast
+
 EIGHT = list(range(8))
 
 

@@ -11,6 +11,8 @@ import pytest
 from shared import protocol
 from shared.errors import PayloadTooLarge, RequestError
 
+pytestmark = pytest.mark.fast
+
 LIMIT = 1 << 20
 
 

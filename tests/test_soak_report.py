@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
+
 from bench.common import MB
 from bench.soak_report import Outcomes, Process, Sample, Soak, markdown
+
+pytestmark = pytest.mark.fast
 
 
 def soak(growth_mb_per_hour: float, rest_after: tuple[int, int], outcomes: Outcomes) -> Soak:

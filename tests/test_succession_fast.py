@@ -19,6 +19,8 @@ from shared.errors import ModelLoadError
 from tests.fakes import eventually, on_loop
 from tests.test_supervisor_fast import Gateway, gateway
 
+pytestmark = pytest.mark.fast
+
 
 def untracked(gw: Gateway) -> list[str]:
     """Live processes that no record of the pool holds: nobody beats to them or stops them."""

@@ -25,6 +25,8 @@ from shared.config import ServeSettings
 from shared.errors import Unavailable
 from tests.fakes import FakeClock, FakeSpawner, FakeTransport, eventually, on_loop
 
+pytestmark = pytest.mark.fast
+
 
 @dataclass
 class Gateway:

@@ -15,6 +15,8 @@ from worker.model.assembly import Assembly, split_output
 from worker.serve.batching import Job, collect, group, run_group
 from worker.serve.pacing import Pacer
 
+pytestmark = pytest.mark.fast
+
 
 def job(request_id: int, rows: int = 1, width: int = 2, dtype: torch.dtype = torch.float32) -> Job:
     return Job(request_id, "json", torch.full((rows, width), float(request_id), dtype=dtype))

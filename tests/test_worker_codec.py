@@ -24,6 +24,8 @@ from worker.codec import v2 as v2codec
 from worker.codec.inputs import InputSpec, Preprocess
 from worker.serve.loop import deadline_of
 
+pytestmark = pytest.mark.fast
+
 LIMIT = 1 << 20
 
 

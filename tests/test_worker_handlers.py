@@ -17,6 +17,8 @@ from worker.model import handler
 from worker.model.assembly import Assembly
 from worker.serve.batching import MAX_PAD_RATIO, Job, group, run_group
 
+pytestmark = pytest.mark.fast
+
 LIMIT = 1 << 20
 
 

@@ -15,7 +15,10 @@ from tests.models import TinyNet
 from worker.model.demo import build_demo_model
 from worker.model.loading import LoadedModel, load_model, warm_up
 
-pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")
+pytestmark = [
+    pytest.mark.fast,
+    pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning"),
+]
 
 CPU = torch.device("cpu")
 X = torch.linspace(-1, 1, 5 * 8).reshape(5, 8)

@@ -148,8 +148,14 @@ class TorchpoolApp(FastAPI):
         return self.openapi_schema
 
 
+# Builds the app's Runtime: the real one, or one over fakes for the fast tests.
+RuntimeFactory = Callable[[modelconfig.Config, Callable[[str], None]], Runtime]
+
+
 def create_app(
-    settings: ServeSettings | modelconfig.Config, on_fatal: Callable[[str], None] | None = None
+    settings: ServeSettings | modelconfig.Config,
+    on_fatal: Callable[[str], None] | None = None,
+    make_runtime: RuntimeFactory = Runtime,
 ) -> TorchpoolApp:
     """The app; its lifespan starts the models' worker pools and stops them on shutdown."""
     config = settings if isinstance(settings, modelconfig.Config) else None
@@ -158,7 +164,7 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        runtime = Runtime(config, on_fatal or (lambda reason: None))
+        runtime = make_runtime(config, on_fatal or (lambda reason: None))
         app.state.runtime = runtime
         metrics.attach(runtime)
         await runtime.start()

@@ -12,11 +12,14 @@ import asyncio
 import contextlib
 import enum
 import logging
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from gateway.pool.dispatch import Dispatcher
 from gateway.pool.placement import Placement
+from gateway.pool.process import Spawner, WorkerProcess
 from gateway.pool.supervisor import Supervisor
 from gateway.pool.transport import Transport
 from gateway.pool.workers import DeathCause, Pool, State, WorkerRecord
@@ -52,6 +55,21 @@ class ModelState(str, enum.Enum):
     UNLOADING = "unloading"  # removed: finishing what it holds, then its workers stop
 
 
+@dataclass(frozen=True)
+class Seams:
+    """How a model's supervisor starts worker processes and tells time.
+
+    The defaults are the real ones; the fast tests give fakes (tests/asgi.py).
+    """
+
+    spawner: Spawner = WorkerProcess.spawn
+    clock: Callable[[], float] = time.monotonic
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
+
+
+REAL_SEAMS = Seams()
+
+
 class ModelRuntime:
     """A model's pool, dispatcher and supervisor, started and stopped together."""
 
@@ -63,6 +81,7 @@ class ModelRuntime:
         transport: Transport,
         on_failed: Callable[[ModelRuntime, str], None],
         taken: Callable[[], Sequence[int]] = tuple,
+        seams: Seams = REAL_SEAMS,
     ) -> None:
         self.name = name
         self.transport = transport
@@ -78,7 +97,15 @@ class ModelRuntime:
             ),
         )
         self.supervisor = Supervisor(
-            settings, self.pool, transport, self.dispatcher, self._failed, taken=taken
+            settings,
+            self.pool,
+            transport,
+            self.dispatcher,
+            self._failed,
+            spawner=seams.spawner,
+            clock=seams.clock,
+            sleep=seams.sleep,
+            taken=taken,
         )
         self.supervisor.on_ready = self._worker_ready
         self.error: str | None = None

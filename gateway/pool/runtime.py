@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from gateway.pool import streams
-from gateway.pool.model import ModelRuntime, ModelState
+from gateway.pool.model import REAL_SEAMS, ModelRuntime, ModelState, Seams
 from gateway.pool.placement import Demand, plan_models
-from gateway.pool.transport import REMOTE, Curve, ZmqTransport
+from gateway.pool.transport import REMOTE, Curve, Transport, ZmqTransport
 from gateway.pool.workers import WorkerRecord
 from shared import protocol
 from shared.config import PoolSettings
@@ -37,7 +37,15 @@ def demands(models: dict[str, PoolSettings]) -> list[Demand]:
 
 
 class Runtime:
-    def __init__(self, config: Config, on_fatal: Callable[[str], None]) -> None:
+    def __init__(
+        self,
+        config: Config,
+        on_fatal: Callable[[str], None],
+        transport: Transport | None = None,
+        seams: Seams = REAL_SEAMS,
+    ) -> None:
+        """``transport`` (default: ZeroMQ sockets in a private runtime directory) and
+        ``seams`` are where the fast tests put their fakes (tests/asgi.py)."""
         self.config = config
         self.server = config.server
         self._on_fatal = on_fatal
@@ -46,9 +54,10 @@ class Runtime:
         curve = None
         if self.server.curve_secret and self.server.curve_allow:
             curve = Curve(self.server.curve_secret, self.server.curve_allow)
-        self.transport = ZmqTransport(
+        self.transport: Transport = transport or ZmqTransport(
             f"ipc://{self.rundir / 'gateway.sock'}", self.server.bind, curve
         )
+        self._seams = seams
         # Served models by name; ``_routed`` also holds those still unloading,
         # whose workers answer what they hold before they stop.
         self.models: dict[str, ModelRuntime] = {}
@@ -105,6 +114,7 @@ class Runtime:
             self.transport,
             self._model_failed,
             taken=lambda: self.taken_cores(besides=model),
+            seams=self._seams,
         )
         self.models[name] = model
         self._routed[name] = model
