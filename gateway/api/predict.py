@@ -37,7 +37,7 @@ from gateway.api.http import (
     timeout_header,
 )
 from shared import protocol
-from shared.errors import ClientClosed, TorchpoolError
+from shared.errors import TorchpoolError
 from shared.media import OCTET_STREAM, media_type
 
 if TYPE_CHECKING:
@@ -122,9 +122,9 @@ class PredictRoute(abc.ABC):
             if headers is None:
                 headers = request_headers(scope)
             await self.answer(exchange, scope, headers, receive, send, model_name)
-        except ClientClosed as exc:
-            exchange.status = exc.status  # nobody is left to answer
         except TorchpoolError as exc:
+            # A client that left (ClientClosed) gets its 499 too: the server drops it,
+            # and the exchange ends as every other does.
             exchange.status = exc.status
             await send_error(send, exc)
         except Exception:
