@@ -34,7 +34,8 @@ import torch.nn.functional as F
 
 
 def sentences(payload: Any, content_type: str) -> list[str]:
-    """The request's sentences: a text body, a JSON string or a JSON list of strings."""
+    """The request's sentences: a text body, a JSON string or a JSON list of strings, or
+    the UTF-8 elements of a BYTES tensor."""
     if isinstance(payload, bytes):
         try:
             text = payload.decode("utf-8")
@@ -43,12 +44,12 @@ def sentences(payload: Any, content_type: str) -> list[str]:
         return [text]
     if isinstance(payload, str):
         return [payload]
-    if (
-        isinstance(payload, list)
-        and payload
-        and all(isinstance(sentence, str) for sentence in payload)
-    ):
-        return list(payload)
+    if isinstance(payload, list) and payload:
+        if all(isinstance(sentence, bytes) for sentence in payload):
+            # A BYTES tensor in binary form (tritonclient's default, over HTTP and gRPC).
+            return [sentences(sentence, content_type)[0] for sentence in payload]
+        if all(isinstance(sentence, str) for sentence in payload):
+            return list(payload)
     raise ValueError(
         "send a sentence as a text/plain body, or JSON "
         '{"input_tensor": "a sentence"} or {"input_tensor": ["one", "or more"]}'

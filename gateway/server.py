@@ -103,6 +103,9 @@ def serve(config: Config) -> int:
     plan_models(demands(config.models))  # fail before binding
     settings = config.server
     sock = bind(settings.host, settings.port)
+    if settings.grpc_port is not None:
+        # A taken gRPC port is the same one-line error, before anything is spawned.
+        bind(settings.host, settings.grpc_port).close()
     fatal: list[str] = []
     server: _DrainingServer
 

@@ -279,6 +279,16 @@ class ServerSettings:
         "Bearer token for /admin endpoints (runtime scaling, loading and reloading models); "
         "they are off without it.",
     )
+    grpc_port: int | None = _opt(
+        None,
+        "Port of the gRPC server (KServe's inference.GRPCInferenceService, Triton's "
+        "streaming and extensions, grpc.health.v1, reflection); off when unset.",
+        int,
+    )
+    grpc_tls_cert: str | None = _opt(
+        None, "PEM certificate chain for the gRPC server (with --grpc-tls-key); plaintext without."
+    )
+    grpc_tls_key: str | None = _opt(None, "PEM private key of --grpc-tls-cert.")
     bind: str | None = _opt(
         None, "Endpoint remote workers join, e.g. tcp://0.0.0.0:5555 (local workers use ipc)."
     )
@@ -315,6 +325,7 @@ class ServerSettings:
         if not 0 <= self.port < 65536:
             raise ConfigError(f"--port {self.port} is not a TCP port")
         _check_bind(self)
+        _check_grpc(self)
         if self.log_level not in {"debug", "info", "warning", "error"}:
             raise ConfigError(f"--log-level {self.log_level!r} is not debug/info/warning/error")
 
@@ -371,6 +382,18 @@ class WorkerSettings(ModelSettings):
                 raise ConfigError(f"key file {path!r} does not exist")
         if self.cores is not None and not self.cores:
             raise ConfigError("--cores is empty")
+
+
+def _check_grpc(settings: ServerSettings) -> None:
+    if settings.grpc_port is not None and not 0 <= settings.grpc_port < 65536:
+        raise ConfigError(f"--grpc-port {settings.grpc_port} is not a TCP port")
+    if bool(settings.grpc_tls_cert) != bool(settings.grpc_tls_key):
+        raise ConfigError("--grpc-tls-cert and --grpc-tls-key go together")
+    if settings.grpc_tls_cert and settings.grpc_port is None:
+        raise ConfigError("--grpc-tls-cert/--grpc-tls-key only apply with --grpc-port")
+    for path in (settings.grpc_tls_cert, settings.grpc_tls_key):
+        if path and not Path(path).is_file():
+            raise ConfigError(f"TLS file {path!r} does not exist")
 
 
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1", "[::1]"})

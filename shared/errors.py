@@ -11,6 +11,7 @@
      ├── Unauthorized              401 unauthorized        missing or wrong bearer token
      ├── ModelFailure              500 model_error         the model raised on valid input
      ├── Unavailable               503 unavailable         no ready worker, or the queue is full
+     │    └── QueueFull            503 unavailable         the queue is full (gRPC tells it apart)
      ├── DeadlineExceeded          504 deadline_exceeded
      ├── ClientClosed              499 client_closed       the client left; nobody reads this
      └── ModelLoadError            500 model_load_failed   the model cannot load (at start,
@@ -19,7 +20,8 @@
 Workers send the ``code`` string of an error over the wire; the gateway turns it
 back into the class with :func:`error_from_code` and into a status with
 ``.status``. Nothing else in the project decides a status code; the Open
-Inference Protocol's routes (/v2) take theirs from :func:`v2_status`.
+Inference Protocol's routes (/v2) take theirs from :func:`v2_status`, its gRPC
+service its status codes from :mod:`gateway.api.grpc.status`.
 """
 
 from __future__ import annotations
@@ -103,6 +105,11 @@ class Unavailable(TorchpoolError):
     def __init__(self, message: str, retry_after_s: int = 1, **details: Any) -> None:
         super().__init__(message, **details)
         self.retry_after_s = retry_after_s
+
+
+class QueueFull(Unavailable):
+    """Every worker is busy and the queue holds --queue-size requests: 503 as any
+    Unavailable over HTTP; gRPC tells it apart (RESOURCE_EXHAUSTED, not UNAVAILABLE)."""
 
 
 class DeadlineExceeded(TorchpoolError):

@@ -134,7 +134,7 @@ def test_environment_holds_only_torchpool_settings(
     assert container["command"] == ["torchpool"] and container["args"] == ["serve"]
     assert settings.host == "0.0.0.0"
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    assert ports == {"http": settings.port}
+    assert ports == {"http": settings.port, "grpc": settings.grpc_port}
 
 
 def test_service_links_cannot_shadow_settings(pod: dict[str, Any]) -> None:
@@ -142,16 +142,14 @@ def test_service_links_cannot_shadow_settings(pod: dict[str, Any]) -> None:
     assert pod["enableServiceLinks"] is False
 
 
-def test_probes_point_at_the_health_endpoints(container: dict[str, Any]) -> None:
-    paths = {
-        probe: (container[probe]["httpGet"]["path"], container[probe]["httpGet"]["port"])
-        for probe in ("livenessProbe", "readinessProbe", "startupProbe")
-    }
-    assert paths == {
-        "livenessProbe": ("/health/live", "http"),
-        "readinessProbe": ("/health/ready", "http"),
-        "startupProbe": ("/health/ready", "http"),
-    }
+def test_probes_point_at_the_health_endpoints(
+    container: dict[str, Any], settings: ServeSettings
+) -> None:
+    # Liveness over HTTP (the process answers); startup and readiness are gRPC health
+    # checks of the whole server (service ""), the rule of /health/ready.
+    assert container["livenessProbe"]["httpGet"] == {"path": "/health/live", "port": "http"}
+    for probe in ("readinessProbe", "startupProbe"):
+        assert container[probe]["grpc"] == {"port": settings.grpc_port}, probe
     startup = container["startupProbe"]
     # Model loading happens under the startup probe: give it minutes, not seconds.
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 300
@@ -218,7 +216,7 @@ def test_service_and_autoscaler_target_the_deployment(
     assert "replicas" not in deployment["spec"]
     service = only(resources, "Service")
     assert service["spec"]["selector"].items() <= pod_labels.items()
-    assert [p["targetPort"] for p in service["spec"]["ports"]] == ["http"]
+    assert [p["targetPort"] for p in service["spec"]["ports"]] == ["http", "grpc"]
     hpa = only(resources, "HorizontalPodAutoscaler")
     assert hpa["apiVersion"] == "autoscaling/v2"
     assert hpa["spec"]["scaleTargetRef"] == {
@@ -256,13 +254,13 @@ def test_manifests_match_the_built_image(
     assert (security["runAsUser"], security["runAsGroup"]) == (int(user), int(group or user))
     assert container["command"] + container["args"] == config["Entrypoint"] + config["Cmd"]
     exposed = {int(port.split("/")[0]) for port in config["ExposedPorts"]}
-    assert [p["containerPort"] for p in container["ports"]] == [settings.port]
-    assert settings.port in exposed, f"the image exposes {exposed}"
+    assert [p["containerPort"] for p in container["ports"]] == [settings.port, settings.grpc_port]
+    assert {settings.port, settings.grpc_port} <= exposed, f"the image exposes {exposed}"
     image_env = image.env
     assert int(image_env["TORCHPOOL_PORT"]) == settings.port
     # The probes ask what the image's own HEALTHCHECK asks.
     health = " ".join(image.inspect["Healthcheck"]["Test"])
-    assert container["readinessProbe"]["httpGet"]["path"] in health
+    assert "/health/ready" in health  # the rule the gRPC readiness probe checks too
     assert config["StopSignal"] == "SIGTERM"
     # The drain the pod really gets: the manifest's env, else the image's, else the default.
     drain = parse_settings(

@@ -18,7 +18,7 @@ from gateway.pool.pending import Reply
 from gateway.pool.placement import Placement
 from gateway.pool.workers import Pool, State, WorkerRecord
 from shared import protocol
-from shared.errors import ClientClosed, DeadlineExceeded, Unavailable
+from shared.errors import ClientClosed, DeadlineExceeded, QueueFull, Unavailable
 from tests.fakes import FakeTransport, eventually, on_loop
 
 pytestmark = pytest.mark.fast
@@ -93,7 +93,7 @@ async def test_a_full_queue_answers_503_at_once() -> None:
     dispatcher, wire = dispatcher_for(pool, queue_size=1)
     sent = dispatcher.enqueue("json", b"{}")
     queued = dispatcher.enqueue("json", b"{}")
-    with pytest.raises(Unavailable, match="queue is full"):
+    with pytest.raises(QueueFull, match="queue is full"):
         dispatcher.enqueue("json", b"{}")
     assert dispatcher.queued == 1 and dispatcher.outstanding == 2
     assert wire.requests(pool.workers[0]) == [sent.id]

@@ -121,6 +121,21 @@ def test_text_json_list_of_sentences(text_server: Server, embedder: TextEmbedder
     assert_rows_close(response.json()["prediction"], embed(embedder, SENTENCES[:3], "x"))
 
 
+def test_text_bytes_tensor_from_tritonclient(text_server: Server, embedder: TextEmbedder) -> None:
+    """A BYTES tensor in binary form (how tritonclient sends strings, over HTTP and gRPC)."""
+    import numpy as np
+    import tritonclient.http as triton
+
+    client = triton.InferenceServerClient(text_server.url.removeprefix("http://"))
+    try:
+        text = triton.InferInput("text", [2], "BYTES")
+        text.set_data_from_numpy(np.array([s.encode() for s in SENTENCES[:2]], dtype=np.object_))
+        got = client.infer("textembedder", [text]).as_numpy("output__0")
+    finally:
+        client.close()
+    assert_rows_close(got.tolist(), embed(embedder, SENTENCES[:2], "x"))
+
+
 def test_text_requests_of_different_lengths_batch_together(
     text_server: Server, embedder: TextEmbedder
 ) -> None:

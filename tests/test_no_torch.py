@@ -16,7 +16,8 @@ from fastapi.testclient import TestClient
 from gateway.api.app import create_app
 from shared.config import ServeSettings
 
-app = create_app(ServeSettings(workers=1))
+# With the gRPC server on (port 0: any free one), which loads grpcio and protobuf too.
+app = create_app(ServeSettings(workers=1, grpc_port=0))
 with TestClient(app) as client:
     deadline = time.monotonic() + 90
     while client.get("/health/ready").status_code != 200:

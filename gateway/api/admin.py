@@ -34,22 +34,43 @@ from gateway.api.http import json_response, request_headers, runtime_of
 from gateway.pool.model import ModelRuntime
 from gateway.pool.runtime import Runtime
 from shared import modelconfig, modelfile
-from shared.config import ConfigError
+from shared.config import ConfigError, PoolSettings
 from shared.errors import ModelLoadError, RequestError, Unauthorized
 
 MAX_WORKERS = 256
+
+
+def model_settings(name: str, body: dict[str, Any], where: str) -> PoolSettings:
+    """A model's settings sent to be loaded (a ``[models.NAME]`` table as a JSON object),
+    checked as far as the gateway can without a worker; 400 with the reason if not."""
+    try:
+        settings = modelconfig.model_settings(name, body, where)
+        if settings.model and not settings.handler:
+            # What every worker would refuse, refused before one is spawned.
+            modelfile.check(
+                settings.model,
+                model_class=bool(settings.model_class),
+                trust_pickle=settings.trust_pickle,
+            )
+    except (ConfigError, ModelLoadError) as exc:
+        raise RequestError(str(exc)) from exc
+    return settings
+
+
+def admin_check(admin_token: str, header: bytes | None) -> None:
+    """401 unless ``header`` is ``Bearer <admin token>``."""
+    if not token_matches(header, [admin_token.encode()]):
+        raise Unauthorized("the admin token is required: Authorization: Bearer TOKEN")
 
 
 def install(app: FastAPI, admin_token: str | None) -> None:
     """Add /admin routes to ``app`` when an admin token is configured."""
     if not admin_token:
         return
-    token = admin_token.encode()
     router = APIRouter(prefix="/admin")
 
     def check(request: Request) -> Runtime:
-        if not token_matches(request_headers(request.scope).authorization, [token]):
-            raise Unauthorized("the admin token is required: Authorization: Bearer TOKEN")
+        admin_check(admin_token, request_headers(request.scope).authorization)
         return runtime_of(request)
 
     def pool_document(runtime: Runtime, model: ModelRuntime) -> Response:
@@ -107,17 +128,7 @@ def install(app: FastAPI, admin_token: str | None) -> None:
         body = await json_body(request)
         if not isinstance(body, dict):
             raise RequestError("send the model's settings as a JSON object")
-        try:
-            settings = modelconfig.model_settings(name, body, "request body")
-            if settings.model and not settings.handler:
-                # What every worker would refuse, refused before one is spawned.
-                modelfile.check(
-                    settings.model,
-                    model_class=bool(settings.model_class),
-                    trust_pickle=settings.trust_pickle,
-                )
-        except (ConfigError, ModelLoadError) as exc:
-            raise RequestError(str(exc)) from exc
+        settings = model_settings(name, body, "request body")
         model = await runtime.load(name, settings, wait=wait)
         document = pool_document(runtime, model)
         document.status_code = 201 if wait else 202

@@ -20,7 +20,7 @@ from starlette.exceptions import HTTPException
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from gateway.api import admin, v2
+from gateway.api import admin, triton, v2
 from gateway.api.auth import ApiKeyMiddleware, parse_tokens
 from gateway.api.health import health_json
 from gateway.api.http import (
@@ -168,10 +168,20 @@ def create_app(
         app.state.runtime = runtime
         metrics.attach(runtime)
         await runtime.start()
+        grpc_server = None
         try:
+            if config.server.grpc_port is not None:
+                from gateway.api.grpc.server import GrpcServer  # grpcio only when asked for
+
+                grpc_server = GrpcServer(runtime, metrics, app.version)
+                await grpc_server.start()
             yield
         finally:
-            await runtime.stop()
+            try:
+                if grpc_server is not None:
+                    await grpc_server.stop()
+            finally:
+                await runtime.stop()
 
     app = TorchpoolApp(
         title="torchpool",
@@ -220,8 +230,11 @@ def create_app(
             document["reason"] = reason
         return json_response(document, 200 if reason is None else 503)
 
+    app.state.metrics = metrics
+    app.state.extensions = triton.extensions(config.server.admin_token)
     install_metrics(app, metrics)
     install_status_page(app, metrics)
+    triton.install(app, config.server.admin_token)  # before v2: /v2/models/stats is no model
     v2.install(app)
     from gateway.api import generate
 

@@ -4,6 +4,8 @@ Each app owns its :class:`Metrics` and a private ``CollectorRegistry``, so two
 apps in one process never share or clash over a series. Figures come from
 three places, each as cheap as it can be on the request path:
 
+- gRPC: the gRPC service (:mod:`gateway.api.grpc`) reports each call to
+  :meth:`Metrics.observe_grpc`, by method, model and status code name.
 - HTTP: :class:`MetricsMiddleware` (pure ASGI) times every request and counts
   it by route template, model and status code. A path that matched no route is
   labelled ``other``, so a scanner cannot blow up the label set; ``model`` is
@@ -52,6 +54,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from gateway.api import generate, v2
 from gateway.api.health import pool_status
 from gateway.api.predict import PREDICT_NAMED, PREDICT_PATH
+from gateway.api.stats import Tally
 from gateway.pool.workers import SHOWN_STATES, DeathCause
 from shared import protocol
 
@@ -72,6 +75,10 @@ STATES = SHOWN_STATES
 # Known causes, exported at 0 from the start so rate() and alerts see them.
 DEATH_CAUSES = tuple(cause.value for cause in DeathCause)
 OTHER_ROUTE = "other"
+# gRPC codes that are the client's doing (4xx over HTTP): not errors on the status page.
+_CLIENT_CODES = frozenset(
+    {"OK", "INVALID_ARGUMENT", "NOT_FOUND", "UNAUTHENTICATED", "CANCELLED", "ALREADY_EXISTS"}
+)
 RECENT_SIZE = 4096  # inference requests the status page's window can hold
 RECENT_WINDOW_S = 10.0
 
@@ -198,6 +205,23 @@ class Metrics:
             namespace=NAMESPACE,
             registry=self.registry,
         )
+        self.grpc_requests = Counter(
+            "grpc_requests",
+            "gRPC calls answered, by method, model and status code.",
+            ["method", "model", "code"],
+            namespace=NAMESPACE,
+            registry=self.registry,
+        )
+        self.grpc_duration = Histogram(
+            "grpc_request_duration_seconds",
+            "Time from receiving a gRPC call to the end of its answer, by method and model.",
+            ["method", "model"],
+            namespace=NAMESPACE,
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        # Inference requests by model and outcome, for Triton's statistics (gateway.api.stats).
+        self.tallies: dict[str, Tally] = {}
         ProcessCollector(registry=self.registry)
         PlatformCollector(registry=self.registry)
         self.runtime: Runtime | None = None
@@ -232,6 +256,25 @@ class Metrics:
         series.duration.observe(seconds)
         if series.inference:
             self.recent.add(seconds, status >= 500)
+            if model:
+                self._tally(model).add(seconds, status >= 400)
+
+    def observe_grpc(
+        self, method: str, code: str, seconds: float, model: str = "", inference: bool = False
+    ) -> None:
+        """One answered gRPC call; ``code``: its status code's name, such as ``OK``."""
+        self.grpc_requests.labels(method, model, code).inc()
+        self.grpc_duration.labels(method, model).observe(seconds)
+        if inference:
+            self.recent.add(seconds, code not in _CLIENT_CODES)
+            if model:
+                self._tally(model).add(seconds, code != "OK")
+
+    def _tally(self, model: str) -> Tally:
+        tally = self.tallies.get(model)
+        if tally is None:
+            tally = self.tallies[model] = Tally()
+        return tally
 
     def exposition(self, accept: str | None) -> tuple[bytes, str]:
         """The registry in the format ``accept`` asks for (Prometheus text or OpenMetrics)."""

@@ -58,7 +58,7 @@ EXTENSIONS: Final = ["binary_tensor_data"]
 _PLATFORMS: Final = {"torchscript": "pytorch_libtorch"}
 
 
-class _V2Route(APIRoute):
+class V2Route(APIRoute):
     """A route whose TorchpoolErrors become the protocol's ``{"error": ...}`` answers."""
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
@@ -73,7 +73,7 @@ class _V2Route(APIRoute):
         return guarded
 
 
-router = APIRouter(prefix="/v2", tags=["Open Inference Protocol"], route_class=_V2Route)
+router = APIRouter(prefix="/v2", tags=["Open Inference Protocol"], route_class=V2Route)
 
 
 def errors_openapi(*statuses: int) -> dict[int | str, dict[str, Any]]:
@@ -94,9 +94,10 @@ def check_model(runtime: Runtime, name: str, version: str | None) -> ModelRuntim
 
 @router.get("")
 async def server_metadata(request: Request) -> Response:
-    """Server name, version and the protocol extensions it supports."""
+    """Server name, version and the protocol extensions it serves (see gateway.api.triton)."""
+    extensions = getattr(request.app.state, "extensions", EXTENSIONS)
     return json_response(
-        {"name": "torchpool", "version": request.app.version, "extensions": EXTENSIONS}
+        {"name": "torchpool", "version": request.app.version, "extensions": extensions}
     )
 
 
@@ -121,7 +122,7 @@ async def server_ready(request: Request) -> Response:
 
 # --- repository (Triton's model repository extension) --------------------------
 
-_REPOSITORY_STATES: Final = {
+REPOSITORY_STATES: Final = {
     ModelState.READY: "READY",
     ModelState.LOADING: "LOADING",
     ModelState.FAILED: "UNAVAILABLE",
@@ -134,7 +135,7 @@ async def repository_index(request: Request) -> Response:
     """Every served model with its version, state and, when it is not ready, why."""
     index = []
     for model in runtime_of(request).models.values():
-        entry = {"name": model.name, "version": VERSION, "state": _REPOSITORY_STATES[model.state]}
+        entry = {"name": model.name, "version": VERSION, "state": REPOSITORY_STATES[model.state]}
         if model.error is not None:
             entry["reason"] = model.error
         index.append(entry)
@@ -151,7 +152,7 @@ def _described(pool: Pool) -> WorkerRecord | None:
     return loaded[0] if loaded else None
 
 
-def _signature(model: ModelRuntime, name: str) -> dict[str, Any]:
+def model_signature(model: ModelRuntime, name: str) -> dict[str, Any]:
     """The model's inputs and outputs as its workers reported them at READY."""
     worker = _described(model.pool)
     if worker is None:
@@ -184,7 +185,7 @@ def _signature(model: ModelRuntime, name: str) -> dict[str, Any]:
 async def model_metadata(request: Request, name: str, version: str | None = None) -> Response:
     """Name, versions, platform, and the inputs and outputs with -1 for variable dims."""
     model = check_model(runtime_of(request), name, version)
-    signature = _signature(model, name)
+    signature = model_signature(model, name)
     return json_response(
         {
             "name": name,
@@ -209,7 +210,7 @@ async def model_config(request: Request, name: str, version: str | None = None) 
     """The parts of a Triton model configuration that describe this model."""
     model = check_model(runtime_of(request), name, version)
     settings = model.settings
-    signature = _signature(model, name)
+    signature = model_signature(model, name)
 
     def tensors(specs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         return [

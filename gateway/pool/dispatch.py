@@ -29,6 +29,7 @@ from shared import protocol
 from shared.errors import (
     SHUTTING_DOWN,
     DeadlineExceeded,
+    QueueFull,
     TorchpoolError,
     Unavailable,
     error_from_code,
@@ -110,7 +111,7 @@ class Dispatcher:
             worker = None if worker.ready else self._pool.pick()
         if worker is None:
             if len(self._queue) >= self._queue_size:
-                raise Unavailable(
+                raise QueueFull(
                     f"all workers are busy and the queue is full ({self._queue_size} waiting)"
                 )
             self._queue.append(pending)
