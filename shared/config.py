@@ -122,7 +122,9 @@ class ModelSettings:
         parse_bool,
     )
     model_name: str | None = _opt(
-        None, "Name the model is served under; default: the model file's stem, or 'demo'."
+        None,
+        "Name the model is served under; default: the model file's stem, else the "
+        "--handler class's name in lower case, else 'demo'.",
     )
     input_shape: tuple[int, ...] | None = _opt(
         None,
@@ -337,7 +339,7 @@ class ServeSettings(ServerSettings, PoolSettings):
     config: str | None = _opt(
         None,
         "TOML file with a [server] table and one [models.NAME] table per model "
-        "(see the README); the model flags then come from it.",
+        "(see docs/config.md); the model flags then come from it.",
     )
 
     def server_settings(self) -> ServerSettings:
