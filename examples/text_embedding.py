@@ -13,7 +13,15 @@ sentence-transformers/all-MiniLM-L6-v2 fetched once with ``hf download``::
         -H 'content-type: application/json' localhost:8000/predict
 
 The answer is ``{"prediction": [[...384 floats...], ...]}``, one unit-length vector
-per sentence.
+per sentence. The same model answers the OpenAI API's ``/v1/embeddings`` (it declares
+``openai_routes``), so the ``openai`` client works unchanged::
+
+    from openai import OpenAI
+    client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="unused")
+    vectors = client.embeddings.create(model="textembedder", input=["first", "second"])
+
+There ``input`` may also be token ids (a list of them per text), which go to the
+encoder as they are.
 
 Why it batches: ``preprocess`` returns the tokenizer's tensors (``input_ids``,
 ``attention_mask``, ``token_type_ids``) at this request's own length, never padded to
@@ -31,6 +39,16 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+
+def _token_ids(payload: Any) -> list[list[int]] | None:
+    """Token-id lists (``/v1/embeddings`` with ids for input), else None."""
+    if not isinstance(payload, list) or not payload:
+        return None
+    rows = all(isinstance(row, list) and row for row in payload)
+    if rows and all(isinstance(i, int) for row in payload for i in row):
+        return payload
+    return None
 
 
 def sentences(payload: Any, content_type: str) -> list[str]:
@@ -61,6 +79,8 @@ class TextEmbedder:
     ``max_length`` (default: the model's position limit)."""
 
     accepts: Sequence[str] = ("text/plain",)
+    # POST /v1/embeddings serves it too (the worker hands preprocess the list of inputs).
+    openai_routes = ("embeddings",)
 
     def __init__(
         self, model_dir: str, normalize: bool = True, max_length: int | None = None
@@ -84,6 +104,9 @@ class TextEmbedder:
 
     def preprocess(self, payload: Any, content_type: str) -> dict[str, torch.Tensor]:
         """Token ids of this request's sentences, padded only to its own longest one."""
+        ids = _token_ids(payload)
+        if ids is not None:
+            return self._from_ids(ids)
         encoded = self.tokenizer(
             sentences(payload, content_type),
             padding=True,
@@ -92,6 +115,20 @@ class TextEmbedder:
             return_tensors="pt",
         )
         return {key: value for key, value in encoded.items() if isinstance(value, torch.Tensor)}
+
+    def _from_ids(self, rows: list[list[int]]) -> dict[str, torch.Tensor]:
+        """Token ids given as they are, right-padded to the longest with the pad id."""
+        vocab = int(self.model.config.vocab_size)
+        if any(i >= vocab for row in rows for i in row):
+            raise ValueError(f"token ids must be below the vocabulary size {vocab}")
+        longest = min(max(len(row) for row in rows), self.max_length or 512)
+        ids = torch.full((len(rows), longest), int(self.pad_values["input_ids"]))
+        mask = torch.zeros((len(rows), longest), dtype=torch.int64)
+        for index, row in enumerate(rows):
+            kept = row[:longest]
+            ids[index, : len(kept)] = torch.tensor(kept)
+            mask[index, : len(kept)] = 1
+        return {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids)}
 
     def predict(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Mean of the encoder's last hidden states over the real (unmasked) tokens."""

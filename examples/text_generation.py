@@ -15,6 +15,18 @@ to see. Swap in ``AutoModelForCausalLM.from_pretrained`` and
         -H 'content-type: application/json' -d '{"input_tensor": "Once upon a time"}'
     curl -N localhost:8000/v2/models/gpt/generate_stream -d '{"text_input": "Once upon"}'
 
+The same model answers the OpenAI API's ``/v1/chat/completions`` and ``/v1/completions``
+(it declares ``openai_routes``): the worker renders the messages with the tokenizer's
+chat template, as it would a real model's, and ``max_tokens``, ``temperature``,
+``top_p`` and ``seed`` reach ``predict_stream``::
+
+    from openai import OpenAI
+    client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="unused")
+    for chunk in client.chat.completions.create(
+        model="gpt", messages=[{"role": "user", "content": "Hi"}], stream=True
+    ):
+        print(chunk.choices[0].delta.content or "", end="")
+
 Each event is one new character (``{"output": "e"}``, or ``{"text_output": "e"}``
 from ``generate_stream``); ``/v2/models/gpt/generate`` answers the whole text at once.
 Generation samples from the model with a generator seeded per request, so the
@@ -36,6 +48,13 @@ VOCAB: Final = "\n" + "".join(chr(code) for code in range(32, 127))
 _IDS: Final = {char: index for index, char in enumerate(VOCAB)}
 
 
+# ChatML-like, in Jinja as a Hugging Face tokenizer's chat_template is written.
+CHAT_TEMPLATE: Final = (
+    "{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}\n"
+    "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
 def encode(text: str) -> list[int]:
     """Characters -> token ids; a character outside the vocabulary is refused."""
     unknown = sorted({char for char in text if char not in _IDS})
@@ -44,12 +63,48 @@ def encode(text: str) -> list[int]:
     return [_IDS[char] for char in text]
 
 
+class CharTokenizer:
+    """One token per character, with a chat template that ``apply_chat_template`` renders
+    the way a ``transformers`` tokenizer does (what the worker calls for chat)."""
+
+    chat_template = CHAT_TEMPLATE
+
+    def apply_chat_template(
+        self,
+        messages: list[dict[str, str]],
+        tokenize: bool = True,
+        add_generation_prompt: bool = False,
+    ) -> str | list[int]:
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        template = ImmutableSandboxedEnvironment().from_string(self.chat_template)
+        text = template.render(messages=messages, add_generation_prompt=add_generation_prompt)
+        return encode(text) if tokenize else text
+
+
+def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator: Any) -> Any:
+    """The next token: greedy at temperature 0, else from the top_p nucleus."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p < 1:
+        ordered, order = probs.sort(dim=-1, descending=True)
+        # Keep the most likely tokens until their mass reaches top_p (always the first).
+        outside = ordered.cumsum(dim=-1) - ordered > top_p
+        probs = probs.scatter(-1, order, ordered.masked_fill(outside, 0))
+    return torch.multinomial(probs, 1, generator=generator)
+
+
 class TextGenerator:
     """``--model-kwargs``: ``max_new_tokens`` (32), ``n_layer`` (2), ``n_embd`` (64),
     ``n_head`` (2), ``n_positions`` (256), ``temperature`` (1.0), ``seed`` (0)."""
 
     input_shape = (-1,)
     input_dtype = "int64"
+    # The OpenAI API: the routes it serves, the sampling parameters predict_stream reads.
+    openai_routes = ("chat", "completions")
+    openai_parameters = ("max_tokens", "temperature", "top_p", "seed")
+    tokenizer = CharTokenizer()
 
     def __init__(
         self,
@@ -103,10 +158,16 @@ class TextGenerator:
         return torch.tensor([ids], dtype=torch.int64)
 
     def predict_stream(self, ids: torch.Tensor, parameters: dict[str, Any]) -> Iterator[str]:
-        """One character per step, reusing the attention cache (one token in per step)."""
+        """One character per step, reusing the attention cache (one token in per step).
+
+        ``parameters``: a generate request's ``max_new_tokens``, or the OpenAI API's
+        ``max_tokens``; ``temperature``, ``top_p`` and ``seed``.
+        """
         # The prompt was cut to leave room for the server's max_new_tokens: never more.
-        steps = min(int(parameters.get("max_new_tokens", self.max_new_tokens)), self.max_new_tokens)
+        asked = parameters.get("max_tokens", parameters.get("max_new_tokens", self.max_new_tokens))
+        steps = min(int(asked), self.max_new_tokens)
         temperature = float(parameters.get("temperature", self.temperature))
+        top_p = float(parameters.get("top_p", 1.0))
         seed = int(parameters.get("seed", self.seed))
         generator = torch.Generator(device=self.device).manual_seed(seed)
         cache: dict[str, Any] = {}
@@ -114,6 +175,5 @@ class TextGenerator:
         for _ in range(steps):
             out = self.model(input_ids=step, use_cache=True, **cache)
             cache = {self.cache_arg: out[self.cache_arg]}
-            probs = torch.softmax(out.logits[:, -1] / temperature, dim=-1)
-            step = torch.multinomial(probs, 1, generator=generator)
+            step = _sample(out.logits[:, -1], temperature, top_p, generator)
             yield VOCAB[int(step)]

@@ -74,6 +74,20 @@ def parse_bool(text: str) -> bool:
     raise ConfigError(f"{text!r} is not a boolean (use 1/0, true/false)")
 
 
+OPENAI_ROUTES = ("embeddings", "chat", "completions")
+
+
+def parse_openai_routes(text: str) -> tuple[str, ...]:
+    """``"chat,completions"`` -> ``("chat", "completions")``; each one of OPENAI_ROUTES."""
+    routes = tuple(part.strip() for part in text.split(",") if part.strip())
+    unknown = [route for route in routes if route not in OPENAI_ROUTES]
+    if unknown:
+        raise ConfigError(
+            f"unknown OpenAI route {unknown[0]!r}; the routes are {', '.join(OPENAI_ROUTES)}"
+        )
+    return routes
+
+
 def parse_cores(text: str) -> tuple[int, ...]:
     """``"0-3,6"`` -> ``(0, 1, 2, 3, 6)``, as in /proc/<pid>/status."""
     cores: list[int] = []
@@ -231,6 +245,12 @@ class PoolSettings(ModelSettings):
     )
     max_worker_rss_mb: float = _opt(
         0.0, "Replace a worker whose RSS grows past this many MiB (0: never).", float
+    )
+    openai: tuple[str, ...] | None = _opt(
+        None,
+        "OpenAI API routes the model serves: embeddings, chat, completions (comma-separated; "
+        "a list in a config file). Default: what its handler's openai_routes declares.",
+        parse_openai_routes,
     )
 
     def __post_init__(self) -> None:

@@ -36,6 +36,7 @@ from shared.config import (
     ServerSettings,
     ServeSettings,
     parse_bool,
+    parse_openai_routes,
     parse_shape,
     settings_fields,
 )
@@ -190,6 +191,9 @@ def _coerce(path: str | Path, table: str, key: str, value: Any, cls: type[Any]) 
         elif key == "model_kwargs":
             if isinstance(value, dict):
                 return value
+        elif parse is parse_openai_routes:
+            if isinstance(value, list) and all(isinstance(v, str) for v in value):
+                return parse(",".join(value))
         elif parse is None and isinstance(value, str):
             return value
     except ConfigError as exc:
@@ -210,6 +214,8 @@ def _expected(parse: Any, key: str) -> str:
         return "a number"
     if key == "model_kwargs":
         return "a table such as { hidden = 64 }"
+    if parse is parse_openai_routes:
+        return 'a list of OpenAI routes such as ["embeddings"]'
     return "a string"
 
 

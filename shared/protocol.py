@@ -88,11 +88,15 @@ streaming model is answered by one REPLY holding every output in a list.
 Format ``generate`` is the Open Inference Protocol's generate extension: the
 body is its JSON request (``{"<input name>": value, "parameters": {...}}``),
 the REQUEST carries ``model`` and ``version``, and each CHUNK is a generate
-response object.
+response object. Formats ``openai.embeddings``, ``openai.chat`` and
+``openai.completions`` carry the OpenAI API's request bodies untouched
+(:mod:`shared.openai_api` reads them); the REPLY, or each CHUNK of a stream,
+is an OpenAI response object as JSON (``fmt`` ``json``).
 
 READY's ``signature`` describes the model for ``/v2/models/{name}``:
 ``{"source": "demo" | "torchscript" | ..., "outputs": [{"name", "dtype",
-"shape"}] | null, "stream": bool}``; output shapes put ``-1`` for the batch and are known
+"shape"}] | null, "stream": bool, "openai": [route, ...]}`` (the OpenAI routes its handler
+declares); output shapes put ``-1`` for the batch and are known
 only when the worker ran a warm-up forward.
 
 Tensors are never pickled. A tensor travels as a map
@@ -157,6 +161,9 @@ FMT_V2_JSON: Final = "v2json"
 FMT_V2_BINARY: Final = "v2binary"
 FMT_RAW: Final = "raw"
 FMT_GENERATE: Final = "generate"
+FMT_OPENAI_EMBEDDINGS: Final = "openai.embeddings"
+FMT_OPENAI_CHAT: Final = "openai.chat"
+FMT_OPENAI_COMPLETIONS: Final = "openai.completions"
 
 # Reply code for success.
 OK: Final = "ok"

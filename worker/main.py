@@ -171,6 +171,8 @@ def run(
     if (reason := signals.stop_reason) is not None:
         control.send({"t": protocol.BYE, "reason": reason})
         return 0
+    from worker.codec.openai import declared_routes  # torch is loaded by now
+
     control.send(
         {
             "t": protocol.READY,
@@ -183,6 +185,7 @@ def run(
                 "source": model.source,
                 "outputs": model.outputs,
                 "stream": model.stream is not None,
+                "openai": declared_routes(model.handler, model.stream is not None),
             },
             **sampler.sample(),
         }
@@ -196,6 +199,7 @@ def load(settings: WorkerSettings, pin: pinning.Pinning, sampler: MemorySampler)
         import torch
     except ImportError as exc:
         raise ModelLoadError(f"torch cannot be imported: {exc}") from exc
+    from worker.codec.openai import declared_routes
     from worker.model.loading import load_model, warm_up
     from worker.stats import torch_cuda_probe
 
@@ -208,6 +212,7 @@ def load(settings: WorkerSettings, pin: pinning.Pinning, sampler: MemorySampler)
     if use_cuda:
         sampler.install_cuda_probe(torch_cuda_probe(0))
     model = load_model(settings, device)
+    declared_routes(model.handler, model.stream is not None)  # refuses what it cannot serve
     warm_up(model)
     return model
 

@@ -20,7 +20,7 @@ from starlette.exceptions import HTTPException
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from gateway.api import admin, triton, v2
+from gateway.api import admin, openai, triton, v2
 from gateway.api.auth import ApiKeyMiddleware, parse_tokens
 from gateway.api.health import health_json
 from gateway.api.http import (
@@ -91,8 +91,13 @@ class TorchpoolApp(FastAPI):
     predict: PredictHandler | None = None
     # /predict asking for Server-Sent Events from a streaming model (gateway.api.sse).
     stream_predict: StreamPredictHandler | None = None
+    # Everything under /v1/: the OpenAI API (gateway.api.openai), also past FastAPI.
+    openai: openai.OpenAIHandler | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and self.openai and scope["path"].startswith(openai.PREFIX):
+            await self.openai(scope, receive, send)
+            return
         if scope["type"] == "http" and self.predict:
             path: str = scope["path"]
             name: str | None = None
@@ -144,6 +149,7 @@ class TorchpoolApp(FastAPI):
                     },
                 }
             }
+            schema["paths"].update(openai.paths())
             self.openapi_schema = schema
         return self.openapi_schema
 
@@ -201,6 +207,7 @@ def create_app(
     app.stream_predict = StreamPredictHandler(
         lambda: app.state.runtime, keys, metrics.observe_request
     )
+    app.openai = openai.OpenAIHandler(lambda: app.state.runtime, keys, metrics.observe_request)
 
     @app.get("/health", responses={503: {"description": "No worker is ready", **_ANY_JSON}})
     async def health(request: Request) -> Response:

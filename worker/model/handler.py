@@ -63,6 +63,17 @@ second positional parameter, ``predict_stream(x, parameters)`` also receives
 the ``parameters`` object of a ``/v2/models/{name}/generate[_stream]`` request
 (``{}`` when it has none, and on ``/predict``).
 
+The OpenAI API (``/v1/...``, see :mod:`worker.codec.openai` and docs/openai.md):
+``openai_routes`` lists the routes the handler serves, ``embeddings`` (then
+``preprocess`` gets the request's inputs as one list, of strings or of
+token-id lists, and ``predict`` returns one vector per input) or ``chat`` and
+``completions`` (then ``preprocess`` gets the prompt, or the messages rendered
+by ``tokenizer.apply_chat_template`` when the handler's ``tokenizer`` has a
+chat template, else the messages themselves, and ``predict_stream(x,
+parameters)`` yields text deltas); ``openai_parameters`` the sampling
+parameters ``predict_stream`` reads (``max_tokens``, ``temperature``,
+``top_p``, ``seed``). A model's ``openai`` setting overrides ``openai_routes``.
+
 Optional attributes, read after ``load``:
 
 - ``input_shape``: one row without the batch dimension, ``-1`` for a variable

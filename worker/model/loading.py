@@ -67,6 +67,8 @@ class LoadedModel:
     # A handler's predict_stream: one request's input -> a generator of outputs
     # (sync or async); requests then run one at a time (worker.serve.streaming).
     stream: Callable[[Any], Iterator[Any]] | None = None
+    # The --handler instance, whose optional attributes codecs read (worker.codec.openai).
+    handler: object | None = None
 
     def run(self, batch: Any) -> Any:
         """Forward one batch (a tensor or a pytree), moving it to the model's device first."""
@@ -310,6 +312,7 @@ def _load_handler(class_path: str, kwargs: Mapping[str, Any], device: torch.devi
         ),
         dtype_asked=dtype is not None,
         stream=stream,
+        handler=handler,
     )
 
 

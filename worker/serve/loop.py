@@ -27,6 +27,7 @@ import zmq
 
 from shared import protocol
 from shared.errors import DeadlineExceeded, RequestError, TorchpoolError
+from worker.codec import openai as openaicodec
 from worker.codec import predict as codec
 from worker.codec import rawbody, tensors
 from worker.codec import v2 as v2codec
@@ -347,6 +348,23 @@ def codecs(model: LoadedModel, max_body_bytes: int) -> dict[str, Codec]:
         protocol.FMT_V2_JSON: v2,
         protocol.FMT_V2_BINARY: v2,
         protocol.FMT_GENERATE: streaming.GenerateCodec(spec),
+        **openai_codecs(spec, model),
+    }
+
+
+def openai_codecs(spec: InputSpec, model: LoadedModel) -> dict[str, Codec]:
+    """The OpenAI API's formats (see :mod:`worker.codec.openai`)."""
+    streams = model.stream is not None
+    text = [
+        (protocol.FMT_OPENAI_CHAT, openaicodec.TextCodec(spec, "chat", model.handler, streams)),
+        (
+            protocol.FMT_OPENAI_COMPLETIONS,
+            openaicodec.TextCodec(spec, "completions", model.handler, streams),
+        ),
+    ]
+    return {
+        protocol.FMT_OPENAI_EMBEDDINGS: openaicodec.EmbeddingsCodec(spec, streams),
+        **dict(text),
     }
 
 

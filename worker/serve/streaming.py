@@ -48,6 +48,7 @@ from worker import pytree
 from worker.codec import jsonio
 from worker.codec import v2 as v2codec
 from worker.codec.inputs import Codec, InputSpec, check_body_size, prepare
+from worker.codec.openai import TextContext
 from worker.control import WorkerState
 from worker.model.handler import positional_count
 from worker.model.loading import LoadedModel
@@ -194,7 +195,12 @@ class StreamRunner:
 
     def _run(self, job: Job, stream: _Stream, pending: deque[Job]) -> None:
         inputs = pytree.to_device(job.inputs, self._model.device)
-        parameters = job.context.parameters if isinstance(job.context, GenerateContext) else {}
+        context = job.context
+        parameters = (
+            context.parameters if isinstance(context, GenerateContext | TextContext) else {}
+        )
+        # An OpenAI request frames its own chunks, and may end early (a stop sequence).
+        text = context if isinstance(context, TextContext) else None
         try:
             with torch.inference_mode():
                 outputs = self._produce(inputs, parameters)
@@ -233,20 +239,36 @@ class StreamRunner:
                             item = self._model.postprocess(item)
                         except Exception as exc:
                             raise model_failure(exc) from exc
-                    if not stream.stream:
+                    if text is not None:
+                        body = text.feed(item)
+                        if body is None:
+                            if text.done:
+                                break
+                            continue
+                    elif not stream.stream:
                         collected.append(item)
                         continue
-                    body = self._chunk_body(job, item)
+                    else:
+                        body = self._chunk_body(job, item)
                 except TorchpoolError as err:
                     self._reply_error(job.request_id, err)
                     return
                 self._send_chunk(job.request_id, seq, body)
                 seq += 1
                 stream.credit -= 1
+                if text is not None and text.done:
+                    break
         finally:
             self._close(outputs)
         try:
             if stream.stream:
+                for body in text.tail() if text is not None else ():
+                    self._poll(job.request_id, stream, pending)  # waits for credit
+                    if stream.cancelled:
+                        return
+                    self._send_chunk(job.request_id, seq, body)
+                    seq += 1
+                    stream.credit -= 1
                 self._send([protocol.pack({"t": protocol.END, "id": job.request_id})])
             else:
                 self._reply_collected(job, collected)
