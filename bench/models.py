@@ -50,7 +50,30 @@ class Heavy(nn.Module):
         return out
 
 
-MODELS: Final[dict[str, type[Small] | type[Heavy]]] = {"small": Small, "heavy": Heavy}
+class Big(nn.Module):
+    """MLP 512 -> 4096 -> (4096 x 6) -> 10: 103 M float32 weights, 411 MB (shared weights)."""
+
+    inputs: Final = 512
+
+    def __init__(self) -> None:
+        super().__init__()
+        layers: list[nn.Module] = [nn.Linear(512, 4096), nn.ReLU()]
+        for _ in range(6):
+            layers += [nn.Linear(4096, 4096), nn.ReLU()]
+        self.net = nn.Sequential(*layers, nn.Linear(4096, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.net(x)
+        return out
+
+
+MODELS: Final[dict[str, type[Small] | type[Heavy] | type[Big]]] = {
+    "small": Small,
+    "heavy": Heavy,
+    "big": Big,
+}
+# A weights file named NAME.ts.pt is a TorchScript archive of the model (bench.sharedweights).
+TORCHSCRIPT_SUFFIX: Final = ".ts.pt"
 
 
 def build(name: str, seed: int = SEED) -> nn.Module:
@@ -62,7 +85,11 @@ def build(name: str, seed: int = SEED) -> nn.Module:
 
 
 def load(name: str, weights: Path) -> nn.Module:
-    """The model ``name`` with the state_dict saved at ``weights`` (how the peers load it)."""
+    """The model ``name`` with the state_dict saved at ``weights`` (how the peers load it),
+    or the TorchScript archive there when its name ends in ``.ts.pt``."""
+    if weights.name.endswith(TORCHSCRIPT_SUFFIX):
+        script: nn.Module = torch.jit.load(str(weights))  # type: ignore[no-untyped-call]
+        return script.eval()
     model = MODELS[name]()
     model.load_state_dict(torch.load(weights, weights_only=True))
     return model.eval()

@@ -167,6 +167,18 @@ class ModelSettings:
     )
     max_body_mb: float = _opt(64.0, "Largest request body accepted, in MiB (413 past it).", float)
     heartbeat_s: float = _opt(1.0, "Seconds between worker heartbeats.", float)
+    no_shared_weights: bool = _opt(
+        False,
+        "Each CPU worker loads its own private copy of the weights instead of mapping the "
+        "one copy the first worker published (see docs/shared-weights.md).",
+        parse_bool,
+    )
+    weights_dir: str | None = _opt(
+        None,
+        "Folder where CPU workers of this model publish and map their shared weights. The "
+        "gateway sets it for its local workers (a folder of its own under --weights-cache, "
+        "removed when the model goes); remote workers of one host may share one given here.",
+    )
 
     def __post_init__(self) -> None:
         if self.model_kwargs is None:
@@ -338,6 +350,12 @@ class ServerSettings:
         False,
         "Exit when any model fails to load at start (default: only when every model did).",
         parse_bool,
+    )
+    weights_cache: str = _opt(
+        "/dev/shm",
+        "Folder under which the gateway keeps the weights its CPU workers share (one "
+        "folder per gateway, removed when it exits; a later start removes what a killed "
+        "gateway left). Memory-backed (/dev/shm) unless you name a disk folder.",
     )
 
     def __post_init__(self) -> None:

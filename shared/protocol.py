@@ -255,6 +255,12 @@ class MemoryFields(TypedDict, total=False):
     """Measured when the message is sent; the CUDA figures are None off CUDA."""
 
     rss_bytes: int
+    # Proportional set size: shared pages count 1/N in each of the N processes
+    # mapping them; private_bytes (USS) are this process's own, shared_pss_bytes
+    # its share of the rest (pss = private + shared_pss). None where unknown.
+    pss_bytes: int | None
+    private_bytes: int | None
+    shared_pss_bytes: int | None
     cuda_allocated_bytes: int | None
     cuda_reserved_bytes: int | None
 

@@ -15,6 +15,7 @@ after :func:`worker.pinning.apply` has set the thread and device variables.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import secrets
@@ -186,6 +187,7 @@ def run(
                 "outputs": model.outputs,
                 "stream": model.stream is not None,
                 "openai": declared_routes(model.handler, model.stream is not None),
+                "weights": None if model.sharing is None else model.sharing.as_json(),
             },
             **sampler.sample(),
         }
@@ -214,7 +216,25 @@ def load(settings: WorkerSettings, pin: pinning.Pinning, sampler: MemorySampler)
     model = load_model(settings, device)
     declared_routes(model.handler, model.stream is not None)  # refuses what it cannot serve
     warm_up(model)
+    if model.sharing is not None:
+        held = model.sharing
+        how = "shared" if held.shared else "private (not shared)"
+        print(f"{PROG}: weights {how}: {held.reason}", file=sys.stderr, flush=True)
+    release_free_heap()
     return model
+
+
+def release_free_heap() -> None:
+    """Give the heap's free pages back to the system (glibc ``malloc_trim``).
+
+    Loading frees what the mapped weights replaced and what unpickling
+    needed; glibc keeps such pages in its arenas, where they count as this
+    worker's private memory for as long as it lives.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).malloc_trim(0)
 
 
 def serve(

@@ -31,8 +31,24 @@ class MemorySampler:
     def rss_bytes(self) -> int:
         return int(self._process.memory_info().rss)
 
+    def proportional(self) -> dict[str, int | None]:
+        """PSS and its parts: pages only this process maps (USS) and its share of the rest.
+
+        RSS counts a page shared by N workers N times; PSS counts 1/N of it in
+        each, so the PSS of every process adds up to the memory really used.
+        """
+        try:
+            info = self._process.memory_full_info()
+        except (psutil.AccessDenied, AttributeError):
+            return {"pss_bytes": None, "private_bytes": None, "shared_pss_bytes": None}
+        pss = int(getattr(info, "pss", 0))
+        uss = int(info.uss)
+        return {"pss_bytes": pss, "private_bytes": uss, "shared_pss_bytes": max(0, pss - uss)}
+
     def sample(self) -> dict[str, Any]:
-        """``rss_bytes``, ``cuda_allocated_bytes``, ``cuda_reserved_bytes`` (None off CUDA)."""
+        """``rss_bytes``, ``pss_bytes``, ``private_bytes``, ``shared_pss_bytes`` (None where
+        the system cannot tell), ``cuda_allocated_bytes``, ``cuda_reserved_bytes`` (None
+        off CUDA)."""
         allocated: int | None = None
         reserved: int | None = None
         if self._cuda_probe is not None:
@@ -44,6 +60,7 @@ class MemorySampler:
                 allocated = reserved = None
         return {
             "rss_bytes": self.rss_bytes(),
+            **self.proportional(),
             "cuda_allocated_bytes": allocated,
             "cuda_reserved_bytes": reserved,
         }

@@ -173,9 +173,11 @@ def create_app(
         runtime = make_runtime(config, on_fatal or (lambda reason: None))
         app.state.runtime = runtime
         metrics.attach(runtime)
-        await runtime.start()
         grpc_server = None
         try:
+            # Inside the try: a start that fails half-way still stops what it
+            # started (and removes the runtime folder and the shared weights).
+            await runtime.start()
             if config.server.grpc_port is not None:
                 from gateway.api.grpc.server import GrpcServer  # grpcio only when asked for
 

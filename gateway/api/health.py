@@ -1,7 +1,8 @@
 """The /health document: every model and every worker as they are now.
 
 Memory figures come from each worker's latest heartbeat (at most one interval
-old); the gateway's own RSS is read on the spot. The top-level counts cover
+old); the gateway's own is read on the spot. PSS is the number to add up: RSS
+counts the weights that workers share once in every worker. The top-level counts cover
 all models; ``models`` has one entry per model, and every worker names its
 model. ``shared_cores`` lists cores pinned to more than one worker (placement
 ran out of free cores), empty when every worker has its own.
@@ -25,6 +26,16 @@ if TYPE_CHECKING:
 _SELF = psutil.Process()
 
 
+def gateway_memory() -> dict[str, int | None]:
+    """The gateway's own RSS and PSS (with its private and shared parts), read now."""
+    rss = int(_SELF.memory_info().rss)
+    try:
+        info = _SELF.memory_full_info()
+    except (psutil.AccessDenied, AttributeError):
+        return {"rss_bytes": rss, "pss_bytes": None, "private_bytes": None}
+    return {"rss_bytes": rss, "pss_bytes": int(getattr(info, "pss", 0)), "private_bytes": info.uss}
+
+
 def pool_status(pool: Pool) -> str:
     return _status(len(pool.ready_workers()), len(pool.serving()))
 
@@ -45,6 +56,10 @@ def worker_json(worker: WorkerRecord, now: float) -> dict[str, Any]:
         "device": worker.device,
         "cores": list(worker.placement.cores),
         "rss_bytes": worker.rss_bytes,
+        "pss_bytes": worker.pss_bytes,
+        "private_bytes": worker.private_bytes,
+        "shared_pss_bytes": worker.shared_pss_bytes,
+        "weights": worker.weights,
         "cuda_allocated_bytes": worker.cuda_allocated_bytes,
         "cuda_reserved_bytes": worker.cuda_reserved_bytes,
         "load_seconds": worker.load_seconds,
@@ -87,7 +102,7 @@ def health_json(runtime: Runtime, models: list[ModelRuntime] | None = None) -> d
         "status": _status(ready, len(workers)),
         "ready_workers": ready,
         "total_workers": len(workers),
-        "gateway": {"pid": os.getpid(), "rss_bytes": _SELF.memory_info().rss},
+        "gateway": {"pid": os.getpid(), **gateway_memory()},
         "models": [model_json(m) for m in chosen],
         "shared_cores": shared_cores(placements),
         "workers": [worker_json(w, now) for w in workers],

@@ -348,6 +348,25 @@ class PoolCollector:
             labels=["model", "worker", "state"],
         )
         rss = _gauge("worker_rss_bytes", "Resident memory of the worker process.", label)
+        pss = _gauge(
+            "worker_pss_bytes",
+            "Proportional memory of the worker: its private pages plus its share of shared "
+            "ones (the sum over workers is the memory they use; RSS double-counts).",
+            label,
+        )
+        private = _gauge(
+            "worker_private_bytes", "Memory only this worker maps (USS), part of its PSS.", label
+        )
+        shared_pss = _gauge(
+            "worker_shared_pss_bytes",
+            "This worker's share of memory mapped by several processes (e.g. shared weights).",
+            label,
+        )
+        shared_weights = _gauge(
+            "worker_shared_weights",
+            "1 when the worker maps the host's one copy of the weights.",
+            label,
+        )
         cuda_allocated = _gauge(
             "worker_cuda_allocated_bytes", "CUDA memory held by tensors (CUDA workers).", label
         )
@@ -376,6 +395,11 @@ class PoolCollector:
                 for candidate in STATES:
                     state.add_metric([*name, candidate], 1.0 if candidate == shown else 0.0)
                 _add(rss, name, worker.rss_bytes)
+                _add(pss, name, worker.pss_bytes)
+                _add(private, name, worker.private_bytes)
+                _add(shared_pss, name, worker.shared_pss_bytes)
+                if worker.weights is not None:
+                    shared_weights.add_metric(name, 1.0 if worker.weights.get("shared") else 0.0)
                 _add(cuda_allocated, name, worker.cuda_allocated_bytes)
                 _add(cuda_reserved, name, worker.cuda_reserved_bytes)
                 _add(load, name, worker.load_seconds)
@@ -383,7 +407,8 @@ class PoolCollector:
                 inflight.add_metric(name, len(worker.inflight))
                 served.add_metric(name, worker.requests_served)
                 restarts.add_metric(name, worker.restarts)
-        yield from (state, rss, cuda_allocated, cuda_reserved, load, inflight, age, served)
+        yield from (state, rss, pss, private, shared_pss, shared_weights)
+        yield from (cuda_allocated, cuda_reserved, load, inflight, age, served)
         yield restarts
         yield from _pool_gauges(models)
         batches = _histogram_family("batch_rows", BATCH_ROWS_HELP)

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import enum
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from gateway.pool.dispatch import Dispatcher
@@ -22,6 +24,7 @@ from gateway.pool.placement import Placement
 from gateway.pool.process import Spawner, WorkerProcess
 from gateway.pool.supervisor import Supervisor
 from gateway.pool.transport import Transport
+from gateway.pool.weights import WeightsCache
 from gateway.pool.workers import DeathCause, Pool, State, WorkerRecord
 from shared.config import PoolSettings
 from shared.errors import SHUTTING_DOWN, ModelLoadError
@@ -82,10 +85,13 @@ class ModelRuntime:
         on_failed: Callable[[ModelRuntime, str], None],
         taken: Callable[[], Sequence[int]] = tuple,
         seams: Seams = REAL_SEAMS,
+        weights: WeightsCache | None = None,
     ) -> None:
         self.name = name
         self.transport = transport
         self.fingerprint = fingerprint(settings)
+        self._weights = weights
+        settings = self._with_weights_dir(settings)
         self.pool = Pool(placements, name)
         self.dispatcher = Dispatcher(
             self.pool,
@@ -143,8 +149,13 @@ class ModelRuntime:
         await self.supervisor.start()
 
     async def stop(self) -> None:
-        """Let in-flight requests finish (at most drain_timeout_s), then stop every worker."""
-        await self.supervisor.stop()
+        """Let in-flight requests finish (at most drain_timeout_s), then stop every worker;
+        then remove the weights they shared."""
+        try:
+            await self.supervisor.stop()
+        finally:
+            if self._weights is not None:
+                self._weights.remove_model(self.name)
 
     async def wait_all_ready(self) -> None:
         """Until every local worker of the model is ready (an admin load's 201).
@@ -175,9 +186,26 @@ class ModelRuntime:
         """Rolling replacement of every worker; ModelLoadError if it fails (old ones serve on)."""
         settings = settings or self.settings
         new_fingerprint = await asyncio.to_thread(fingerprint, settings)
-        await self.supervisor.reload(settings)
+        # The successors publish afresh (the files or the code behind them may
+        # have changed); the old generation's folder goes once they took over.
+        old, settings = self.settings.weights_dir, self._with_weights_dir(settings)
+        try:
+            await self.supervisor.reload(settings)
+        except BaseException:
+            self._remove_weights(settings.weights_dir)
+            raise
+        self._remove_weights(old)
         self.fingerprint = new_fingerprint
         self.error = None  # a model that had failed serves now
+
+    def _with_weights_dir(self, settings: PoolSettings) -> PoolSettings:
+        if self._weights is None:
+            return settings
+        return dataclasses.replace(settings, weights_dir=str(self._weights.model_dir(self.name)))
+
+    def _remove_weights(self, folder: str | None) -> None:
+        if self._weights is not None and folder:
+            self._weights.remove(Path(folder))
 
     def _worker_ready(self, worker: WorkerRecord) -> None:
         self._changed.set()

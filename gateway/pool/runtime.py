@@ -23,6 +23,7 @@ from gateway.pool import streams
 from gateway.pool.model import REAL_SEAMS, ModelRuntime, ModelState, Seams
 from gateway.pool.placement import Demand, plan_models
 from gateway.pool.transport import REMOTE, Curve, Transport, ZmqTransport
+from gateway.pool.weights import WeightsCache
 from gateway.pool.workers import WorkerRecord
 from shared import protocol
 from shared.config import PoolSettings
@@ -51,6 +52,8 @@ class Runtime:
         self._on_fatal = on_fatal
         placements = plan_models(demands(config.models))
         self.rundir = Path(tempfile.mkdtemp(prefix="torchpool-"))
+        # The weights the CPU workers share live as long as this gateway (or its model).
+        self.weights = WeightsCache(self.server.weights_cache)
         curve = None
         if self.server.curve_secret and self.server.curve_allow:
             curve = Curve(self.server.curve_secret, self.server.curve_allow)
@@ -115,6 +118,7 @@ class Runtime:
             self._model_failed,
             taken=lambda: self.taken_cores(besides=model),
             seams=self._seams,
+            weights=self.weights,
         )
         self.models[name] = model
         self._routed[name] = model
@@ -206,6 +210,7 @@ class Runtime:
         finally:
             self.transport.close()
             shutil.rmtree(self.rundir, ignore_errors=True)
+            self.weights.close()
 
     def _scale_by(self, delta: int) -> None:
         """SIGTTIN/SIGTTOU resize the one (or the default) model."""

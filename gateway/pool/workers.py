@@ -93,6 +93,9 @@ class WorkerRecord:
     host: str | None = None
     capacity: int = 1
     rss_bytes: int | None = None
+    pss_bytes: int | None = None
+    private_bytes: int | None = None
+    shared_pss_bytes: int | None = None
     cuda_allocated_bytes: int | None = None
     cuda_reserved_bytes: int | None = None
     load_seconds: float | None = None
@@ -165,6 +168,12 @@ class WorkerRecord:
             return 0
         return self.capacity - len(self.inflight)
 
+    @property
+    def weights(self) -> dict[str, Any] | None:
+        """READY's word on the weights: whether this process maps the host's one copy, why not."""
+        found = (self.signature or {}).get("weights")
+        return found if isinstance(found, dict) else None
+
     def shown_state(self) -> str:
         if self.state is State.READY and self.inflight:
             return BUSY
@@ -178,6 +187,9 @@ class WorkerRecord:
     def take_memory(self, message: protocol.MemoryFields) -> None:
         """Copy the live memory figures a READY or HEARTBEAT carries."""
         self.rss_bytes = message.get("rss_bytes", self.rss_bytes)
+        self.pss_bytes = message.get("pss_bytes")
+        self.private_bytes = message.get("private_bytes")
+        self.shared_pss_bytes = message.get("shared_pss_bytes")
         self.cuda_allocated_bytes = message.get("cuda_allocated_bytes")
         self.cuda_reserved_bytes = message.get("cuda_reserved_bytes")
 
@@ -190,6 +202,7 @@ class WorkerRecord:
         self.last_seen = None
         self.lost_when_ready = False
         self.rss_bytes = self.cuda_allocated_bytes = self.cuda_reserved_bytes = None
+        self.pss_bytes = self.private_bytes = self.shared_pss_bytes = None
         self.batches_seen = {}
         self.waits_seen = []
         self.wait_sum_seen = 0.0

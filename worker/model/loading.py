@@ -22,6 +22,7 @@ from __future__ import annotations
 import importlib
 import io
 import pickle
+import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,9 +37,10 @@ from shared.errors import ModelLoadError
 from worker import pytree
 from worker.codec import v2 as v2codec
 from worker.codec.tensors import dtype_name
-from worker.model import demo
+from worker.model import demo, weights
 from worker.model.assembly import Assembly
 from worker.model.handler import accepts_of, assembly_of, optional_hook, preprocess_hook
+from worker.model.sharing import Mapped, Sharing, Store, content_key
 
 # How many offending state_dict keys a message names before "(+N more)".
 _SHOWN_KEYS: Final = 3
@@ -69,6 +71,14 @@ class LoadedModel:
     stream: Callable[[Any], Iterator[Any]] | None = None
     # The --handler instance, whose optional attributes codecs read (worker.codec.openai).
     handler: object | None = None
+    # The modules that hold the weights, by name (see worker.model.weights).
+    roots: dict[str, Any] = field(default_factory=dict)
+    # The state_dict's tensors are views of the model file itself (torch.load mmap).
+    file_mapped: bool = False
+    # How the weights are held, for READY and /health; set by load_model.
+    sharing: Sharing | None = None
+    # The published file this worker maps; kept alive as long as the model.
+    mapped: Mapped | None = None
 
     def run(self, batch: Any) -> Any:
         """Forward one batch (a tensor or a pytree), moving it to the model's device first."""
@@ -86,8 +96,11 @@ def load_model(settings: ModelSettings, device: torch.device) -> LoadedModel:
     The ``--input-shape`` flag overrides the row shape the source carries, and
     ``--input-dtype`` its dtype when set to anything but the default float32.
     """
+    started = time.monotonic()
     try:
-        model = _load(settings, device)
+        model = _load_shared(settings, device)
+        if model.sharing is not None:
+            model.sharing.load_s = round(time.monotonic() - started, 3)
     except ModelLoadError as exc:
         raise ModelLoadError(one_line(exc.message)) from exc
     except Exception as exc:
@@ -100,6 +113,142 @@ def load_model(settings: ModelSettings, device: torch.device) -> LoadedModel:
         model.input_dtype = settings.input_dtype
         model.dtype_asked = True
     return model
+
+
+# --- sharing ----------------------------------------------------------------------
+
+FILE_MAPPED: Final = "its tensors map the model file itself (torch.load mmap)"
+MAPPED: Final = "mapped what another worker published; its own copy, loaded first, is freed"
+
+
+def _kind(settings: ModelSettings) -> str:
+    if settings.handler:
+        return "handler"
+    if settings.model is None:
+        return "demo"
+    found = modelfile.check(
+        settings.model, model_class=bool(settings.model_class), trust_pickle=settings.trust_pickle
+    )
+    if found.kind == modelfile.EXPORT:
+        return "export"
+    if found.kind == modelfile.TORCHSCRIPT:
+        return "torchscript"
+    return "state_dict" if settings.model_class else "pickle"
+
+
+def _why_private(settings: ModelSettings, device: torch.device, kind: str) -> str | None:
+    """Why this worker cannot share its weights, or None when it can."""
+    if settings.no_shared_weights:
+        return "--no-shared-weights"
+    if device.type != "cpu":
+        return f"a {device.type} worker keeps its weights on its device"
+    if kind == "demo":
+        return "the built-in demo model is built in microseconds"
+    if not settings.weights_dir:
+        return "no --weights-dir (the gateway gives one to each local worker)"
+    return None
+
+
+def _load_shared(settings: ModelSettings, device: torch.device) -> LoadedModel:
+    """Load, sharing the weights with the other workers of this host where possible."""
+    kind = _kind(settings)
+    why = _why_private(settings, device, kind)
+    if why is not None:
+        model = _load(settings, device)
+        model.sharing = Sharing(False, why)
+        return model
+    assert settings.weights_dir is not None
+    store = Store(Path(settings.weights_dir), content_key(settings, kind))
+    loaded: LoadedModel | None = None
+    try:
+        if kind == "torchscript":
+            # Worth waiting for: once published, the structure loads from a
+            # weightless skeleton. Workers that boot together take turns.
+            with store.turn():
+                mapped = store.open()
+                if mapped is None:
+                    loaded = _load(settings, device)
+                    return _publish(loaded, store)
+            return (
+                _from_skeleton(mapped, device)
+                if mapped.skeleton
+                else _attach(_load(settings, device), mapped)
+            )
+        # Every other kind loads in full anyway: in parallel, then the turn only
+        # to publish, or to find what another worker published and map it.
+        loaded = _load(settings, device)
+        with store.turn():
+            mapped = store.open()
+            if mapped is None:
+                return _publish(loaded, store)
+        return _attach(loaded, mapped)
+    except (OSError, ValueError) as exc:
+        # Shared memory full, a folder not writable...: serve from a private copy.
+        model = loaded or _load(settings, device)
+        model.sharing = Sharing(False, f"sharing failed: {one_line(str(exc))}")
+        return model
+
+
+def _publish(model: LoadedModel, store: Store) -> LoadedModel:
+    """First worker: write the weights to the store, then serve from the mapping too."""
+    if model.file_mapped:
+        model.sharing = Sharing(True, FILE_MAPPED)
+        return model
+    tensors, private = weights.collect(model.roots)
+    if not tensors:
+        model.sharing = Sharing(False, "the model holds no nn.Module parameters or buffers")
+        return model
+    in_files = weights.file_backed(tensors)
+    if len(in_files) == len(tensors):
+        files = ", ".join(sorted(set(in_files.values())))
+        model.sharing = Sharing(True, f"its tensors map the model's files ({files})")
+        return model
+    tensors = {name: t for name, t in tensors.items() if name not in in_files}
+    skeleton = None
+    if model.source == "torchscript":
+        skeleton = weights.script_skeleton(model.forward, tensors)
+    store.publish(tensors, skeleton)
+    mapped = store.open()
+    if mapped is None:
+        raise OSError(f"{store.path} vanished right after it was published")
+    shared = weights.attach(model.roots, mapped.tensors)
+    model.mapped = mapped
+    reason = _shared_reason(private, in_files)
+    model.sharing = Sharing(True, reason, str(mapped.path), shared)
+    return model
+
+
+def _attach(model: LoadedModel, mapped: Mapped) -> LoadedModel:
+    """A later worker that loaded the model: swap its tensors for the mapped ones."""
+    if model.file_mapped:
+        model.sharing = Sharing(True, FILE_MAPPED)
+        return model
+    shared = weights.attach(model.roots, mapped.tensors)
+    model.mapped = mapped
+    model.sharing = Sharing(True, MAPPED, str(mapped.path), shared, mapped=True)
+    return model
+
+
+def _from_skeleton(mapped: Mapped, device: torch.device) -> LoadedModel:
+    """A later TorchScript worker: the weightless archive, then the mapped weights."""
+    assert mapped.skeleton is not None
+    module = weights.load_skeleton(mapped.skeleton, device)
+    module.eval()
+    model = LoadedModel(module, device, None, "float32", "torchscript", roots={"": module})
+    shared = weights.attach(model.roots, mapped.tensors, skeleton=True)
+    model.mapped = mapped
+    how = "mapped what another worker published; structure from its skeleton archive"
+    model.sharing = Sharing(True, how, str(mapped.path), shared, mapped=True)
+    return model
+
+
+def _shared_reason(private: int, in_files: dict[str, str]) -> str:
+    parts = ["published"]
+    if in_files:
+        parts.append(f"{len(in_files)} tensors map the model's files already")
+    if private:
+        parts.append(f"{private} bytes of tensors the format cannot hold stay private")
+    return "; ".join(parts)
 
 
 def _load(settings: ModelSettings, device: torch.device) -> LoadedModel:
@@ -119,7 +268,8 @@ def _load(settings: ModelSettings, device: torch.device) -> LoadedModel:
     if found.kind == modelfile.TORCHSCRIPT:
         return _load_torchscript(path, device)
     if settings.model_class:
-        return _load_state_dict(path, settings.model_class, settings.model_kwargs, device)
+        share = not settings.no_shared_weights
+        return _load_state_dict(path, settings.model_class, settings.model_kwargs, device, share)
     return _load_pickle(found, device)
 
 
@@ -138,7 +288,7 @@ def _load_export(path: Path, device: torch.device) -> LoadedModel:
     module = program.module()
     if device.type != "cpu":
         module = module.to(device)
-    return LoadedModel(module, device, shape, dtype or "float32", "export")
+    return LoadedModel(module, device, shape, dtype or "float32", "export", roots={"": module})
 
 
 def export_input_spec(
@@ -167,7 +317,7 @@ def _load_torchscript(path: Path, device: torch.device) -> LoadedModel:
     except Exception as exc:
         raise ModelLoadError(f"{path}: cannot load the TorchScript archive: {exc}") from exc
     module.eval()
-    return LoadedModel(module, device, None, "float32", "torchscript")
+    return LoadedModel(module, device, None, "float32", "torchscript", roots={"": module})
 
 
 def _load_pickle(found: modelfile.ModelFile, device: torch.device) -> LoadedModel:
@@ -179,22 +329,22 @@ def _load_pickle(found: modelfile.ModelFile, device: torch.device) -> LoadedMode
         raise ModelLoadError(f"{path}: cannot unpickle: {type(exc).__name__}: {exc}") from exc
     if isinstance(obj, nn.Module):
         obj.to(device).eval()
-        return LoadedModel(obj, device, None, "float32", "pickle")
+        return LoadedModel(obj, device, None, "float32", "pickle", roots={"": obj})
     if callable(obj):
         return LoadedModel(obj, device, None, "float32", "pickle")
     raise ModelLoadError(f"{path} holds a {type(obj).__name__}, not a model")
 
 
 def _load_state_dict(
-    path: Path, class_path: str, kwargs: Mapping[str, Any], device: torch.device
+    path: Path,
+    class_path: str,
+    kwargs: Mapping[str, Any],
+    device: torch.device,
+    share: bool = True,
 ) -> LoadedModel:
-    model = build(import_object(class_path, "--model-class"), class_path, kwargs)
-    if not isinstance(model, nn.Module):
-        raise ModelLoadError(
-            f"--model-class {class_path} built a {type(model).__name__}, not an nn.Module"
-        )
+    cls = import_object(class_path, "--model-class")
     try:
-        obj = _load_weights(path, device)
+        obj, mapped = _load_weights(path, device, share)
     except pickle.UnpicklingError as exc:
         # The sniff found only tensor globals, yet torch's weights_only loader,
         # the actual guard, refused one: say which.
@@ -204,28 +354,74 @@ def _load_state_dict(
     state = _state_dict_of(obj)
     if state is None:
         raise ModelLoadError(f"{path} holds a {type(obj).__name__}, not a state_dict")
-    problem = state_dict_mismatch(model, state)
-    if problem:
-        raise ModelLoadError(f"{path} does not fit {class_path}: {problem}")
-    # Memory-mapped CPU weights whose dtypes match are assigned, not copied: the
-    # pages then come from the page cache, shared by every worker of the pool.
-    current = model.state_dict()
-    assign = device.type == "cpu" and all(
-        current[key].dtype == value.dtype for key, value in state.items() if key in current
-    )
-    model.load_state_dict(state, assign=assign)
+    model = _assigned(cls, class_path, kwargs, state, device)
+    if model is None:
+        model = _built(cls, class_path, kwargs)
+        problem = state_dict_mismatch(model, state)
+        if problem:
+            raise ModelLoadError(f"{path} does not fit {class_path}: {problem}")
+        model.load_state_dict(state)
     model.to(device).eval()
-    return LoadedModel(model, device, None, "float32", "state_dict")
+    # Memory-mapped CPU weights assigned as they are: the pages come from the
+    # model file in the page cache, shared by every worker of the host.
+    file_mapped = mapped and all(
+        tensor.data_ptr() == state[key].data_ptr() for key, tensor in model.state_dict().items()
+    )
+    return LoadedModel(
+        model, device, None, "float32", "state_dict", roots={"": model}, file_mapped=file_mapped
+    )
 
 
-def _load_weights(path: Path, device: torch.device) -> Any:
-    """``torch.load`` with weights only; memory-mapped on CPU when the format allows."""
-    if device.type == "cpu":
+def _built(cls: Any, class_path: str, kwargs: Mapping[str, Any]) -> nn.Module:
+    model = build(cls, class_path, kwargs)
+    if not isinstance(model, nn.Module):
+        raise ModelLoadError(
+            f"--model-class {class_path} built a {type(model).__name__}, not an nn.Module"
+        )
+    return model
+
+
+def _assigned(
+    cls: Any,
+    class_path: str,
+    kwargs: Mapping[str, Any],
+    state: Mapping[str, torch.Tensor],
+    device: torch.device,
+) -> nn.Module | None:
+    """Build the class on the meta device and assign the file's tensors: no initial weights.
+
+    None when that cannot work (the constructor computes on its tensors, a
+    non-persistent buffer would stay on meta, the file does not fit): the
+    caller then builds it for real, as before, and says what does not fit.
+    """
+    try:
+        with torch.device("meta"):
+            model = cls(**kwargs)
+    except Exception:
+        return None
+    if not isinstance(model, nn.Module) or state_dict_mismatch(model, state):
+        return None
+    current = model.state_dict()
+    # A tensor of another dtype is converted, as load_state_dict's copy would.
+    fitted = {
+        key: value if value.dtype == current[key].dtype else value.to(current[key].dtype)
+        for key, value in state.items()
+    }
+    model.load_state_dict(fitted, assign=True)
+    if any(t.is_meta for t in [*model.parameters(), *model.buffers()]):
+        return None
+    return model
+
+
+def _load_weights(path: Path, device: torch.device, share: bool) -> tuple[Any, bool]:
+    """``torch.load`` with weights only, and whether it is memory-mapped (on CPU, when
+    the format allows and ``share``: else every worker reads its own copy)."""
+    if share and device.type == "cpu":
         try:
-            return torch.load(path, weights_only=True, map_location=device, mmap=True)
+            return torch.load(path, weights_only=True, map_location=device, mmap=True), True
         except RuntimeError:
             pass  # the legacy (non-zip) format cannot be mapped; read it instead
-    return torch.load(path, weights_only=True, map_location=device)
+    return torch.load(path, weights_only=True, map_location=device), False
 
 
 def _state_dict_of(obj: Any) -> Mapping[str, torch.Tensor] | None:
@@ -313,6 +509,7 @@ def _load_handler(class_path: str, kwargs: Mapping[str, Any], device: torch.devi
         dtype_asked=dtype is not None,
         stream=stream,
         handler=handler,
+        roots=weights.handler_roots(handler),
     )
 
 
