@@ -24,7 +24,10 @@ RECIPE2 = "recipe (uvicorn --workers 2)"
 LIT = "LitServe 0.2.19 (2 workers, batch 16)"
 TP = "torchpool (batch 16, adaptive, cap 2 ms)"
 TP1 = "torchpool (batch 1)"
-SERVER_KEYS = {"recipe1": RECIPE1, "recipe2": RECIPE2, "lit": LIT, "tp": TP, "tp1": TP1}
+TP_OFF = "torchpool (batch 16, --no-elastic-cores)"
+SERVER_KEYS = {
+    "recipe1": RECIPE1, "recipe2": RECIPE2, "lit": LIT, "tp": TP, "tp1": TP1, "tpoff": TP_OFF
+}  # fmt: skip
 
 
 # --- results ------------------------------------------------------------------------

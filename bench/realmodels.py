@@ -1,6 +1,7 @@
 """Real model kinds: torchpool's worked examples against the one-process FastAPI recipe.
 
-    bench/run.sh realmodels [--duration 8] [--concurrency 1,8,32] [--models text,image]
+    bench/run.sh realmodels [--duration 8] [--concurrency 1,2,8,32] [--models text,image]
+                            [--servers recipe,recipe2,on,off] [--rounds 2]
 
 Two models, each served two ways on this machine:
 
@@ -11,8 +12,15 @@ Two models, each served two ways on this machine:
   (``content-type: image/jpeg``), resized and centre-cropped to 224.
 
 Servers: the recipe (``bench/peers/realrecipe.py``: FastAPI + uvicorn, one process,
-torch's default threads, the model run inline) and torchpool with the
-``examples/`` handlers (two workers of one core each, batching on). Every server's
+torch's default threads, the model run inline), the same app under
+``uvicorn --workers 2``, and torchpool with the ``examples/`` handlers (two
+workers of one core each, batching on) with elastic cores on and off
+(``--no-elastic-cores``). The two torchpool arms are an A/B of one build: they
+run ``--rounds`` times each, alternated (on, off, then off, on, ...), so other
+load on the machine hits both alike; the tables show the median run of each and
+the spread (lowest to highest req/s) across rounds. Beside the results, the
+machine's ceiling for each model: the usable cores divided by one request's
+decode plus forward on one thread, run alone in-process. Every server's
 answer is checked against the handler run in-process before it is measured. Then
 wrk at each concurrency: a warm-up, one measured run. Writes
 ``bench/RESULTS-realmodels.md`` and raw JSON under ``bench/out/realmodels/``.
@@ -62,9 +70,15 @@ from examples.text_embedding import TextEmbedder
 
 LUA = BENCH / "post_bodies.lua"
 RECIPE = "recipe (1 uvicorn process, torch default threads)"
-TP = "torchpool (2 workers, batch 16, 2 ms)"
+RECIPE2 = "recipe (uvicorn --workers 2, torch default threads)"
+TP = "torchpool (2 workers, batch 16, 2 ms, elastic cores)"
+TP_OFF = "torchpool (2 workers, batch 16, 2 ms, --no-elastic-cores)"
+SERVER_LABELS = {"recipe": RECIPE, "recipe2": RECIPE2, "on": TP, "off": TP_OFF}
 MODELS = ("text", "image")
-TARGETS = {"text": 2.5, "image": 1.5}  # torchpool req/s over the recipe's, at c=8
+# Issue #20's targets (see target_lines).
+P50_OVER_RECIPE = 1.05  # c=1 p50 at most this many times the recipe's
+TEXT_C8_OVER_RECIPE = 2.5
+IMAGE_OF_CEILING = 0.85
 DESCRIPTION = {
     "text": "BERT-style encoder, 6 layers, hidden 384 (MiniLM-L6 shape); one sentence",
     "image": "ResNet-18, 1000 classes, 224x224; one 640x480 JPEG (raw body)",
@@ -140,8 +154,29 @@ class Workload:
             torch.set_num_threads(threads)
         return out
 
+    def machine_ceiling(self, seconds: float = 2.0) -> Ceiling:
+        """The usable cores over one request's decode plus forward on one thread, in-process."""
+        handler = self.handler
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            count, start = 0, time.perf_counter()
+            with torch.inference_mode():
+                while (elapsed := time.perf_counter() - start) < seconds:
+                    if isinstance(handler, TextEmbedder):
+                        text = json.loads(self.body)["input_tensor"]
+                        handler.predict(handler.preprocess(text, "application/json"))
+                    else:
+                        handler.predict(handler.preprocess(self.body, "image/jpeg"))
+                    count += 1
+        finally:
+            torch.set_num_threads(threads)
+        one_ms = elapsed * 1000 / count
+        cores = len(os.sched_getaffinity(0))
+        return Ceiling(self.name, 0, cores * 1000 / one_ms, one_ms)
 
-def servers(work: Workload) -> list[Server]:
+
+def servers(work: Workload, keys: Sequence[str] = ("recipe", "on")) -> list[Server]:
     python = str(VENV_BIN / "python")
     app = f"bench.peers.realrecipe:{work.name}_app"
     offline = {"HF_HUB_OFFLINE": "1"}
@@ -152,19 +187,37 @@ def servers(work: Workload) -> list[Server]:
         {**work.env, **offline},
         ready_uvicorn(1),
     )
-    torchpool = Server(
-        "tp",
-        TP,
-        [
-            str(VENV_BIN / "torchpool"), "serve", "--workers", "2",
-            "--handler", work.handler_path, "--model-kwargs", json.dumps(work.kwargs),
-            "--max-batch-size", "16", "--max-batch-delay-ms", "2",
-            "--host", HOST, "--log-level", "warning", "--port", "{port}",
-        ],
-        offline,
-        ready_torchpool,
+    recipe2 = Server(
+        "recipe2",
+        RECIPE2,
+        [python, "-m", "uvicorn", app, "--host", HOST, "--no-access-log", "--workers", "2",
+         "--port", "{port}"],
+        {**work.env, **offline},
+        ready_uvicorn(2),
     )  # fmt: skip
-    return [recipe, torchpool]
+    torchpool = [
+        str(VENV_BIN / "torchpool"), "serve", "--workers", "2",
+        "--handler", work.handler_path, "--model-kwargs", json.dumps(work.kwargs),
+        "--max-batch-size", "16", "--max-batch-delay-ms", "2",
+        "--host", HOST, "--log-level", "warning", "--port", "{port}",
+    ]  # fmt: skip
+    on = Server("tp", TP, torchpool, offline, ready_torchpool)
+    off = Server("tpoff", TP_OFF, [*torchpool, "--no-elastic-cores"], offline, ready_torchpool)
+    chosen = {"recipe": recipe, "recipe2": recipe2, "on": on, "off": off}
+    return [chosen[key] for key in keys]
+
+
+def schedule(keys: Sequence[str], rounds: int) -> list[str]:
+    """The order servers run in: the recipes once, the torchpool arms alternated.
+
+    Round r runs ``on, off`` when r is even and ``off, on`` when odd.
+    """
+    recipes = [key for key in keys if key not in ("on", "off")]
+    arms = [key for key in ("on", "off") if key in keys]
+    order = list(recipes)
+    for round_ in range(rounds):
+        order += arms if round_ % 2 == 0 else arms[::-1]
+    return order
 
 
 def check(server: Server, work: Workload) -> None:
@@ -277,29 +330,91 @@ def measure(
         results.memory.append(memory(server, work.name))
 
 
+def runs_of(results: Results, model: str, label: str, concurrency: int) -> list[Run]:
+    return [
+        run
+        for run in results.runs
+        if (run.model, run.server, run.concurrency) == (model, label, concurrency)
+    ]
+
+
+def median_run(results: Results, model: str, label: str, concurrency: int) -> Run | None:
+    """The run with the median req/s (the lower one of two) of that server and level."""
+    runs = sorted(runs_of(results, model, label, concurrency), key=lambda r: r.requests_per_s)
+    return runs[(len(runs) - 1) // 2] if runs else None
+
+
+def spread(results: Results, model: str, concurrency: int) -> float:
+    """The widest range of req/s across rounds of either torchpool arm (0 with one round)."""
+    widest = 0.0
+    for label in (TP, TP_OFF):
+        rates = [r.requests_per_s for r in runs_of(results, model, label, concurrency)]
+        if len(rates) > 1:
+            widest = max(widest, max(rates) - min(rates))
+    return widest
+
+
+def ceiling_of(results: Results, model: str) -> Ceiling | None:
+    return next((c for c in results.ceilings if c.model == model and c.batch == 0), None)
+
+
 def target_lines(results: Results, concurrencies: Sequence[int]) -> list[str]:
-    """PASS/FAIL for the req/s targets at c=8, and the c=1 p50 beside the recipe's."""
-    lines = []
+    """PASS/FAIL per target line of issue #20, misses included; medians of the rounds."""
+    lines: list[str] = []
+
+    def verdict(passed: bool, title: str, detail: str) -> None:
+        lines.append(f"{'PASS' if passed else 'FAIL'}  {title}: {detail}")
+
+    def missing(title: str) -> None:
+        lines.append(f"FAIL  {title}: no data (a run is missing)")
+
     for name in MODELS:
-        factor = TARGETS[name]
-        title = f"{name} c=8: torchpool req/s >= {factor:g}x the one-process recipe"
-        tp, recipe = results.run(name, TP, 8), results.run(name, RECIPE, 8)
+        title = f"{name} c=1: torchpool p50 <= {P50_OVER_RECIPE:g}x the recipe's"
+        tp, recipe = median_run(results, name, TP, 1), median_run(results, name, RECIPE, 1)
         if tp is None or recipe is None:
-            lines.append(f"FAIL  {title}: no data (a run is missing)")
+            missing(title)
         else:
-            ratio = tp.requests_per_s / recipe.requests_per_s if recipe.requests_per_s else 0.0
-            passed = ratio >= factor and tp.errors == 0
-            lines.append(
-                f"{'PASS' if passed else 'FAIL'}  {title}: {tp.requests_per_s:.1f} vs "
-                f"{recipe.requests_per_s:.1f} ({ratio:.2f}x, {tp.errors} errors)"
-            )
+            ratio = tp.p50_ms / recipe.p50_ms if recipe.p50_ms else float("inf")
+            detail = f"{tp.p50_ms:.2f} vs {recipe.p50_ms:.2f} ms ({ratio:.2f}x)"
+            verdict(ratio <= P50_OVER_RECIPE and tp.errors == 0, title, detail)
+    title = f"text c=8: torchpool req/s >= {TEXT_C8_OVER_RECIPE:g}x the recipe"
+    tp, recipe = median_run(results, "text", TP, 8), median_run(results, "text", RECIPE, 8)
+    if tp is None or recipe is None:
+        missing(title)
+    else:
+        ratio = tp.requests_per_s / recipe.requests_per_s if recipe.requests_per_s else 0.0
+        detail = f"{tp.requests_per_s:.1f} vs {recipe.requests_per_s:.1f} ({ratio:.2f}x)"
+        verdict(ratio >= TEXT_C8_OVER_RECIPE and tp.errors == 0, title, detail)
+    ceiling = ceiling_of(results, "image")
+    for level in (8, 32):
+        title = f"image c={level}: torchpool req/s >= {IMAGE_OF_CEILING:g}x the machine's ceiling"
+        tp = median_run(results, "image", TP, level)
+        if tp is None or ceiling is None:
+            missing(title)
+        else:
+            ratio = tp.requests_per_s / ceiling.rows_per_s
+            detail = f"{tp.requests_per_s:.1f} vs ceiling {ceiling.rows_per_s:.1f} ({ratio:.2f}x)"
+            verdict(ratio >= IMAGE_OF_CEILING and tp.errors == 0, title, detail)
+    title = "image c=32 >= c=8 (torchpool)"
+    low, high = median_run(results, "image", TP, 8), median_run(results, "image", TP, 32)
+    if low is None or high is None:
+        missing(title)
+    else:
+        detail = f"{high.requests_per_s:.1f} vs {low.requests_per_s:.1f} req/s"
+        verdict(high.requests_per_s >= low.requests_per_s, title, detail)
     for name in MODELS:
-        tp, recipe = results.run(name, TP, 1), results.run(name, RECIPE, 1)
-        if tp is not None and recipe is not None:
-            lines.append(
-                f"INFO  {name} c=1 p50: torchpool {tp.p50_ms:.2f} ms, recipe "
-                f"{recipe.p50_ms:.2f} ms ({tp.p50_ms - recipe.p50_ms:+.2f} ms)"
+        for level in concurrencies:
+            title = f"{name} c={level}: elastic cores on no slower than off (within the spread)"
+            on, off = median_run(results, name, TP, level), median_run(results, name, TP_OFF, level)
+            if on is None or off is None:
+                missing(title)
+                continue
+            margin = spread(results, name, level)
+            detail = (
+                f"{on.requests_per_s:.1f} vs {off.requests_per_s:.1f} req/s "
+                f"(spread {margin:.1f}); p50 {on.p50_ms:.2f} vs {off.p50_ms:.2f} ms"
             )
+            verdict(on.requests_per_s >= off.requests_per_s - margin, title, detail)
     return lines
 
 
@@ -332,25 +447,35 @@ def report(results: Results, concurrencies: Sequence[int], commands: dict[str, s
             "",
             f"## {name}: {DESCRIPTION[name]}",
             "",
-            "| server | c | req/s | p50 ms | p99 ms | errors | tp req/s ratio "
-            "| CPU ms/req (parent) | other load |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "| server | c | req/s (median) | lowest-highest | p50 ms | p99 ms | errors "
+            "| tp req/s ratio | CPU ms/req (parent) | other load |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for concurrency in concurrencies:
-            tp = results.run(name, TP, concurrency)
-            for label in (RECIPE, TP):
-                run = results.run(name, label, concurrency)
+            tp = median_run(results, name, TP, concurrency)
+            for label in (RECIPE, RECIPE2, TP, TP_OFF):
+                run = median_run(results, name, label, concurrency)
                 if run is None:
                     continue
+                rates = [r.requests_per_s for r in runs_of(results, name, label, concurrency)]
                 ratio = ""
                 if tp is not None and label != TP and run.requests_per_s:
                     ratio = f"{tp.requests_per_s / run.requests_per_s:.2f}x"
                 lines.append(
-                    f"| {label} | {concurrency} | {run.requests_per_s:,.1f} | {run.p50_ms:.2f} "
+                    f"| {label} | {concurrency} | {run.requests_per_s:,.1f} "
+                    f"| {min(rates):,.1f}-{max(rates):,.1f} ({len(rates)}) | {run.p50_ms:.2f} "
                     f"| {run.p99_ms:.2f} | {run.errors} | {ratio} | "
                     f"{run.cpu_ms_per_request:.2f} ({run.parent_cpu_ms_per_request:.2f}) "
                     f"| {run.other_load:.2f} |"
                 )
+        ceiling = ceiling_of(results, name)
+        if ceiling is not None:
+            lines += [
+                "",
+                f"Machine ceiling: {ceiling.rows_per_s:.1f} req/s (usable cores / "
+                f"{ceiling.ms_per_forward:.1f} ms for one decode + forward on one thread, "
+                "in-process).",
+            ]
     lines += [
         "",
         "## Memory (whole process tree, after the server's runs)",
@@ -370,6 +495,7 @@ def report(results: Results, concurrencies: Sequence[int], commands: dict[str, s
         *[
             f"| {c.model} | {c.batch} | {c.ms_per_forward:.1f} | {c.rows_per_s:,.1f} |"
             for c in results.ceilings
+            if c.batch
         ],
         "",
         "## Targets",
@@ -386,7 +512,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--duration", type=float, default=10.0, help="measured seconds per run")
     parser.add_argument("--warmup", type=float, default=3.0, help="warm-up seconds per run")
-    parser.add_argument("--concurrency", default="1,8,32")
+    parser.add_argument("--concurrency", default="1,2,8,32")
+    parser.add_argument(
+        "--servers", default="recipe,recipe2,on,off", help=f"of {','.join(SERVER_LABELS)}"
+    )
+    parser.add_argument("--rounds", type=int, default=2, help="runs of each torchpool arm")
+    parser.add_argument("--note", action="append", default=[], help="a line for the report")
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--quiet-limit", type=float, default=0.25)
     parser.add_argument("--quiet-budget", type=float, default=120.0)
@@ -401,7 +532,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     names = [name for name in args.models.split(",") if name]
     began = time.monotonic()
     per_run = args.warmup + args.duration + 1.5
-    estimate = len(names) * 2 * (len(concurrencies) * per_run + 20) + 40 * len(names)
+    order = schedule([key for key in args.servers.split(",") if key], args.rounds)
+    estimate = len(names) * len(order) * (len(concurrencies) * per_run + 20) + 40 * len(names)
     print(f"estimated time: {estimate / 60:.1f} minutes on a quiet machine", flush=True)
     out: Path = args.out
     (out / "logs").mkdir(parents=True, exist_ok=True)
@@ -427,12 +559,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         "`bench/post_bodies.lua`; image: the same 640x480 JPEG (about "
         "60 kB) every time, raw, `content-type: image/jpeg`."
     )
+    results.notes += args.note
     commands: dict[str, str] = {}
     for name in names:
         print(f"== preparing {name}", flush=True)
         work = Workload(name, out / name)
-        results.ceilings += work.ceilings()
-        for server in servers(work):
+        results.ceilings += [*work.ceilings(), work.machine_ceiling()]
+        for server in servers(work, order):
             command = shlex.join(server.argv).replace(str(out), "OUT")
             command = command.replace(str(ROOT) + "/", "").replace("'{port}'", "PORT")
             commands[f"{name} / {server.label}"] = command
@@ -452,7 +585,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         shlex.join(wrk_argv(8, args.duration, "http://127.0.0.1:PORT/predict", LUA)).replace(
             str(ROOT) + "/", ""
         )
-        + "  (c = 1, 8, 32; BENCH_BODY, BENCH_CONTENT_TYPE, BENCH_LINES per model)"
+        + f"  (c = {args.concurrency}; BENCH_BODY, BENCH_CONTENT_TYPE, BENCH_LINES per model)"
     )
     results.seconds = time.monotonic() - began
     (out / "results.json").write_text(json.dumps(results.to_json(), indent=1))

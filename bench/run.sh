@@ -3,7 +3,11 @@
 # bench/bench.py, which writes bench/RESULTS.md and raw JSON under bench/out/.
 # Arguments go to bench/bench.py (e.g. --models small --servers tp,lit).
 # `bench/run.sh realmodels [ARGS]` runs bench/realmodels.py instead: the text and
-# image examples against the one-process recipe (bench/RESULTS-realmodels.md).
+# image examples against the one-process recipe and uvicorn --workers 2, torchpool
+# with elastic cores on and off alternated (bench/RESULTS-realmodels.md; its
+# defaults reproduce the tables of docs/elastic-cores.md in one go).
+# `bench/run.sh --models heavy,small --servers recipe2,tp,tpoff --concurrency 1,2,8,32`
+# is the MLP side of the same A/B.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -31,6 +31,7 @@ from bench.common import (
     TOLERANCE,
     TP,
     TP1,
+    TP_OFF,
     VENV_BIN,
     Memory,
 )
@@ -170,6 +171,23 @@ def server_specs(
             "tp1",
             TP1,
             [*torchpool, "--max-batch-size", "1", "--port", "{port}"],
+            {},
+            ready_torchpool,
+        ),
+        # The A/B arm of elastic cores (docs/elastic-cores.md): tp with lending off.
+        "tpoff": Server(
+            "tpoff",
+            TP_OFF,
+            [
+                *torchpool,
+                "--max-batch-size",
+                "16",
+                "--max-batch-delay-ms",
+                "2",
+                "--no-elastic-cores",
+                "--port",
+                "{port}",
+            ],
             {},
             ready_torchpool,
         ),

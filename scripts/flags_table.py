@@ -23,6 +23,7 @@ from shared.config import (
     WorkerSettings,
     env_name,
     flag,
+    negated_flag,
     parse_bool,
     settings_fields,
 )
@@ -55,7 +56,7 @@ The *Config file* column says where a setting goes in a `--config` file
 
 def _default(value: object, is_switch: bool) -> str:
     if is_switch:
-        return "off"
+        return "on" if value else "off"
     if value is None or value == "":
         return "—"
     return f"`{value}`"
@@ -85,9 +86,10 @@ def table(cls: type[ModelSettings] = ServeSettings, only_own: bool = False) -> s
         help_text = " ".join(str(f.metadata["help"]).split()).replace("|", "\\|")
         default = _default(f.default, f.metadata["parse"] is parse_bool)
         where = f" {_where(f.name)} |" if config_column else ""
-        lines.append(
-            f"| `{flag(f.name)}` | `{env_name(f.name)}` | {default} |{where} {help_text} |"
-        )
+        shown = f"`{flag(f.name)}`"
+        if f.metadata["parse"] is parse_bool and f.default is True:
+            shown += f" / `{negated_flag(f.name)}`"  # a switch that is on unless turned off
+        lines.append(f"| {shown} | `{env_name(f.name)}` | {default} |{where} {help_text} |")
     return "\n".join(lines)
 
 

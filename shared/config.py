@@ -167,6 +167,13 @@ class ModelSettings:
     )
     max_body_mb: float = _opt(64.0, "Largest request body accepted, in MiB (413 past it).", float)
     heartbeat_s: float = _opt(1.0, "Seconds between worker heartbeats.", float)
+    elastic_cores: bool = _opt(
+        True,
+        "A CPU worker's forward pass borrows the cores of workers idle at that moment (any "
+        "model's), for that pass only; off: each worker always runs on its own cores. "
+        "No effect on GPU and remote workers (see docs/elastic-cores.md).",
+        parse_bool,
+    )
     no_shared_weights: bool = _opt(
         False,
         "Each CPU worker loads its own private copy of the weights instead of mapping the "
@@ -495,6 +502,11 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def negated_flag(name: str) -> str:
+    """``--no-elastic-cores``: how a boolean setting that defaults to on is turned off."""
+    return "--no-" + name.replace("_", "-")
+
+
 def env_name(name: str) -> str:
     return ENV_PREFIX + name.upper()
 
@@ -513,6 +525,11 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type[Any]) -> None:
             parser.add_argument(
                 flag(f.name), dest=f.name, action="store_const", const="1", help=help_text
             )
+            if default is True:
+                parser.add_argument(
+                    negated_flag(f.name), dest=f.name, action="store_const", const="0",
+                    help=f"Turn {flag(f.name)} off.",
+                )  # fmt: skip
         else:
             parser.add_argument(flag(f.name), dest=f.name, metavar=f.name.upper(), help=help_text)
 
@@ -558,8 +575,7 @@ def worker_argv(settings: ModelSettings) -> list[str]:
         if value is None or value == f.default or value == {}:
             continue
         if f.metadata["parse"] is parse_bool:
-            if value:
-                argv.append(flag(f.name))
+            argv.append(flag(f.name) if value else negated_flag(f.name))
             continue
         if isinstance(value, dict):
             text = json.dumps(value)

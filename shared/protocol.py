@@ -29,7 +29,8 @@ the header; its ``t`` key names the message type. Payload frames follow raw:
     LOADING   control -> gateway  [ {t, uid} ]
     READY     control -> gateway  [ {t, uid, load_s, capacity, input_shape?, input_dtype?,
                                      signature?, + memory fields} ]
-    HEARTBEAT control -> gateway  [ {t, uid, batch_s, batches, waits, + memory fields} ]
+    HEARTBEAT control -> gateway  [ {t, uid, batch_s, batches, waits, threads?,
+                                     thread_passes?, + memory fields} ]
     ERROR     control -> gateway  [ {t, uid, code, message, fatal} ]
     BYE       control -> gateway  [ {t, uid, reason} ]
     BEAT      gateway -> control  [ {t} ]       the gateway is alive
@@ -51,6 +52,12 @@ want of credit as it is sent: a batch never waits for more while some do
 requests waited in the worker before their forward pass, counted in the
 buckets of ``WAIT_BUCKETS_S`` (one more count for the overflow), cumulative
 like ``batches``.
+
+``threads`` in a HEARTBEAT is the intra-op thread count of the worker's last
+forward pass (more than its own cores when the pass borrowed idle workers'
+cores, see ``worker.lending``); ``thread_passes`` counts its passes by thread
+count, ``[[threads, count], ...]``, cumulative like ``batches``. Both are
+optional: a worker of an older make leaves them out.
 
 ``batch_s`` in a HEARTBEAT is how long the forward pass now running has run,
 in seconds, or null when the worker is idle: the gateway's way to tell a hung
@@ -337,7 +344,12 @@ class ReadyHeader(_Ready, total=False):
     signature: dict[str, Any]
 
 
-class HeartbeatHeader(MemoryFields):
+class HeartbeatThreads(TypedDict, total=False):
+    threads: int  # intra-op threads of the last forward pass
+    thread_passes: list[list[int]]  # [[threads, count], ...], cumulative
+
+
+class HeartbeatHeader(MemoryFields, HeartbeatThreads):
     t: str
     uid: str
     batch_s: float | None  # seconds the batch now running has run; None when idle

@@ -54,6 +54,10 @@ class WorkerState:
         self.batches: dict[int, int] = {}
         # Seconds each request waited in the worker before its forward pass.
         self.waits = WaitHistogram()
+        # Intra-op threads of the last forward pass (more than its own cores
+        # when it borrowed idle ones), and passes run by thread count.
+        self.threads = 0
+        self.thread_passes: dict[int, int] = {}
 
     @property
     def busy(self) -> bool:
@@ -70,6 +74,10 @@ class WorkerState:
 
     def count_batch(self, rows: int) -> None:
         self.batches[rows] = self.batches.get(rows, 0) + 1
+
+    def count_threads(self, threads: int) -> None:
+        self.threads = threads
+        self.thread_passes[threads] = self.thread_passes.get(threads, 0) + 1
 
     def batches_report(self) -> list[list[int]]:
         """``[[rows, count], ...]`` for a heartbeat (msgpack map keys must be strings)."""
@@ -236,6 +244,8 @@ class ControlThread(threading.Thread):
             "batch_s": self._state.batch_s(),
             "batches": self._state.batches_report(),
             "waits": self._state.waits.report(),
+            "threads": self._state.threads,
+            "thread_passes": [[n, c] for n, c in self._state.thread_passes.copy().items()],
             **self._sampler.sample(),
         }
 

@@ -35,7 +35,9 @@ from shared.errors import ModelLoadError
 from shared.fingerprint import fingerprint as settings_fingerprint
 from shared.heap import freeze_startup_heap
 from worker import pinning
+from worker.board import Board, board_path
 from worker.control import LINGER_MS, ControlThread, WorkerState
+from worker.lending import Lending, TorchThreads
 from worker.signals import SignalWake
 from worker.stats import MemorySampler
 
@@ -59,8 +61,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (OSError, ValueError) as exc:
         print(f"{PROG}: error: cannot read CURVE keys: {exc}", file=sys.stderr)
         return protocol.EXIT_BAD_CONFIG
+    elastic = settings.elastic_cores and board_path(settings.connect) is not None
     try:
-        pin = pinning.apply(settings.cores, settings.device, settings.gpu)
+        pin = pinning.apply(settings.cores, settings.device, settings.gpu, elastic)
     except ConfigError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return protocol.EXIT_BAD_CONFIG
@@ -174,6 +177,9 @@ def run(
         return 0
     from worker.codec.openai import declared_routes  # torch is loaded by now
 
+    # On the board before READY: a request the gateway sends once this worker is
+    # ready may already borrow its cores, or find them busy.
+    elastic = elastic_cores(settings, pin, model)
     control.send(
         {
             "t": protocol.READY,
@@ -192,7 +198,7 @@ def run(
             **sampler.sample(),
         }
     )
-    return serve(settings, model, data, control, state, signals)
+    return serve(settings, pin, model, data, control, state, signals, elastic)
 
 
 def load(settings: WorkerSettings, pin: pinning.Pinning, sampler: MemorySampler) -> LoadedModel:
@@ -239,14 +245,17 @@ def release_free_heap() -> None:
 
 def serve(
     settings: WorkerSettings,
+    pin: pinning.Pinning,
     model: LoadedModel,
     data: zmq.Socket[bytes],
     control: ControlThread,
     state: WorkerState,
     signals: SignalWake,
+    elastic: tuple[Lending | None, Board | None] = (None, None),
 ) -> int:
     from worker.serve.loop import ServingLoop
 
+    lending, board = elastic
     loop = ServingLoop(
         data,
         model,
@@ -254,9 +263,39 @@ def serve(
         max_batch_size=settings.max_batch_size,
         max_batch_delay_ms=settings.max_batch_delay_ms,
         max_body_bytes=settings.max_body_bytes,
+        threads=pin.threads,
+        lending=lending,
     )
-    stop = loop.serve(control, signals)
-    if stop.drain:
-        loop.drain()
+    try:
+        stop = loop.serve(control, signals)
+        if stop.drain:
+            loop.drain()
+    finally:
+        if board is not None:
+            board.disown(pin.cores)
+            board.close()
     control.send({"t": protocol.BYE, "reason": stop.reason})
     return stop.status
+
+
+def elastic_cores(
+    settings: WorkerSettings, pin: pinning.Pinning, model: LoadedModel
+) -> tuple[Lending | None, Board | None]:
+    """Lending for a local CPU worker with --elastic-cores; (None, None) otherwise.
+
+    Remote workers, GPU workers and streaming models keep their own cores.
+    A board that cannot be opened (a read-only runtime directory) turns
+    lending off with a line on stderr: the worker serves as before.
+    """
+    path = board_path(settings.connect)
+    if not settings.elastic_cores or path is None or model.device.type != "cpu":
+        return None, None
+    if model.stream is not None or len(pin.host) <= len(pin.cores):
+        return None, None
+    try:
+        board = Board(path)
+    except OSError as exc:
+        print(f"{PROG}: elastic cores off: cannot open {path}: {exc}", file=sys.stderr)
+        return None, None
+    board.own(pin.cores)
+    return Lending(board, pin.cores, pin.host, TorchThreads()), board

@@ -55,6 +55,9 @@ def worker_json(worker: WorkerRecord, now: float) -> dict[str, Any]:
         "state": worker.shown_state(),
         "device": worker.device,
         "cores": list(worker.placement.cores),
+        # Intra-op threads of its last forward pass: more than len(cores) when
+        # that pass borrowed idle workers' cores (docs/elastic-cores.md).
+        "threads": worker.threads,
         "rss_bytes": worker.rss_bytes,
         "pss_bytes": worker.pss_bytes,
         "private_bytes": worker.private_bytes,

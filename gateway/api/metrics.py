@@ -413,14 +413,19 @@ class PoolCollector:
         yield from _pool_gauges(models)
         batches = _histogram_family("batch_rows", BATCH_ROWS_HELP)
         waits = _histogram_family("batch_wait_seconds", BATCH_WAIT_HELP)
+        threads = _histogram_family("forward_threads", FORWARD_THREADS_HELP)
         for model in models:
             pool = model.pool
             _add_batch_histogram(
                 batches, model.name, pool.batch_rows, model.settings.max_batch_size
             )
             _add_wait_histogram(waits, model.name, pool.wait_counts, pool.wait_sum)
+            # Same buckets as rows (1, 2, 4, ...), plus the most threads seen.
+            most = max(pool.thread_passes, default=1)
+            _add_batch_histogram(threads, model.name, pool.thread_passes, most)
         yield batches
         yield waits
+        yield threads
 
 
 def _gauge(name: str, documentation: str, labels: list[str]) -> GaugeMetricFamily:
@@ -461,6 +466,10 @@ def _pool_gauges(models: list[ModelRuntime]) -> Iterable[Metric]:
 
 BATCH_ROWS_HELP = (
     "Rows per forward pass the workers ran (from their heartbeats, at most one beat old)."
+)
+FORWARD_THREADS_HELP = (
+    "Intra-op threads per forward pass: above a worker's own cores when the pass borrowed "
+    "idle workers' cores (elastic cores; from the workers' heartbeats, at most one beat old)."
 )
 BATCH_WAIT_HELP = (
     "Seconds requests waited in a worker before their forward pass: what batching "

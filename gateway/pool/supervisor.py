@@ -386,6 +386,7 @@ class Supervisor:
             worker.take_memory(beat)
             self._pool.take_batches(worker, beat.get("batches"))
             self._pool.take_waits(worker, beat.get("waits"))
+            self._pool.take_threads(worker, beat.get("threads"), beat.get("thread_passes"))
             self._check_batch_time(worker, beat.get("batch_s"))
             self.check_recycle(worker)
         elif kind == protocol.HELLO:

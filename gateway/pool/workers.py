@@ -124,6 +124,10 @@ class WorkerRecord:
     # Its HEARTBEAT ``waits`` as last reported: bucket counts and their sum.
     waits_seen: list[int] = field(default_factory=list)
     wait_sum_seen: float = 0.0
+    # Intra-op threads of its last forward pass (HEARTBEAT ``threads``); None: none yet.
+    threads: int | None = None
+    # Forward passes by thread count, as this process last reported (cumulative).
+    thread_passes_seen: dict[int, int] = field(default_factory=dict)
 
     @property
     def slot(self) -> int:
@@ -204,6 +208,8 @@ class WorkerRecord:
         self.rss_bytes = self.cuda_allocated_bytes = self.cuda_reserved_bytes = None
         self.pss_bytes = self.private_bytes = self.shared_pss_bytes = None
         self.batches_seen = {}
+        self.thread_passes_seen = {}
+        self.threads = None
         self.waits_seen = []
         self.wait_sum_seen = 0.0
 
@@ -234,6 +240,8 @@ class Pool:
         # Forward passes by batch rows, pool-wide since the gateway started:
         # the workers' cumulative HEARTBEAT ``batches``, summed across restarts.
         self.batch_rows: dict[int, int] = {}
+        # Forward passes by intra-op threads (elastic cores), pool-wide, the same way.
+        self.thread_passes: dict[int, int] = {}
         # Requests by seconds waited in a worker before their forward pass
         # (buckets of protocol.WAIT_BUCKETS_S, then the overflow), pool-wide.
         self.wait_counts = [0] * (len(protocol.WAIT_BUCKETS_S) + 1)
@@ -246,19 +254,13 @@ class Pool:
         cumulative for the worker's process. A count that went down means the
         process started over (a remote worker that came back), so it counts whole.
         """
-        if not isinstance(reported, list):
-            return
-        for pair in reported:
-            if not (isinstance(pair, list) and len(pair) == 2):
-                continue
-            rows, count = pair
-            if not (isinstance(rows, int) and isinstance(count, int)) or rows < 1 or count < 0:
-                continue
-            seen = worker.batches_seen.get(rows, 0)
-            added = count - seen if count >= seen else count
-            if added:
-                self.batch_rows[rows] = self.batch_rows.get(rows, 0) + added
-            worker.batches_seen[rows] = count
+        add_increases(reported, worker.batches_seen, self.batch_rows)
+
+    def take_threads(self, worker: WorkerRecord, threads: Any, reported: Any) -> None:
+        """A HEARTBEAT's ``threads`` (its last pass) and ``thread_passes`` (as ``batches``)."""
+        if isinstance(threads, int) and threads > 0:
+            worker.threads = threads
+        add_increases(reported, worker.thread_passes_seen, self.thread_passes)
 
     def take_waits(self, worker: WorkerRecord, reported: Any) -> None:
         """Add what ``worker`` reported in a HEARTBEAT's ``waits`` since its last one.
@@ -320,3 +322,24 @@ class Pool:
             ):
                 best = worker
         return best
+
+
+def add_increases(reported: Any, seen: dict[int, int], total: dict[int, int]) -> None:
+    """Add to ``total`` what a cumulative ``[[key, count], ...]`` grew by since ``seen``.
+
+    A count that went down means the process started over (a remote worker
+    that came back), so it counts whole. Malformed pairs are skipped.
+    """
+    if not isinstance(reported, list):
+        return
+    for pair in reported:
+        if not (isinstance(pair, list) and len(pair) == 2):
+            continue
+        key, count = pair
+        if not (isinstance(key, int) and isinstance(count, int)) or key < 1 or count < 0:
+            continue
+        before = seen.get(key, 0)
+        added = count - before if count >= before else count
+        if added:
+            total[key] = total.get(key, 0) + added
+        seen[key] = count

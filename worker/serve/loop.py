@@ -33,11 +33,13 @@ from worker.codec import rawbody, tensors
 from worker.codec import v2 as v2codec
 from worker.codec.inputs import Codec, InputSpec
 from worker.control import ControlThread, WorkerState
+from worker.lending import Lending
 from worker.model.loading import LoadedModel
 from worker.serve import batching, streaming
 from worker.serve.batching import Job
 from worker.serve.failure import model_failure
 from worker.serve.pacing import Pacer
+from worker.serve.sizing import BatchSizer
 from worker.signals import SignalWake
 
 # Socket flags as plain ints, frame by frame: pyzmq's send_multipart and
@@ -69,11 +71,17 @@ class ServingLoop:
         max_batch_size: int,
         max_batch_delay_ms: float,
         max_body_bytes: int,
+        threads: int = 1,
+        lending: Lending | None = None,
     ) -> None:
         self._data = data
         self._model = model
         self._state = state
-        self._max_rows = max_batch_size
+        # Rows per batch: learned from the passes, never past --max-batch-size.
+        self._sizer = BatchSizer(max_batch_size)
+        # The worker's own intra-op threads; a pass that borrows idle cores has more.
+        self._threads = threads
+        self._lending = lending
         self._pacer = Pacer(max_batch_delay_ms / 1000)
         self._codecs = codecs(model, max_body_bytes)
         # Decoded requests that did not fit the last batch; they go first next time.
@@ -167,13 +175,23 @@ class ServingLoop:
         if self._streams is not None:
             self._streams.step(self.pending, self._receive)
             return
-        jobs = batching.collect(self.pending, self._receive, self._max_rows, self._pacer)
+        lending = self._lending
+        # Sized for the threads of the last pass: the limit only bites under
+        # load, when passes follow each other with the same threads.
+        threads = self._state.threads or self._threads
+        limit = self._sizer.limit(threads)
+        jobs = batching.collect(self.pending, self._receive, limit, self._pacer)
         if not jobs:
             return
         self._state.busy = True
         try:
-            self._run(jobs)
+            threads = self._threads
+            if lending is not None:
+                threads = lending.start(self._pacer.forward_s)
+            self._run(jobs, threads)
         finally:
+            if lending is not None:
+                lending.end()
             self._state.busy = False
 
     # --- intake -------------------------------------------------------------
@@ -234,7 +252,7 @@ class ServingLoop:
 
     # --- compute and reply --------------------------------------------------------
 
-    def _run(self, jobs: list[Job]) -> None:
+    def _run(self, jobs: list[Job], threads: int) -> None:
         now = time.monotonic()
         live: list[Job] = []
         for job in jobs:
@@ -244,7 +262,9 @@ class ServingLoop:
                 live.append(job)
         assembly = self._model.assembly
         for grouped in batching.group(live, assembly):
-            self._state.count_batch(sum(job.rows for job in grouped))
+            rows = sum(job.rows for job in grouped)
+            self._state.count_batch(rows)
+            self._state.count_threads(threads)
             started = time.monotonic()
             for job in grouped:
                 self._state.waits.observe(started - job.arrived)
@@ -253,7 +273,9 @@ class ServingLoop:
                 results = batching.run_group(self._model.run, inputs, assembly)
             except Exception as exc:
                 results = [_internal("running the batch", exc)] * len(grouped)
-            self._pacer.observe_forward(time.monotonic() - started)
+            took = time.monotonic() - started
+            self._pacer.observe_forward(took)
+            self._sizer.observe(threads, rows, took)
             for job, result in zip(grouped, results, strict=True):
                 self._finish(job, result)
 

@@ -1,0 +1,253 @@
+"""The lending and batch-size policies, in-process: a real board file, fake threads and clock;
+and the --elastic-cores setting."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+
+from shared import modelconfig
+from shared.config import ModelSettings, ServeSettings, WorkerSettings, parse_settings, worker_argv
+from worker.board import Board
+from worker.lending import HOLD_OFF_NS, MIN_FORWARD_S, Lending
+from worker.serve.sizing import REVISIT, BatchSizer
+
+pytestmark = pytest.mark.fast
+
+MS = 1_000_000
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_000 * MS
+
+    def __call__(self) -> int:
+        return self.now
+
+
+class FakeThreads:
+    """Records what a pass would run with: its thread count and mask."""
+
+    def __init__(self, own: tuple[int, ...]) -> None:
+        self.threads, self.cores = len(own), own
+
+    def apply(self, threads: int, cores: tuple[int, ...]) -> None:
+        self.threads, self.cores = threads, cores
+
+
+class Host:
+    """``workers`` one-core workers on one board, worker i pinned to core i."""
+
+    def __init__(
+        self, path: Path, workers: int, dead: frozenset[int] = frozenset(), pids: int = 1000
+    ) -> None:
+        self.clock = Clock()
+        self.threads = [FakeThreads((core,)) for core in range(workers)]
+        self.lendings = []
+        for core in range(workers):
+            board = Board(path, pid=pids + core, clock=self.clock)
+            board.own((core,))
+            lending = Lending(
+                board, (core,), range(workers), self.threads[core],
+                alive=lambda pid: pid not in dead, clock=self.clock,
+            )  # fmt: skip
+            self.lendings.append(lending)
+
+    def idle_for(self, ns: int) -> None:
+        self.clock.now += ns
+
+
+def test_a_lone_pass_borrows_every_idle_core_and_gives_them_back(tmp_path: Path) -> None:
+    host = Host(tmp_path / "b", 4)
+    host.idle_for(HOLD_OFF_NS)
+    first = host.lendings[0]
+    assert first.start(None) == 4
+    assert host.threads[0].threads == 4 and set(host.threads[0].cores) == {0, 1, 2, 3}
+    host.clock.now += 20 * MS
+    first.end()
+    assert first.borrowed == ()
+    assert host.threads[0].threads == 1 and host.threads[0].cores == (0,)
+    # Nobody holds a claim now: another worker may borrow core 0 once it has
+    # been idle longer than its last pass.
+    host.idle_for(20 * MS)
+    assert host.lendings[1].start(0.02) == 4
+
+
+def test_no_lend_while_every_worker_is_busy(tmp_path: Path) -> None:
+    host = Host(tmp_path / "b", 3)
+    host.idle_for(HOLD_OFF_NS)
+    for lending in host.lendings[1:]:
+        lending.start(0.02)
+    assert host.lendings[0].start(0.02) == 1
+    assert host.threads[0].threads == 1
+
+
+def test_an_owner_idle_shorter_than_its_last_pass_is_not_lent(tmp_path: Path) -> None:
+    host = Host(tmp_path / "b", 2)
+    owner, borrower = host.lendings[1], host.lendings[0]
+    owner.start(0.05)
+    host.clock.now += 50 * MS
+    owner.end()
+    # Between two requests of a steady load: idle for a round trip, not a pass.
+    host.idle_for(10 * MS)
+    assert borrower.start(0.02) == 1
+    borrower.end()
+    host.idle_for(45 * MS)
+    assert borrower.start(0.02) == 2
+
+
+def test_short_passes_keep_their_own_cores(tmp_path: Path) -> None:
+    host = Host(tmp_path / "b", 2)
+    host.idle_for(HOLD_OFF_NS)
+    assert host.lendings[0].start(MIN_FORWARD_S / 2) == 1
+
+
+def test_a_dead_borrowers_claim_is_free(tmp_path: Path) -> None:
+    gone = Host(tmp_path / "b", 3, pids=2000)
+    gone.idle_for(HOLD_OFF_NS)
+    assert gone.lendings[0].start(None) == 3  # claims cores 1 and 2, then dies without end()
+    alive = Host(tmp_path / "b", 3)  # a new pool on the board; pid 2000 still runs
+    alive.idle_for(HOLD_OFF_NS)
+    assert alive.lendings[1].start(None) == 2 and alive.threads[1].cores == (1, 0)
+    alive.lendings[1].end()
+    host = Host(tmp_path / "b", 3, dead=frozenset({2000}))
+    host.idle_for(HOLD_OFF_NS)
+    assert host.lendings[1].start(None) == 3 and host.threads[1].cores == (1, 0, 2)
+
+
+def test_a_core_that_cannot_be_used_is_given_back(tmp_path: Path) -> None:
+    host = Host(tmp_path / "b", 2)
+    host.idle_for(HOLD_OFF_NS)
+
+    class Refusing(FakeThreads):
+        def apply(self, threads: int, cores: tuple[int, ...]) -> None:
+            if threads > 1:
+                raise OSError(22, "Invalid argument")
+            super().apply(threads, cores)
+
+    board = Board(tmp_path / "b", pid=1000, clock=host.clock)
+    refused = Lending(board, (0,), (0, 1), Refusing((0,)), clock=host.clock)
+    assert refused.start(None) == 1 and refused.borrowed == ()
+    assert host.lendings[1].start(None) == 1  # core 0 is busy now; core 1 was released
+    assert board.words(2)[4 * 1 + 2] == 0  # core 1's borrower
+
+
+def test_threads_never_exceed_the_cores_but_for_owners_that_came_back(tmp_path: Path) -> None:
+    """Random starts and ends on 4 one-core workers: at every moment the threads
+    in use are at most the cores plus one per lent core whose owner started a
+    pass meanwhile (the documented overlap), and a core has at most one borrower."""
+    cores = 4
+    host = Host(tmp_path / "b", cores)
+    rng = random.Random(7)
+    running: dict[int, int] = {}  # worker -> threads of its pass
+    lends = 0
+    for _ in range(2000):
+        host.clock.now += rng.randrange(0, 8 * MS)
+        worker = rng.randrange(cores)
+        lending = host.lendings[worker]
+        if worker in running:
+            lending.end()
+            del running[worker]
+        else:
+            running[worker] = lending.start(rng.choice([None, 0.0005, 0.005, 0.02]))
+            lends += running[worker] > 1
+        lent = {core: w for w in running for core in host.lendings[w].borrowed}
+        assert sum(len(host.lendings[w].borrowed) for w in running) == len(lent)
+        overlap = sum(1 for core in lent if core in running)
+        assert sum(running.values()) <= cores + overlap
+        for w, threads in running.items():
+            assert threads == 1 + len(host.lendings[w].borrowed)
+            assert host.threads[w].threads == threads
+    assert lends > 50  # the walk did lend, so the bound was exercised
+
+
+# --- batch sizes ----------------------------------------------------------------------------
+
+
+def saturate(sizer: BatchSizer, rate: dict[int, float], passes: int, threads: int = 1) -> list[int]:
+    """Run ``passes`` passes as full as the limit lets them be; their sizes."""
+    sizes = []
+    for _ in range(passes):
+        rows = sizer.limit(threads)
+        sizer.observe(threads, rows, rows / rate[rows])
+        sizes.append(rows)
+    return sizes
+
+
+# Rows per second by batch size: growth stops paying past 8 (16 is slower).
+CNN = {1: 100.0, 2: 180.0, 4: 300.0, 8: 330.0, 16: 250.0, 32: 200.0}
+
+
+def test_the_learned_size_stops_where_throughput_stops_growing() -> None:
+    sizer = BatchSizer(32)
+    sizes = saturate(sizer, CNN, 300)
+    assert sizer.learned(1) == 8
+    settled = sizes[100:]
+    # Now and then one batch tries the next step again, and no more.
+    assert settled.count(8) >= len(settled) - len(settled) // REVISIT - 1
+    assert max(settled) == 16
+
+
+def test_a_gain_under_the_margin_is_not_worth_a_bigger_batch() -> None:
+    sizer = BatchSizer(32)
+    saturate(sizer, {**CNN, 8: 310.0}, 100)  # 8 beats 4 by 3%
+    assert sizer.learned(1) == 4
+
+
+def test_max_batch_size_stays_the_cap() -> None:
+    sizer = BatchSizer(12)
+    growing = {1: 1.0, 2: 2.0, 4: 4.0, 8: 8.0, 12: 12.0}
+    sizes = saturate(sizer, growing, 60)
+    assert sizer.learned(1) == 12 and max(sizes) == 12
+
+
+def test_each_thread_count_learns_its_own_size() -> None:
+    sizer = BatchSizer(32)
+    saturate(sizer, CNN, 100, threads=1)
+    saturate(sizer, {1: 100.0, 2: 200.0, 4: 400.0, 8: 800.0, 16: 1600.0, 32: 1650.0}, 100, 2)
+    assert sizer.learned(1) == 8
+    assert sizer.learned(2) == 16
+
+
+def test_a_size_measured_worse_is_tried_again_and_taken_once_it_pays() -> None:
+    sizer = BatchSizer(32)
+    saturate(sizer, CNN, 100)
+    assert sizer.learned(1) == 8
+    saturate(sizer, {**CNN, 16: 400.0}, 40 * REVISIT)
+    assert sizer.learned(1) == 16
+
+
+@pytest.mark.parametrize("rows", [0, -1])
+def test_empty_passes_are_ignored(rows: int) -> None:
+    sizer = BatchSizer(8)
+    sizer.observe(1, rows, 0.01)
+    sizer.observe(1, 1, 0.0)
+    assert sizer.limit(1) == 1
+
+
+# --- the setting ------------------------------------------------------------------------------
+
+
+def test_elastic_cores_is_on_by_default_and_turned_off_by_flag_env_or_config(
+    tmp_path: Path,
+) -> None:
+    connect = ["--connect", "ipc:///tmp/x.sock"]
+    assert parse_settings(ServeSettings, [], environ={}).elastic_cores is True
+    assert parse_settings(ServeSettings, ["--no-elastic-cores"], environ={}).elastic_cores is False
+    off = {"TORCHPOOL_ELASTIC_CORES": "0"}
+    assert parse_settings(ServeSettings, [], environ=off).elastic_cores is False
+    # The flag beats the environment, both ways.
+    assert parse_settings(ServeSettings, ["--elastic-cores"], environ=off).elastic_cores is True
+    # The gateway hands a worker its setting as a flag.
+    argv = worker_argv(ModelSettings(elastic_cores=False))
+    assert argv == ["--no-elastic-cores"]
+    assert parse_settings(WorkerSettings, [*argv, *connect], environ={}).elastic_cores is False
+    assert worker_argv(ModelSettings()) == []
+    config = tmp_path / "models.toml"
+    config.write_text(
+        '[models.a]\nhandler = "pkg:A"\nelastic_cores = false\n[models.b]\nhandler = "pkg:B"\n'
+    )
+    models = modelconfig.load(config).models
+    assert models["a"].elastic_cores is False and models["b"].elastic_cores is True

@@ -1,0 +1,114 @@
+"""Batches that pay: the batch size past which more rows per pass stop raising rows per second.
+
+A bigger batch is not always faster per row: ResNet-18 on one CPU thread ran
+batches of 16 images slower per image than batches of 8 (the activations
+outgrow the caches), so at 32 clients torchpool served fewer images per
+second than at 8. :class:`BatchSizer` learns, from the worker's own passes,
+where growth stops paying, separately for each intra-op thread count (a lent
+pass has more threads, and its best size differs):
+
+- batch sizes are tried in steps: 1, 2, 4, 8, ... up to ``--max-batch-size``
+  (which stays the cap, and is the last step);
+- each step's rows per second is a running mean over the passes whose rows
+  fall in it (at least that step, below the next); the first pass of each
+  exact row count is left out, since it pays for one-time work (oneDNN
+  builds a kernel per new shape);
+- the limit climbs from 1 while each step beats the one below by
+  :data:`MARGIN`; a step with fewer than :data:`SAMPLES` passes is tried
+  (the limit is that step) until it has them;
+- at the limit, every :data:`REVISIT` passes one batch may take the next step
+  again, so a measure taken under other conditions does not stand forever.
+
+Under light load batches stay small whatever the limit is; the limit only
+bites when more rows wait than it lets in, which is when throughput counts.
+"""
+
+from __future__ import annotations
+
+import bisect
+from typing import Final
+
+# A bigger step must beat the smaller one's rows per second by this fraction.
+MARGIN: Final = 0.05
+# Passes a step needs before its rate is compared.
+SAMPLES: Final = 3
+# Passes at the limit between two tries of the next step.
+REVISIT: Final = 64
+# Weight of the newest pass in a step's running rate.
+_SMOOTHING: Final = 0.3
+
+
+def steps(max_rows: int) -> list[int]:
+    """1, 2, 4, ... below ``max_rows``, then ``max_rows`` itself."""
+    sizes = []
+    size = 1
+    while size < max_rows:
+        sizes.append(size)
+        size *= 2
+    return [*sizes, max_rows]
+
+
+class _Rate:
+    __slots__ = ("rows_per_s", "samples")
+
+    def __init__(self) -> None:
+        self.rows_per_s = 0.0
+        self.samples = 0
+
+    def add(self, rows_per_s: float) -> None:
+        if self.samples == 0:
+            self.rows_per_s = rows_per_s
+        else:
+            self.rows_per_s += _SMOOTHING * (rows_per_s - self.rows_per_s)
+        self.samples += 1
+
+
+class BatchSizer:
+    """The most rows the next batch should take (see the module docstring)."""
+
+    def __init__(self, max_rows: int) -> None:
+        self.max_rows = max_rows
+        self.steps = steps(max_rows)
+        self._rates: dict[tuple[int, int], _Rate] = {}
+        self._seen: set[tuple[int, int]] = set()
+        # Per thread count: passes at the limit since the next step was last tried.
+        self._at_limit: dict[int, int] = {}
+
+    def _rate(self, threads: int, step: int) -> _Rate | None:
+        rate = self._rates.get((threads, step))
+        return rate if rate is not None and rate.samples >= SAMPLES else None
+
+    def learned(self, threads: int) -> int:
+        """The step where rows per second stop growing, as measured so far.
+
+        The first step not measured yet is the limit (it is being tried).
+        """
+        below: _Rate | None = None
+        for index, step in enumerate(self.steps):
+            rate = self._rate(threads, step)
+            if rate is None:
+                return step
+            if below is not None and rate.rows_per_s < below.rows_per_s * (1 + MARGIN):
+                return self.steps[index - 1]
+            below = rate
+        return self.steps[-1]
+
+    def limit(self, threads: int) -> int:
+        """Rows the next batch may hold, for a pass with ``threads`` intra-op threads."""
+        learned = self.learned(threads)
+        if learned < self.max_rows and self._at_limit.get(threads, 0) >= REVISIT:
+            self._at_limit[threads] = 0
+            return self.steps[self.steps.index(learned) + 1]
+        return learned
+
+    def observe(self, threads: int, rows: int, seconds: float) -> None:
+        """Fold one forward pass in: ``rows`` rows in ``seconds`` on ``threads`` threads."""
+        if rows < 1 or seconds <= 0:
+            return
+        if (threads, rows) not in self._seen:
+            self._seen.add((threads, rows))
+            return
+        step = self.steps[bisect.bisect_right(self.steps, rows) - 1]
+        self._rates.setdefault((threads, step), _Rate()).add(rows / seconds)
+        if step == self.learned(threads):
+            self._at_limit[threads] = self._at_limit.get(threads, 0) + 1
