@@ -32,7 +32,7 @@ log = logging.getLogger("torchpool.server")
 PROXY_ENV = "FORWARDED_ALLOW_IPS"
 
 
-class _Server(uvicorn.Server):
+class _DrainingServer(uvicorn.Server):
     """uvicorn's server, with a drain before it stops listening.
 
     The first SIGTERM/SIGINT flips readiness to 503 and refuses new work while
@@ -46,6 +46,13 @@ class _Server(uvicorn.Server):
         self._runtime_of = runtime_of
         self._draining = False
         self._hurried = False
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        # uvicorn says where it listens only for sockets it bound itself; this one
+        # was bound before the pool started (see bind()), so say it here.
+        if self.started and sockets:
+            log.info("listening on %s", listening_url(sockets[0]))
 
     def handle_exit(self, sig: int, frame: types.FrameType | None) -> None:
         # This runs in a signal handler: only flag, and hand work to the loop.
@@ -71,6 +78,12 @@ class _Server(uvicorn.Server):
     def _drain_then_exit(self, runtime: Runtime) -> None:
         task = runtime.loop.create_task(runtime.drain())
         task.add_done_callback(lambda _: setattr(self, "should_exit", True))
+
+
+def listening_url(sock: socket.socket) -> str:
+    """``http://HOST:PORT`` of a listening socket, with the port it really got."""
+    host, port = sock.getsockname()[:2]
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -99,7 +112,7 @@ def serve(config: Config) -> int:
         # A taken gRPC port is the same one-line error, before anything is spawned.
         bind(settings.host, settings.grpc_port).close()
     fatal: list[str] = []
-    server: _Server
+    server: _DrainingServer
 
     def on_fatal(reason: str) -> None:
         fatal.append(reason)
@@ -113,14 +126,14 @@ def serve(config: Config) -> int:
         loop="auto",
         http="auto",
         timeout_graceful_shutdown=math.ceil(drain_s),
-        access_log=False,
+        access_log=settings.access_log,
         # uvicorn's X-Forwarded-For/-Proto rewriting wraps every request, /predict
         # included, and torchpool reads neither the client address nor the scheme:
         # it runs only when asked for, by uvicorn's own FORWARDED_ALLOW_IPS.
         proxy_headers=PROXY_ENV in os.environ,
     )
 
-    server = _Server(uvicorn_config, lambda: getattr(app.state, "runtime", None))
+    server = _DrainingServer(uvicorn_config, lambda: getattr(app.state, "runtime", None))
     for sig in (signal.SIGTERM, signal.SIGINT):
         # uvicorn re-raises the signal it caught once it is done; let that pass.
         signal.signal(sig, lambda *_: None)

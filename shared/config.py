@@ -35,8 +35,10 @@ class ConfigError(ValueError):
     """A setting that cannot work; its message is one line for the operator."""
 
 
-def _opt(default: Any, help: str, parse: Callable[[str], Any] | None = None, **extra: Any) -> Any:
-    return field(default=default, metadata={"help": help, "parse": parse, **extra})
+def _opt(
+    default: Any, help: str, parse: Callable[[str], Any] | None = None, **metadata: Any
+) -> Any:
+    return field(default=default, metadata={"help": help, "parse": parse, **metadata})
 
 
 def parse_shape(text: str) -> tuple[int, ...]:
@@ -150,7 +152,9 @@ class ModelSettings:
         "declares (a torch.export program, a handler), else float32.",
     )
     device: str = _opt(
-        "cpu", "cpu, cuda (all visible GPUs), a list such as cuda:0,2, or auto (cuda if present)."
+        "cpu",
+        "cpu, cuda (all visible GPUs), a list such as cuda:0,2 (cuda:N: the N-th visible GPU, "
+        "as torch counts them), or auto (cuda if present).",
     )
     max_batch_size: int = _opt(
         8, "Most rows a worker runs in one forward pass; 1 turns batching off.", int
@@ -341,6 +345,11 @@ class ServerSettings:
         parse_bool,
     )
     log_level: str = _opt("info", "Log level: debug, info, warning or error.")
+    access_log: bool = _opt(
+        False,
+        "Log one line per HTTP request (uvicorn's access log: client, method, path, status).",
+        parse_bool,
+    )
     default_model: str | None = _opt(
         None, "With several models: the one plain POST /predict goes to (else it is 404)."
     )

@@ -26,7 +26,10 @@ service its status codes from :mod:`gateway.api.grpc.status`.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Final
+
+# Why a request, a probe or a reload is refused while the gateway stops (a 503).
+SHUTTING_DOWN: Final = "the server is shutting down"
 
 
 class TorchpoolError(Exception):
@@ -44,6 +47,10 @@ class TorchpoolError(Exception):
     def to_json(self) -> dict[str, Any]:
         """The HTTP error body: a human-readable message plus a stable code."""
         return {"error": self.message, "code": self.code, **self.details}
+
+    def to_v2_json(self) -> dict[str, Any]:
+        """The error body of the Open Inference Protocol's routes (/v2): the message alone."""
+        return {"error": self.message}
 
 
 class RequestError(TorchpoolError):

@@ -8,8 +8,10 @@ queue on the worker's side:
     control channel  routing id  b"<uid>/c"   hello, loading, ready, heartbeat, error, bye
                                               in: gateway heartbeats, stop
 
-``<uid>`` names one worker process for its lifetime (the gateway hands local
-workers ``<slot>.<generation>``; a remote worker makes one up).
+``<uid>`` names one worker process for its lifetime: the gateway hands a local
+worker ``<model>/<slot>.<generation>`` (``<slot>.<generation>`` when the model
+has no name), so uids stay unique across the pools of one gateway; a remote
+worker makes one up (``<host>-<pid>-<random hex>`` unless given ``--uid``).
 
 Every message is a multipart ZeroMQ message whose first frame is a msgpack map,
 the header; its ``t`` key names the message type. Payload frames follow raw:
@@ -26,9 +28,9 @@ the header; its ``t`` key names the message type. Payload frames follow raw:
                                      model and its settings' fingerprint)
     LOADING   control -> gateway  [ {t, uid} ]
     READY     control -> gateway  [ {t, uid, load_s, capacity, input_shape?, input_dtype?,
-                                     model_name, signature?, + memory fields} ]
-    HEARTBEAT control -> gateway  [ {t, uid, busy, batch_s, served, batches, waits,
-                                     threads?, thread_passes?, + memory fields} ]
+                                     signature?, + memory fields} ]
+    HEARTBEAT control -> gateway  [ {t, uid, batch_s, batches, waits, threads?,
+                                     thread_passes?, + memory fields} ]
     ERROR     control -> gateway  [ {t, uid, code, message, fatal} ]
     BYE       control -> gateway  [ {t, uid, reason} ]
     BEAT      gateway -> control  [ {t} ]       the gateway is alive
@@ -127,6 +129,15 @@ from shared.errors import PayloadTooLarge, RequestError
 # Carried by REQUEST and HELLO; a worker of another version is refused. Version 2
 # replaced REQUEST's wall-clock ``deadline_ms`` with ``timeout_ms`` (time left);
 # version 3 added streams (REQUEST ``stream``/``credit``, CHUNK, END, CANCEL, CREDIT).
+#
+# The version changes when one side would misread the other: a field whose meaning
+# changes, a field or message a reader needs that an older peer does not send.
+# Optional fields may be added, and fields nobody reads dropped, within a version:
+# every reader ignores keys it does not know and defaults those it may lack. So
+# version 3 stopped sending READY ``model_name``/``device`` and HEARTBEAT
+# ``busy``/``served``, which no gateway ever read (the device comes from HELLO,
+# requests served are counted by the gateway): remote workers of either make join
+# either gateway.
 VERSION: Final = 3
 
 # Message types.
@@ -164,9 +175,32 @@ FMT_OPENAI_COMPLETIONS: Final = "openai.completions"
 # Reply code for success.
 OK: Final = "ok"
 
+# A stream's credit: chunks a worker may send ahead of what the client has been
+# written; enough to keep a fast reader's pipe full, few enough that a slow one
+# costs little. The gateway sends it in REQUEST ``credit``; a worker takes it
+# for a REQUEST that names none.
+STREAM_CREDIT: Final = 8
+
+# A body frame at least this big is sent zero-copy (pyzmq tracks the buffer until
+# it is sent); a smaller one is copied, which costs less than the tracking.
+ZERO_COPY_BYTES: Final = 64 * 1024
+
+# The model version of every served model (the Open Inference Protocol's, for
+# instance in ``/v2/models/{name}/versions/1``): REQUEST ``version`` names it.
+MODEL_VERSION: Final = "1"
+
 # Routing-id suffixes of the two channels.
 DATA_SUFFIX: Final = b"/d"
 CONTROL_SUFFIX: Final = b"/c"
+
+# The variables every threading runtime torch may pull in reads, once, at import:
+# a local worker is spawned with them set to its core count, and sets them again.
+THREAD_ENV_VARS: Final = (
+    "OMP_NUM_THREADS",
+    "MKL_NUM_THREADS",
+    "OPENBLAS_NUM_THREADS",
+    "NUMEXPR_NUM_THREADS",
+)
 
 # Exit code of a worker whose model cannot be loaded (gunicorn's "app could not
 # load" idea): the supervisor does not respawn such a worker in a hot loop.
@@ -276,28 +310,6 @@ class ReplyHeader(_Reply, total=False):
     json_len: int
 
 
-class ChunkHeader(TypedDict):
-    t: str
-    id: int
-    seq: int
-
-
-class EndHeader(TypedDict):
-    t: str
-    id: int
-
-
-class CancelHeader(TypedDict):
-    t: str
-    id: int
-
-
-class CreditHeader(TypedDict):
-    t: str
-    id: int
-    n: int
-
-
 class _Hello(TypedDict):
     t: str
     v: int
@@ -319,24 +331,17 @@ class HelloHeader(_Hello, total=False):
     fingerprint_error: str
 
 
-class LoadingHeader(TypedDict):
-    t: str
-    uid: str
-
-
 class _Ready(MemoryFields):
     t: str
     uid: str
     load_s: float
     capacity: int
-    model_name: str
 
 
 class ReadyHeader(_Ready, total=False):
     input_shape: list[int] | None
     input_dtype: str | None
     signature: dict[str, Any]
-    device: str
 
 
 class HeartbeatThreads(TypedDict, total=False):
@@ -347,9 +352,7 @@ class HeartbeatThreads(TypedDict, total=False):
 class HeartbeatHeader(MemoryFields, HeartbeatThreads):
     t: str
     uid: str
-    busy: bool
     batch_s: float | None  # seconds the batch now running has run; None when idle
-    served: int
     batches: list[list[int]]  # [[rows, count], ...], cumulative
     waits: dict[str, Any]  # {"counts": [...], "sum": seconds}, cumulative
 

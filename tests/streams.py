@@ -81,3 +81,27 @@ class Flood:
             for i in range(count):
                 made.write(b".")
                 yield {"i": i, "pad": pad}
+
+
+class Fractions:
+    """Yields the request's rows divided by 3, one row at a time, in several dtypes.
+
+    Float32 values such as 1/3 print differently as float32 (``0.33333334``) and
+    as the float64 they widen to (``0.3333333432674408``): every route must
+    print the first.
+    """
+
+    input_shape = (2,)
+    input_dtype = "float32"
+
+    def load(self, device: torch.device) -> None:
+        self.device = device
+
+    def predict_stream(self, x: torch.Tensor) -> Iterator[dict[str, torch.Tensor]]:
+        for row in x / 3:
+            yield {
+                "float32": row,
+                "float16": row.half(),
+                "bfloat16": row.bfloat16(),
+                "scalar": row[0],
+            }

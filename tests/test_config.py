@@ -268,3 +268,10 @@ def test_worker_settings() -> None:
         parse_settings(WorkerSettings, [], environ={})
     with pytest.raises(ConfigError, match="--cores"):
         parse_settings(WorkerSettings, [*CONNECT, "--cores", ","], environ={})
+
+
+def test_access_log_is_off_unless_asked_for() -> None:
+    assert parse_settings(ServeSettings, [], environ={}).access_log is False
+    assert parse_settings(ServeSettings, ["--access-log"], environ={}).access_log is True
+    on = parse_settings(ServeSettings, [], environ={"TORCHPOOL_ACCESS_LOG": "true"})
+    assert on.access_log is True and on.server_settings().access_log is True

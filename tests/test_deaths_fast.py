@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from gateway.pool.deaths import OUTSIDE_SIGKILL, OomCounter
-from gateway.pool.workers import WorkerRecord
+from gateway.pool.workers import DeathCause, WorkerRecord
 from shared import protocol
 from tests.fakes import eventually, on_loop
 from tests.test_supervisor_fast import Gateway, gateway
@@ -112,7 +112,7 @@ async def test_a_recycle(caplog: pytest.LogCaptureFixture) -> None:
     (old,) = await gw.serving()
     gw.serve_one(old)
     await gw.spawned(2)
-    (successor,) = gw.pool.extra
+    (successor,) = gw.pool.handovers
     gw.ready(successor)
     await eventually(lambda: gw.pool.workers[0] is successor, "the hand-over")
     gw.spawner.of(old).exit(0)  # it drained and stopped
@@ -127,7 +127,7 @@ async def test_a_reload(caplog: pytest.LogCaptureFixture) -> None:
     (old,) = await gw.serving()
     reload = asyncio.ensure_future(gw.supervisor.reload())
     await gw.spawned(2)
-    (successor,) = gw.pool.extra
+    (successor,) = gw.pool.handovers
     gw.ready(successor)
     await reload
     gw.spawner.of(old).exit(0)
@@ -156,6 +156,6 @@ async def test_a_dead_worker_found_unreachable_before_it_is_reaped_dies_of_what_
     gw = gateway(1)
     (worker,) = await gw.serving()
     gw.spawner.of(worker).exit(-signal.SIGKILL)  # killed; not reaped yet
-    gw.supervisor.declare_lost(worker, "became unreachable", "unreachable")
+    gw.supervisor.declare_lost(worker, "became unreachable", DeathCause.UNREACHABLE)
     await died(gw, worker)
     agree(gw, worker, "killed_outside", OUTSIDE_SIGKILL, caplog.text)

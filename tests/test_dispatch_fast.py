@@ -60,13 +60,13 @@ async def test_a_worker_never_holds_more_than_its_capacity() -> None:
     worker = pool.workers[0]
     first, second, third = [dispatcher.enqueue("json", b"{}") for _ in range(3)]
     assert wire.requests(worker) == [first.id, second.id]
-    assert dispatcher.is_queued(third) and dispatcher.queued == 1
+    assert third.queued and dispatcher.queued == 1
 
     reply(dispatcher, worker, first.id)
     assert (await dispatcher.result(first)).body == b'{"ok": true}'
     # The reply freed one credit, and the queued request took it at once.
     assert wire.requests(worker) == [first.id, second.id, third.id]
-    assert not dispatcher.is_queued(third)
+    assert not third.queued
     assert len(worker.inflight) == 2
 
 
@@ -97,7 +97,7 @@ async def test_a_full_queue_answers_503_at_once() -> None:
         dispatcher.enqueue("json", b"{}")
     assert dispatcher.queued == 1 and dispatcher.outstanding == 2
     assert wire.requests(pool.workers[0]) == [sent.id]
-    assert dispatcher.is_queued(queued)
+    assert queued.queued
 
 
 @on_loop
@@ -166,7 +166,7 @@ async def test_a_request_waits_for_a_booting_worker_until_its_deadline() -> None
     pool.workers[0].state = State.LOADING
     dispatcher, _ = dispatcher_for(pool, timeout_s=0.05)
     pending = dispatcher.enqueue("json", b"{}")
-    assert dispatcher.is_queued(pending)
+    assert pending.queued
     with pytest.raises(DeadlineExceeded):
         await dispatcher.result(pending)
 
@@ -207,7 +207,7 @@ async def test_a_deadline_answers_504_and_drops_the_queued_request() -> None:
 
     with pytest.raises(DeadlineExceeded, match=r"deadline of 0\.02s"):
         await dispatcher.result(late)
-    assert dispatcher.queued == 0 and not dispatcher.is_queued(late)
+    assert dispatcher.queued == 0 and not late.queued
 
     reply(dispatcher, worker, running.id)
     await dispatcher.result(running)

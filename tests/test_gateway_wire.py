@@ -34,7 +34,7 @@ class FakeWorker:
              "fingerprint": fingerprint(ServeSettings())}  # the demo model's
         )  # fmt: skip
         self._send_control(
-            {"t": protocol.READY, "load_s": 0.0, "capacity": 4, "model_name": "demo",
+            {"t": protocol.READY, "load_s": 0.0, "capacity": 4,
              "input_shape": None, "input_dtype": "float32", "rss_bytes": 1}
         )  # fmt: skip
         self._thread = threading.Thread(target=self._serve, daemon=True)
@@ -54,8 +54,12 @@ class FakeWorker:
         poller = zmq.Poller()
         poller.register(self.data, zmq.POLLIN)
         poller.register(self.control, zmq.POLLIN)
-        beat = {"t": protocol.HEARTBEAT, "busy": False, "batch_s": None, "served": 0,
-                "batches": [], "rss_bytes": 1}  # fmt: skip
+        beat: dict[str, Any] = {
+            "t": protocol.HEARTBEAT,
+            "batch_s": None,
+            "batches": [],
+            "rss_bytes": 1,
+        }
         while not self._stop.is_set():
             events = dict(poller.poll(100))
             if self.control in events:

@@ -60,6 +60,14 @@ def pool_pids(demo_server: Server) -> list[int]:
     return pids
 
 
+def test_the_schema_takes_any_json_value_as_input_tensor() -> None:
+    """A handler's preprocess reads strings and objects too: input_tensor has no type."""
+    for path in ("/predict", "/predict/{name}"):
+        content = OPENAPI["paths"][path]["post"]["requestBody"]["content"]
+        field = content["application/json"]["schema"]["properties"]["input_tensor"]
+        assert "type" not in field and field["description"]
+
+
 def test_served_schema_is_the_one_fuzzed(demo_server: Server, pool_pids: list[int]) -> None:
     response = demo_server.get("/openapi.json")
     assert response.status_code == 200

@@ -7,8 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from gateway.pool.placement import Placement, format_cores, plan, split_cores, visible_gpus
+from gateway.pool.placement import Placement, choose_gpus, format_cores, plan, split_cores
 from shared.config import ConfigError
+from shared.devices import visible_gpus
+from worker import pinning
 
 pytestmark = pytest.mark.fast
 
@@ -144,3 +146,31 @@ def test_cgroup_quota_caps_usable_cores(tmp_path: Path) -> None:
     assert cgroup_cpu_quota(cpu_max) == 1
     assert len(usable_cores(cpu_max)) == 1
     assert cgroup_cpu_quota(tmp_path / "missing") is None
+
+
+@pytest.mark.parametrize(
+    ("device", "visible", "physical"),
+    [
+        ("cuda:0", [1, 3], 1),
+        ("cuda:1", [1, 3], 3),
+        ("cuda:1,0", [2, 5, 7], 5),
+        ("cuda:2", [0, 1, 2], 2),
+    ],
+)
+def test_cuda_n_is_the_nth_visible_gpu_for_the_gateway_and_a_remote_worker(
+    device: str, visible: list[int], physical: int
+) -> None:
+    """With CUDA_VISIBLE_DEVICES=1,3, cuda:1 is physical GPU 3, in the gateway's placement
+    and in a remote worker's own pinning alike (torch's and CUDA's numbering)."""
+    assert choose_gpus(device, visible)[0] == physical
+    assert pinning.choose_gpu(device, None, visible) == ("cuda", physical)
+
+
+def test_cuda_n_past_the_visible_gpus_is_refused_alike() -> None:
+    with pytest.raises(ConfigError, match="only 2 GPUs are visible, so cuda:2") as gateway:
+        choose_gpus("cuda:2", [1, 3])
+    with pytest.raises(ConfigError) as worker:
+        pinning.choose_gpu("cuda:2", None, [1, 3])
+    assert str(worker.value) == str(gateway.value)
+    # The gateway's own --gpu for a local worker is already physical.
+    assert pinning.choose_gpu("cuda", 3, [1, 3]) == ("cuda", 3)

@@ -48,6 +48,17 @@ def server(tmp_path_factory: pytest.TempPathFactory, marker: Path) -> Iterator[S
         server.stop()
 
 
+@pytest.fixture(scope="module")
+def fractions(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    log = tmp_path_factory.mktemp("serve") / "serve.log"
+    server = Server(["--workers", "1", "--handler", "tests.streams:Fractions"], log)
+    try:
+        server.wait_ready(1)
+        yield server
+    finally:
+        server.stop()
+
+
 def events(response: httpx.Response) -> Iterator[tuple[str, Any, float]]:
     """(event name, parsed data, monotonic arrival) for each Server-Sent Event."""
     name, data = "message", ""
@@ -86,6 +97,23 @@ def test_without_accept_the_outputs_come_once_in_a_list(server: Server) -> None:
     response = server.predict({"input_tensor": [[4, 0, -1]]})
     assert response.status_code == 200
     assert response.json() == {"prediction": [0, 1, 2, 3]}
+
+
+def test_the_same_output_prints_the_same_numbers_on_predict_and_a_stream(
+    fractions: Server,
+) -> None:
+    body = {"input_tensor": [[1.0, 2.0], [0.1, 10.0]]}
+    whole = fractions.predict(body)
+    assert whole.status_code == 200, whole.text
+    with fractions.client.stream("POST", "/predict", json=body, headers=SSE) as r:
+        assert r.status_code == 200
+        raw = [line[len("data: ") :] for line in r.iter_lines() if line.startswith("data: ")]
+    chunks = [orjson.loads(data)["output"] for data in raw[:-1]]
+    assert chunks == whole.json()["prediction"]
+    # float32 in its shortest form (0.33333334), not widened to float64 (0.3333333432674408),
+    # on both routes: the text itself, not only the numbers it parses to.
+    assert '"float32":[0.33333334,0.6666667]' in raw[0]
+    assert '"float32":[0.33333334,0.6666667]' in whole.text
 
 
 def test_error_mid_stream_ends_it_and_the_worker_serves_on(server: Server) -> None:
@@ -156,6 +184,22 @@ def test_generate_parameters_reach_a_handler_that_takes_them(server: Server) -> 
     refused = server.client.post("/v2/models/counter/generate", json=bad)
     assert refused.status_code == 400
     assert "parameters must be a JSON object" in refused.json()["error"]
+
+
+@pytest.mark.parametrize("route", ["generate", "generate_stream"])
+def test_generate_answers_the_statuses_its_openapi_documents(server: Server, route: str) -> None:
+    """Triton reads a generate body as JSON whatever its Content-Type, and answers any
+    invalid argument 400: so do these routes, and their OpenAPI lists no 415."""
+    path = f"/v2/models/{{name}}/{route}"
+    documented = server.client.get("/openapi.json").json()["paths"][path]["post"]["responses"]
+    assert "415" not in documented and "400" in documented
+    for content_type, body in (("text/plain", b"not json"), ("image/png", b"\x89PNG")):
+        answer = server.client.post(
+            f"/v2/models/counter/{route}", content=body, headers={"content-type": content_type}
+        )
+        assert answer.status_code == 400, answer.text
+        assert str(answer.status_code) in documented
+        assert set(answer.json()) == {"error"}
 
 
 def streaming_worker(server: Server) -> dict[str, Any]:

@@ -37,15 +37,16 @@ async def test_a_recycle_is_one_successor_however_often_reconcile_runs() -> None
     for _ in range(3):
         await gw.supervisor.reconcile()
     await gw.spawned(2)
-    assert len(gw.spawner.processes) == 2 and [w.role for w in gw.pool.extra] == [Role.SUCCESSOR]
+    assert len(gw.spawner.processes) == 2
+    assert [w.role for w in gw.pool.handovers] == [Role.SUCCESSOR]
 
-    (successor,) = gw.pool.extra
+    (successor,) = gw.pool.handovers
     gw.ready(successor)
     await gw.supervisor.reconcile()
     assert gw.pool.workers == [successor] and old.role is Role.RETIRING
     for _ in range(3):  # the new worker has served nothing: no successor for it
         await gw.supervisor.reconcile()
-    assert len(gw.spawner.processes) == 2 and gw.pool.extra == [old]
+    assert len(gw.spawner.processes) == 2 and gw.pool.handovers == [old]
 
 
 @on_loop
@@ -55,7 +56,7 @@ async def test_a_reload_hands_over_only_once_every_successor_is_ready() -> None:
     new = dataclasses.replace(gw.settings, max_batch_size=7)
     reload = asyncio.ensure_future(gw.supervisor.reload(new))
     await gw.spawned(4)
-    first, second = gw.pool.extra
+    first, second = gw.pool.handovers
     assert all("--max-batch-size=7" in gw.spawner.of(s).argv for s in (first, second))
 
     gw.ready(first)
@@ -84,7 +85,7 @@ async def test_a_reload_whose_successor_fails_keeps_the_old_workers_and_says_why
         gw.supervisor.reload(dataclasses.replace(before, max_batch_size=7))
     )
     await gw.spawned(4)
-    loaded, broken = gw.pool.extra
+    loaded, broken = gw.pool.handovers
     gw.ready(loaded)
     gw.spawner.of(broken).stderr_tail.append("FileNotFoundError: mlp.pt")
     gw.spawner.of(broken).exit(protocol.EXIT_LOAD_FAILED)
@@ -95,7 +96,7 @@ async def test_a_reload_whose_successor_fails_keeps_the_old_workers_and_says_why
     assert gw.deaths == ["load_failed"]
     # The successor that had loaded is stopped; the old workers serve on, as they were.
     assert gw.wire.controls(loaded, protocol.STOP) == [{"t": "stop", "reason": "reload abandoned"}]
-    await eventually(lambda: not gw.pool.extra, "the successors to be let go of")
+    await eventually(lambda: not gw.pool.handovers, "the successors to be let go of")
     assert not gw.spawner.of(loaded).is_alive() and untracked(gw) == []
     assert gw.pool.workers == olds and all(w.ready for w in olds)
     assert gw.supervisor.settings is before
@@ -117,7 +118,7 @@ async def test_a_reload_whose_successor_cannot_start_fails_with_why() -> None:
     await eventually(reload.done, "the reload to fail")
     with pytest.raises(ModelLoadError, match=r"worker 1 could not be started: .*open files"):
         await reload
-    await eventually(lambda: not gw.pool.extra, "the started successor to be let go of")
+    await eventually(lambda: not gw.pool.handovers, "the started successor to be let go of")
     assert gw.pool.workers == olds and all(w.ready for w in olds) and untracked(gw) == []
 
 
@@ -129,7 +130,7 @@ async def test_a_reload_successor_declared_lost_is_one_death_and_fails_the_reloa
     gw.ready(old)
     reload = asyncio.ensure_future(gw.supervisor.reload())
     await gw.spawned(2)
-    (successor,) = gw.pool.extra
+    (successor,) = gw.pool.handovers
     process = gw.spawner.of(successor)
     while not process.killed:  # the successor never says hello; the old one beats on
         await gw.clock.advance(1.0)
@@ -139,7 +140,7 @@ async def test_a_reload_successor_declared_lost_is_one_death_and_fails_the_reloa
     with pytest.raises(ModelLoadError, match="did not say hello within"):
         await reload
     assert gw.deaths == ["hello_timeout"]
-    assert gw.pool.workers == [old] and old.ready and not gw.pool.extra
+    assert gw.pool.workers == [old] and old.ready and not gw.pool.handovers
 
 
 @on_loop
@@ -154,7 +155,7 @@ async def test_scaling_down_during_a_recycle_leaves_no_untracked_worker() -> Non
     booting.requests_served = 1
     gw.supervisor.check_recycle(booting)
     await gw.spawned(4)
-    (successor,) = gw.pool.extra
+    (successor,) = gw.pool.handovers
     await gw.supervisor.scale_to(2)
     assert gw.wire.controls(successor, protocol.STOP) == [{"t": "stop", "reason": "scaled down"}]
     gw.say(successor, protocol.READY, capacity=1)  # too late: it takes no slot
@@ -172,10 +173,10 @@ async def test_scaling_down_during_a_recycle_leaves_no_untracked_worker() -> Non
         await asyncio.sleep(0)
     assert len(gw.spawner.processes) == 4 and untracked(gw) == []
 
-    for retiring in list(gw.pool.extra):
+    for retiring in list(gw.pool.handovers):
         assert retiring.role is Role.RETIRING and gw.wire.controls(retiring, protocol.STOP)
         gw.spawner.of(retiring).exit(0)
-    await eventually(lambda: not gw.pool.extra, "the retired workers to be reaped")
+    await eventually(lambda: not gw.pool.handovers, "the retired workers to be reaped")
     assert gw.pool.workers == [kept] and kept.state is State.READY
     assert [p.uid for p in gw.spawner.processes if p.is_alive()] == [kept.uid]
     assert gw.deaths == []

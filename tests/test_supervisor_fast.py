@@ -128,7 +128,7 @@ async def test_a_worker_death_settles_its_requests_at_once_and_refills_the_slot(
     assert gw.deaths == ["killed_outside"]
     assert worker.last_death is not None and worker.last_death.cause == "killed_outside"
     # Its request waits for the replacement (a retry), which answers it.
-    assert not pending.future.done() and gw.dispatcher.is_queued(pending)
+    assert not pending.future.done() and pending.queued
     gw.ready(worker)
     assert gw.wire.requests(worker) == [pending.id]
     gw.answer(worker, pending.id)
@@ -222,8 +222,8 @@ async def test_recycling_hands_over_to_a_ready_successor_before_draining_the_old
         gw.answer(old, pending.id)
     assert old.recycling  # wanted; the reconcile step starts the successor
     await gw.spawned(2)
-    assert [w.role for w in gw.pool.extra] == [Role.SUCCESSOR]
-    (successor,) = gw.pool.extra
+    assert [w.role for w in gw.pool.handovers] == [Role.SUCCESSOR]
+    (successor,) = gw.pool.handovers
 
     # Until the successor is ready, the old worker keeps serving.
     held = gw.dispatcher.enqueue("json", b"{}")
@@ -244,7 +244,7 @@ async def test_recycling_hands_over_to_a_ready_successor_before_draining_the_old
     assert (await gw.dispatcher.result(held)).body == b"{}"
     gw.spawner.of(old).exit(0)
     await eventually(lambda: old.state is State.STOPPED, "the old worker to be reaped")
-    assert gw.pool.by_uid(old.uid) is None and old not in gw.pool.extra
+    assert gw.pool.by_uid(old.uid) is None and old not in gw.pool.handovers
     assert gw.deaths == [] and successor.ready
 
 
@@ -254,10 +254,10 @@ async def test_a_successor_that_dies_keeps_the_old_worker_and_retries_later() ->
     (old,) = await gw.serving()
     gw.serve_one(old)
     await gw.spawned(2)
-    (successor,) = gw.pool.extra
+    (successor,) = gw.pool.handovers
 
     gw.spawner.of(successor).exit(protocol.EXIT_LOAD_FAILED)
-    await eventually(lambda: not gw.pool.extra, "the successor to be forgotten")
+    await eventually(lambda: not gw.pool.handovers, "the successor to be forgotten")
     assert gw.pool.workers[0] is old and old.ready and not old.recycling
     assert gw.deaths == ["load_failed"]
 
@@ -265,11 +265,11 @@ async def test_a_successor_that_dies_keeps_the_old_worker_and_retries_later() ->
     for _ in range(round(RECYCLE_RETRY_S) - 1):
         await gw.clock.advance(1.0)
         gw.say(old, protocol.HEARTBEAT)
-    assert not gw.pool.extra
+    assert not gw.pool.handovers
     await gw.clock.advance(1.0)
     gw.say(old, protocol.HEARTBEAT)
     await gw.spawned(3)
-    assert [w.role for w in gw.pool.extra] == [Role.SUCCESSOR]
+    assert [w.role for w in gw.pool.handovers] == [Role.SUCCESSOR]
 
 
 # --- regressions (issue #10, item 6) ------------------------------------------------
@@ -312,12 +312,12 @@ async def test_a_successor_declared_lost_is_counted_as_one_death() -> None:
     (old,) = await gw.serving()
     gw.serve_one(old)
     await gw.spawned(2)
-    (successor,) = gw.pool.extra
+    (successor,) = gw.pool.handovers
     process = gw.spawner.of(successor)
     while not process.killed:  # the successor never says hello; the old one beats on
         await gw.clock.advance(1.0)
         gw.say(old, protocol.HEARTBEAT)
-    await eventually(lambda: successor not in gw.pool.extra, "the successor to be reaped")
+    await eventually(lambda: successor not in gw.pool.handovers, "the successor to be reaped")
     assert gw.deaths == ["hello_timeout"]
     assert gw.pool.workers[0] is old and old.ready
 
@@ -353,7 +353,7 @@ async def test_requests_wait_for_a_booting_worker_and_stop_waiting_when_it_crash
     await gw.start()
     worker = gw.pool.workers[0]
     pending = gw.dispatcher.enqueue("json", b"{}")  # nothing ready yet: it waits
-    assert gw.dispatcher.is_queued(pending)
+    assert pending.queued
 
     gw.spawner.of(worker).exit(1)  # dies booting once: restarted after a backoff
     await eventually(lambda: BACKOFF_BASE_S in gw.clock.sleeping, "the backoff to start")

@@ -119,7 +119,9 @@ def test_boot_serve_and_stop(gateway: FakeGateway) -> None:
         gateway.wait_control(protocol.LOADING)
         ready = gateway.wait_control(protocol.READY)
         assert ready["input_shape"] == [16] and ready["input_dtype"] == "float32"
-        assert ready["capacity"] == 16 and ready["model_name"] == "demo"
+        assert ready["capacity"] == 16 and ready["signature"]["source"] == "demo"
+        # Fields no gateway reads are not sent (the device is HELLO's).
+        assert not {"model_name", "device"} & set(ready)
         gateway.to_control({"t": protocol.BEAT})
         beat = gateway.wait_control(protocol.HEARTBEAT, timeout_s=5)
         assert 10_000_000 < beat["rss_bytes"] < 8_000_000_000

@@ -54,7 +54,6 @@ class WorkerState:
         # Armed for each batch: past it, faulthandler's C thread (no GIL needed,
         # so a pass stuck in C code cannot stop it) dumps every stack and exits.
         self._batch_limit_s = batch_limit_s or None
-        self.served = 0
         # Forward passes run, by rows in the batch; only the serving loop writes it.
         self.batches: dict[int, int] = {}
         # Seconds each request waited in the worker before its forward pass.
@@ -251,9 +250,7 @@ class ControlThread(threading.Thread):
         return {
             "t": protocol.HEARTBEAT,
             "uid": self._uid,
-            "busy": self._state.busy,
             "batch_s": self._state.batch_s(),
-            "served": self._state.served,
             "batches": self._state.batches_report(),
             "waits": self._state.waits.report(),
             "threads": self._state.threads,

@@ -68,7 +68,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG}: error: cannot read CURVE keys: {exc}", file=sys.stderr)
         return protocol.EXIT_BAD_CONFIG
     elastic = settings.elastic_cores and board_path(settings.connect) is not None
-    pin = pinning.apply(settings.cores, settings.device, settings.gpu, elastic)
+    try:
+        pin = pinning.apply(settings.cores, settings.device, settings.gpu, elastic)
+    except ConfigError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return protocol.EXIT_BAD_CONFIG
     parent = os.getppid() if settings.slot >= 0 else None
     if parent is not None and not die_with_parent(parent):
         print(f"{PROG}: the parent process exited before the worker started", file=sys.stderr)
@@ -190,7 +194,6 @@ def run(
             "capacity": 1 if model.stream is not None else 2 * settings.max_batch_size,
             "input_shape": None if model.input_shape is None else list(model.input_shape),
             "input_dtype": model.input_dtype,
-            "model_name": settings.served_name,
             "signature": {
                 "source": model.source,
                 "outputs": model.outputs,
@@ -198,7 +201,6 @@ def run(
                 "openai": declared_routes(model.handler, model.stream is not None),
                 "weights": None if model.sharing is None else model.sharing.as_json(),
             },
-            "device": str(model.device) if pin.gpu is None else pin.label,
             **sampler.sample(),
         }
     )
@@ -271,10 +273,10 @@ def serve(
     signals: SignalWake,
     elastic: tuple[Lending | None, Board | None] = (None, None),
 ) -> int:
-    from worker.serve.loop import Server
+    from worker.serve.loop import ServingLoop
 
     lending, board = elastic
-    server = Server(
+    loop = ServingLoop(
         data,
         model,
         state,
@@ -285,9 +287,9 @@ def serve(
         lending=lending,
     )
     try:
-        stop = server.serve(control, signals)
+        stop = loop.serve(control, signals)
         if stop.drain:
-            server.drain()
+            loop.drain()
     finally:
         if board is not None:
             board.disown(pin.cores)

@@ -12,15 +12,9 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from shared import protocol
 from shared.config import parse_device
-
-# Every threading runtime torch may pull in reads its own variable.
-THREAD_ENV_VARS = (
-    "OMP_NUM_THREADS",
-    "MKL_NUM_THREADS",
-    "OPENBLAS_NUM_THREADS",
-    "NUMEXPR_NUM_THREADS",
-)
+from shared.devices import physical_gpus, visible_gpus
 
 
 @dataclass(frozen=True)
@@ -46,17 +40,22 @@ class Pinning:
         return self.kind
 
 
-def choose_gpu(device: str, gpu: int | None) -> tuple[str, int | None]:
+def choose_gpu(
+    device: str, gpu: int | None, visible: Sequence[int] | None = None
+) -> tuple[str, int | None]:
     """Device kind and physical GPU from ``--device`` and ``--gpu``.
 
-    The gateway hands local workers ``--gpu``; a remote worker given
-    ``--device cuda:2`` (or ``cuda:2,3``) takes the first index listed.
+    The gateway hands local workers ``--gpu``, a physical index. A remote worker
+    given ``--device cuda:2`` (or ``cuda:2,3``) takes the first listed: the N-th
+    GPU it sees (``visible``, default :func:`shared.devices.visible_gpus`), as the
+    gateway's placement reads ``cuda:N``. ConfigError when there is no such GPU.
     """
     spec = parse_device(device)
     if gpu is not None:
         return ("cuda" if spec.kind != "cpu" else "cpu"), (gpu if spec.kind != "cpu" else None)
     if spec.kind == "cuda" and spec.gpus:
-        return "cuda", spec.gpus[0]
+        seen = visible_gpus() if visible is None else visible
+        return "cuda", physical_gpus(device, spec.gpus[:1], seen)[0]
     return spec.kind, None
 
 
@@ -70,6 +69,7 @@ def apply(
 
     ``cores`` None keeps the current affinity (every usable core). The thread
     variables are set to the number of cores so torch's pools match the pin.
+    ConfigError when ``device`` names a GPU this process does not see.
     With ``elastic`` (a CPU worker that may borrow idle cores) OpenMP's idle
     threads sleep instead of spinning, unless ``OMP_WAIT_POLICY`` is set
     already: measured with ``bench/lendprobe.py`` on 2 cores, a lent pass of
@@ -81,7 +81,7 @@ def apply(
         os.sched_setaffinity(0, cores)
     pinned = tuple(sorted(os.sched_getaffinity(0)))
     threads = len(pinned)
-    for name in THREAD_ENV_VARS:
+    for name in protocol.THREAD_ENV_VARS:
         os.environ[name] = str(threads)
     kind, physical = choose_gpu(device, gpu)
     if elastic and kind == "cpu":

@@ -30,7 +30,7 @@ from starlette.responses import Response
 
 from gateway.api.auth import token_matches
 from gateway.api.health import health_json
-from gateway.api.http import json_response, runtime_of
+from gateway.api.http import json_response, request_headers, runtime_of
 from gateway.pool.model import ModelRuntime
 from gateway.pool.runtime import Runtime
 from shared import modelconfig, modelfile
@@ -70,8 +70,7 @@ def install(app: FastAPI, admin_token: str | None) -> None:
     router = APIRouter(prefix="/admin")
 
     def check(request: Request) -> Runtime:
-        header = request.headers.get("authorization")
-        admin_check(admin_token, header.encode() if header else None)
+        admin_check(admin_token, request_headers(request.scope).authorization)
         return runtime_of(request)
 
     def pool_document(runtime: Runtime, model: ModelRuntime) -> Response:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator, Callable
-from http import HTTPStatus
 from typing import Any, cast
 
 from fastapi import FastAPI, Request
@@ -27,7 +26,9 @@ from gateway.api.health import health_json
 from gateway.api.http import (
     JSON,
     error_response,
+    errors_openapi,
     json_response,
+    request_headers,
     runtime_of,
     server_not_ready_reason,
 )
@@ -43,24 +44,6 @@ from shared.errors import TorchpoolError
 
 MSGPACK = "application/msgpack"
 
-_ERROR_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "required": ["error", "code"],
-    "properties": {"error": {"type": "string"}, "code": {"type": "string"}},
-}
-
-
-def _error_responses(*statuses: int) -> dict[str, dict[str, Any]]:
-    """OpenAPI entries for the error statuses a route answers, so clients know them."""
-    return {
-        str(status): {
-            "description": HTTPStatus(status).phrase,
-            "content": {JSON: {"schema": _ERROR_SCHEMA}},
-        }
-        for status in statuses
-    }
-
-
 _ANY_JSON: dict[str, Any] = {"content": {JSON: {"schema": {}}}}
 
 PREDICT_OPENAPI: dict[str, Any] = {
@@ -72,9 +55,12 @@ PREDICT_OPENAPI: dict[str, Any] = {
                     "type": "object",
                     "required": ["input_tensor"],
                     "properties": {
+                        # No type: any JSON value is taken (a handler may read a
+                        # string or an object); the worker says what it refuses.
                         "input_tensor": {
-                            "description": "Nested list of numbers; dimension 0 is the batch.",
-                            "type": "array",
+                            "description": "The model's input: for a tensor model a nested "
+                            "list of numbers whose dimension 0 is the batch; for a handler, "
+                            "any JSON value its preprocess takes.",
                         }
                     },
                 }
@@ -93,14 +79,14 @@ PREDICT_OPENAPI: dict[str, Any] = {
             "description": '{"prediction": ...} in the format of the request',
             "content": {JSON: {"schema": {}}, MSGPACK: {"schema": {}}},
         },
-        **_error_responses(400, 413, 415, 422, 500, 503, 504),
+        **errors_openapi(400, 413, 415, 422, 500, 503, 504),
     },
 }
 
 
 class TorchpoolApp(FastAPI):
     """FastAPI for every route but the hot one: ``/predict`` goes straight to
-    :class:`gateway.predict.PredictHandler`, past routing and middleware."""
+    :class:`gateway.api.predict.PredictHandler`, past routing and middleware."""
 
     predict: PredictHandler | None = None
     # /predict asking for Server-Sent Events from a streaming model (gateway.api.sse).
@@ -118,10 +104,12 @@ class TorchpoolApp(FastAPI):
             if path.startswith(PREDICT_PREFIX) and "/" not in path[len(PREDICT_PREFIX) :]:
                 name = path[len(PREDICT_PREFIX) :]
             if path == PREDICT_PATH or name is not None:
-                if self.stream_predict is not None and self.stream_predict.wants(scope, name):
-                    await self.stream_predict(scope, receive, send, name)
+                headers = request_headers(scope)
+                streamed = self.stream_predict
+                if streamed is not None and streamed.wants(scope, headers, name):
+                    await streamed(scope, receive, send, name, headers)
                     return
-                await self.predict(scope, receive, send, name)
+                await self.predict(scope, receive, send, name, headers)
                 return
         await super().__call__(scope, receive, send)
 
@@ -157,7 +145,7 @@ class TorchpoolApp(FastAPI):
                     **PREDICT_OPENAPI,
                     "responses": {
                         **PREDICT_OPENAPI["responses"],
-                        **_error_responses(404),
+                        **errors_openapi(404),
                     },
                 }
             }

@@ -13,11 +13,12 @@ from collections.abc import Iterable
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from gateway.api.http import send_error
+from gateway.api.http import request_headers, send_error
 from shared.errors import Unauthorized
 
-# Paths that need an API key when one is configured.
-PROTECTED_PREFIXES = ("/predict", "/v2/models")
+# Paths behind FastAPI that need an API key when one is configured. /predict is
+# answered before the middleware runs (gateway.api.predict checks its own key).
+PROTECTED_PREFIXES = ("/v2/models",)
 
 
 def token_matches(header: bytes | None, tokens: Iterable[bytes]) -> bool:
@@ -33,15 +34,14 @@ def token_matches(header: bytes | None, tokens: Iterable[bytes]) -> bool:
     return found and bool(presented)
 
 
+def require_api_key(header: bytes | None, keys: Iterable[bytes]) -> None:
+    """Unauthorized (401) unless ``header`` presents one of the API ``keys``."""
+    if not token_matches(header, keys):
+        raise Unauthorized("a valid API key is required: Authorization: Bearer KEY")
+
+
 def parse_tokens(text: str | None) -> list[bytes]:
     return [part.strip().encode() for part in (text or "").split(",") if part.strip()]
-
-
-def authorization(scope: Scope) -> bytes | None:
-    for name, value in scope["headers"]:
-        if name == b"authorization":
-            return bytes(value)
-    return None
 
 
 class ApiKeyMiddleware:
@@ -52,12 +52,10 @@ class ApiKeyMiddleware:
         self.keys = keys
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if (
-            scope["type"] == "http"
-            and scope["path"].startswith(PROTECTED_PREFIXES)
-            and not token_matches(authorization(scope), self.keys)
-        ):
-            error = Unauthorized("a valid API key is required: Authorization: Bearer KEY")
-            await send_error(send, error)
-            return
+        if scope["type"] == "http" and scope["path"].startswith(PROTECTED_PREFIXES):
+            try:
+                require_api_key(request_headers(scope).authorization, self.keys)
+            except Unauthorized as error:
+                await send_error(send, error)
+                return
         await self.app(scope, receive, send)

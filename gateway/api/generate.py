@@ -14,7 +14,9 @@ every output: strings joined (the whole generated text), other values in a list.
 
 Only a model whose handler streams (``predict_stream``) serves these routes;
 another answers 400 pointing at ``/infer``. Errors are ``{"error": ...}`` with
-the /v2 statuses, in a stream ``event: error`` as on ``/predict``.
+the /v2 statuses, in a stream ``event: error`` as on ``/predict``. No 415:
+the Content-Type is not read, and a body that is not a generate request's
+JSON is bad input, 400, as Triton answers every invalid argument.
 """
 
 from __future__ import annotations
@@ -27,21 +29,20 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from gateway.api import http, sse, v2
+from gateway.api.http import v2_error_response
+from gateway.api.predict import Prepared
 from gateway.pool.model import ModelRuntime
-from gateway.pool.runtime import Runtime
 from shared import protocol
-from shared.errors import ModelNotFound, RequestError, TorchpoolError, v2_status
+from shared.errors import RequestError, TorchpoolError
 
-
-def error_response(error: TorchpoolError) -> Response:
-    """An error as the Open Inference Protocol answers it: ``{"error"}``, the /v2 status."""
-    return http.error_response(error, {"error": error.message}, v2_status(error))
-
+# The routes' last steps, after /models/{name}[/versions/{v}].
+GENERATE: Final = "/generate"
+GENERATE_STREAM: Final = "/generate_stream"
 
 GENERATE_FRAMING: Final = sse.Framing(
     end=b"",  # Triton's stream just ends
-    error_json=lambda error: orjson.dumps({"error": error.message}),
-    send_error=lambda send, error: error_response(error)({"type": "http"}, _no_receive, send),
+    error_json=lambda error: orjson.dumps(error.to_v2_json()),
+    send_error=lambda send, error: v2_error_response(error)({"type": "http"}, _no_receive, send),
 )
 
 
@@ -53,9 +54,9 @@ router = APIRouter(prefix="/v2", tags=["Open Inference Protocol"])
 
 
 class EventStream(Response):
-    """A response that runs a stream and writes its events (:func:`gateway.sse.write_stream`)."""
+    """A response that runs a stream and writes its events (:func:`sse.write_stream`)."""
 
-    def __init__(self, model: ModelRuntime, request: tuple[str, bytes, float | None, Any]) -> None:
+    def __init__(self, model: ModelRuntime, request: Prepared) -> None:
         super().__init__(media_type=sse.EVENT_STREAM.decode())
         self._model = model
         self._request = request
@@ -69,11 +70,8 @@ class EventStream(Response):
 
 async def _prepare(
     request: Request, name: str, version: str | None
-) -> tuple[ModelRuntime, tuple[str, bytes, float | None, protocol.RequestExtras]]:
-    runtime: Runtime = request.app.state.runtime
-    model = runtime.model(name)
-    if version is not None and version != v2.VERSION:
-        raise ModelNotFound(f"model {name!r} has no version {version!r}; it has {v2.VERSION!r}")
+) -> tuple[ModelRuntime, Prepared]:
+    model = v2.check_model(http.runtime_of(request), name, version)
     if model.pool.ready_workers() and not sse.model_streams(model.pool):
         raise RequestError(
             f"model {name!r} does not stream (its handler has no predict_stream): use /infer"
@@ -85,19 +83,19 @@ async def _prepare(
         model.settings.max_body_bytes,
         'empty body; send a generate request {"text_input": ...}',
     )
-    extra: protocol.RequestExtras = {"model": name, "version": v2.VERSION}
-    return model, (protocol.FMT_GENERATE, body, timeout_s, extra)
+    fields: protocol.RequestExtras = {"model": name, "version": v2.VERSION}
+    return model, (protocol.FMT_GENERATE, body, timeout_s, fields)
 
 
 async def generate(request: Request, name: str, version: str | None = None) -> Response:
     """Run the model to the end of its outputs; one JSON answer."""
     try:
-        model, (fmt, body, timeout_s, extra) = await _prepare(request, name, version)
+        model, (fmt, body, timeout_s, fields) = await _prepare(request, name, version)
         reply = await http.run_request(
-            request.receive, model.dispatcher, fmt, body, timeout_s, extra
+            request.receive, model.dispatcher, fmt, body, timeout_s, fields
         )
     except TorchpoolError as error:
-        return error_response(error)
+        return v2_error_response(error)
     return Response(reply.body, media_type="application/json")
 
 
@@ -106,7 +104,7 @@ async def generate_stream(request: Request, name: str, version: str | None = Non
     try:
         model, prepared = await _prepare(request, name, version)
     except TorchpoolError as error:
-        return error_response(error)
+        return v2_error_response(error)
     return EventStream(model, prepared)
 
 
@@ -128,23 +126,23 @@ _BODY: Final[dict[str, Any]] = {
 
 for _base in ("/models/{name}", "/models/{name}/versions/{version}"):
     router.add_api_route(
-        _base + "/generate",
+        _base + GENERATE,
         generate,
         methods=["POST"],
         openapi_extra=_BODY,
         responses={
             200: {"content": {"application/json": {"schema": {}}}},
-            **v2.errors_openapi(400, 404, 413, 415, 500, 503, 504),
+            **v2.errors_openapi(400, 404, 413, 500, 503, 504),
         },
     )
     router.add_api_route(
-        _base + "/generate_stream",
+        _base + GENERATE_STREAM,
         generate_stream,
         methods=["POST"],
         openapi_extra=_BODY,
         responses={
             200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}},
-            **v2.errors_openapi(400, 404, 413, 415, 500, 503, 504),
+            **v2.errors_openapi(400, 404, 413, 500, 503, 504),
         },
     )
 

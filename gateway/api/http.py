@@ -4,44 +4,51 @@ Each rule lives here once, for /predict (plain ASGI, see :mod:`gateway.api.predi
 and the FastAPI routes alike (:mod:`gateway.api.app`, :mod:`gateway.api.v2`,
 :mod:`gateway.api.admin`):
 
+- the request headers torchpool reads, parsed from the scope in one pass;
 - an error's extra headers: ``Retry-After`` on 503, ``WWW-Authenticate`` on 401;
 - reading a body under ``--max-body-mb`` (413 as soon as it is known to be too big);
 - ``X-Request-Timeout``;
 - waiting for a worker's reply, dropping a queued request whose client left;
-- the readiness rule of /health/ready and /v2/health/ready.
+- the readiness rule of /health/ready and /v2/health/ready, from each model's
+  own (:func:`gateway.pool.model.not_ready_reason`).
 
-It imports nothing of the gateway's but the dispatcher's types, so any route
-module can import it.
+It imports nothing of the HTTP side and only the pool's dispatcher, request
+types and readiness rule, so any route module can import it.
 """
 
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
+from http import HTTPStatus
 from typing import TYPE_CHECKING, Any, Final
 
 import orjson
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.types import Receive, Send
+from starlette.types import Receive, Scope, Send
 
 from gateway.pool.dispatch import Dispatcher
+from gateway.pool.model import not_ready_reason
 from gateway.pool.pending import Pending, Reply
 from shared import protocol
 from shared.errors import (
+    SHUTTING_DOWN,
     ClientClosed,
     PayloadTooLarge,
     RequestError,
     TorchpoolError,
     Unauthorized,
     Unavailable,
+    v2_status,
 )
 
 if TYPE_CHECKING:
     from gateway.pool.runtime import Runtime
-    from gateway.pool.workers import Pool
 
 JSON: Final = "application/json"
 TIMEOUT_HEADER: Final = "x-request-timeout"  # shortens this request's deadline, in seconds
+_TIMEOUT_HEADER: Final = TIMEOUT_HEADER.encode()
 BEARER_CHALLENGE: Final = 'Bearer realm="torchpool"'
 
 
@@ -49,6 +56,37 @@ def runtime_of(request: Request) -> Runtime:
     """The serving pool the app's lifespan started."""
     runtime: Runtime = request.app.state.runtime
     return runtime
+
+
+@dataclass(slots=True)
+class RequestHeaders:
+    """The request headers torchpool reads, as they came (bytes); None when absent."""
+
+    content_type: bytes | None = None
+    content_length: bytes | None = None
+    timeout: bytes | None = None  # X-Request-Timeout
+    authorization: bytes | None = None
+    accept: bytes | None = None
+
+
+def request_headers(scope: Scope) -> RequestHeaders:
+    """The headers of an ASGI ``scope`` that torchpool reads, in one pass over them.
+
+    ASGI gives header names in lower case; a repeated header counts by its last value.
+    """
+    found = RequestHeaders()
+    for name, value in scope["headers"]:
+        if name == b"content-type":
+            found.content_type = value
+        elif name == b"content-length":
+            found.content_length = value
+        elif name == _TIMEOUT_HEADER:
+            found.timeout = value
+        elif name == b"authorization":
+            found.authorization = value
+        elif name == b"accept":
+            found.accept = value
+    return found
 
 
 # --- errors -----------------------------------------------------------------------
@@ -77,25 +115,57 @@ def error_response(
     return json_response(body, error.status if status is None else status, error_headers(error))
 
 
+def v2_error_response(error: TorchpoolError) -> Response:
+    """``error`` as the Open Inference Protocol answers it: its body, the /v2 status."""
+    return error_response(error, error.to_v2_json(), v2_status(error))
+
+
+# The JSON schema of an error body (TorchpoolError.to_json), for OpenAPI.
+ERROR_SCHEMA: Final[dict[str, Any]] = {
+    "type": "object",
+    "required": ["error", "code"],
+    "properties": {"error": {"type": "string"}, "code": {"type": "string"}},
+}
+# The same on the /v2 routes (TorchpoolError.to_v2_json): the message alone.
+V2_ERROR_SCHEMA: Final[dict[str, Any]] = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {"error": ERROR_SCHEMA["properties"]["error"]},
+}
+
+
+def errors_openapi(
+    *statuses: int, schema: dict[str, Any] = ERROR_SCHEMA
+) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI entries for the error statuses a route answers, so clients know them."""
+    return {
+        str(status): {
+            "description": HTTPStatus(status).phrase,
+            "content": {JSON: {"schema": schema}},
+        }
+        for status in statuses
+    }
+
+
 async def send_response(
     send: Send,
     status: int,
     body: bytes,
     media_type: bytes,
-    extra: list[tuple[bytes, bytes]] | None = None,
+    headers: list[tuple[bytes, bytes]] | None = None,
 ) -> None:
-    """A whole answer on a plain ASGI ``send``."""
-    headers = [(b"content-type", media_type), (b"content-length", str(len(body)).encode())]
+    """A whole answer on a plain ASGI ``send``; ``headers``: more than its type and length."""
+    fixed = [(b"content-type", media_type), (b"content-length", str(len(body)).encode())]
     await send(
-        {"type": "http.response.start", "status": status, "headers": headers + (extra or [])}
+        {"type": "http.response.start", "status": status, "headers": fixed + (headers or [])}
     )
     await send({"type": "http.response.body", "body": body})
 
 
 async def send_error(send: Send, error: TorchpoolError) -> None:
     """:func:`error_response` on a plain ASGI ``send``."""
-    extra = [(k.lower().encode(), v.encode()) for k, v in error_headers(error).items()]
-    await send_response(send, error.status, orjson.dumps(error.to_json()), JSON.encode(), extra)
+    headers = [(k.lower().encode(), v.encode()) for k, v in error_headers(error).items()]
+    await send_response(send, error.status, orjson.dumps(error.to_json()), JSON.encode(), headers)
 
 
 # --- requests -----------------------------------------------------------------------
@@ -156,19 +226,19 @@ async def run_request(
     fmt: str,
     body: bytes,
     timeout_s: float | None,
-    extra: protocol.RequestExtras | None = None,
+    fields: protocol.RequestExtras | None = None,
 ) -> Reply:
     """Hand a request to the dispatcher and wait for its reply.
 
     While it is queued, a client that disconnects takes it out of the queue
     (never run); once it is on a worker, the reply is awaited regardless.
     """
-    pending = dispatcher.enqueue(fmt, body, timeout_s, extra)
-    if not dispatcher.is_queued(pending):
+    pending = dispatcher.enqueue(fmt, body, timeout_s, fields)
+    if not pending.queued:
         return await dispatcher.result(pending)
     # One watcher task, whose end answers the request ClientClosed; the reply is
     # awaited here, not in a second task (fewer tasks and futures per request).
-    watcher = asyncio.ensure_future(_disconnected(receive))
+    watcher = asyncio.ensure_future(disconnected(receive))
     watcher.add_done_callback(lambda w: _on_left(w, pending))
     try:
         return await dispatcher.result(pending)  # drops the request from the queue if there
@@ -181,22 +251,13 @@ def _on_left(watcher: asyncio.Future[None], pending: Pending) -> None:
         pending.settle(ClientClosed("the client closed the connection before the answer"))
 
 
-async def _disconnected(receive: Receive) -> None:
+async def disconnected(receive: Receive) -> None:
+    """Returns once the client has gone (``http.disconnect``); reads nothing else."""
     while (await receive())["type"] != "http.disconnect":
-        pass
+        continue
 
 
 # --- readiness --------------------------------------------------------------------
-
-
-def not_ready_reason(pool: Pool, min_ready: int) -> str | None:
-    """Why one model's pool does not take traffic; None when it does."""
-    if pool.draining:
-        return "the server is shutting down"
-    count = len(pool.ready_workers())
-    if count < min_ready:
-        return f"{count} workers ready, fewer than --min-ready {min_ready}"
-    return None
 
 
 def server_not_ready_reason(runtime: Runtime) -> str | None:
@@ -205,7 +266,7 @@ def server_not_ready_reason(runtime: Runtime) -> str | None:
     Ready means every model has at least its min_ready workers ready.
     """
     if runtime.draining:
-        return "the server is shutting down"
+        return SHUTTING_DOWN
     several = len(runtime.models) > 1
     for model in runtime.models.values():
         reason = not_ready_reason(model.pool, model.settings.min_ready)

@@ -51,9 +51,11 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from gateway.api import generate, v2
 from gateway.api.health import pool_status
+from gateway.api.predict import PREDICT_NAMED, PREDICT_PATH
 from gateway.api.stats import Tally
-from gateway.pool.deaths import UNPLANNED
+from gateway.pool.workers import SHOWN_STATES, DeathCause
 from shared import protocol
 
 if TYPE_CHECKING:
@@ -69,9 +71,9 @@ QUEUE_WAIT_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025
                       0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)  # fmt: skip
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 # Worker states as /health shows them ("busy" is a ready worker computing).
-STATES = ("starting", "loading", "ready", "busy", "restarting", "failed", "stopped")
+STATES = SHOWN_STATES
 # Known causes, exported at 0 from the start so rate() and alerts see them.
-DEATH_CAUSES = UNPLANNED
+DEATH_CAUSES = tuple(cause.value for cause in DeathCause)
 OTHER_ROUTE = "other"
 # gRPC codes that are the client's doing (4xx over HTTP): not errors on the status page.
 _CLIENT_CODES = frozenset(
@@ -82,12 +84,12 @@ RECENT_WINDOW_S = 10.0
 
 
 # Routes ending so name their model in the path parameter ``name``.
-MODEL_ROUTE_ENDS = ("/infer", "/generate", "/generate_stream")
+MODEL_ROUTE_ENDS = (v2.INFER, generate.GENERATE, generate.GENERATE_STREAM)
 
 
 def is_inference_route(route: str) -> bool:
     """Routes whose requests run the model: they feed the status page's window."""
-    return route in ("/predict", "/predict/{name}") or route.endswith("/infer")
+    return route in (PREDICT_PATH, PREDICT_NAMED) or route.endswith(v2.INFER)
 
 
 class RecentWindow:
@@ -196,11 +198,9 @@ class Metrics:
         )
         self.deaths = Counter(
             "worker_deaths",
-            "Unplanned worker deaths, by cause: signal, exit (non-zero or unexpected), "
-            "load_failed, killed_outside (a SIGKILL the gateway did not send), oom (one "
-            "the cgroup counts as the OOM killer's), heartbeat (hung: went silent), "
-            "hello_timeout, unreachable, batch_timeout (a forward pass ran past "
-            "--max-batch-seconds). The same cause as /health's last_death.",
+            "Unplanned worker deaths, by cause: "
+            + ", ".join(cause.explained for cause in DeathCause)
+            + ".",
             ["model", "cause"],
             namespace=NAMESPACE,
             registry=self.registry,

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
@@ -33,20 +32,18 @@ from typing import TYPE_CHECKING, Any, Final
 import orjson
 from starlette.types import Receive, Scope, Send
 
-from gateway.api.auth import token_matches
-from gateway.api.http import read_body, send_error, timeout_header
-from gateway.api.predict import PREDICT_NAMED, PREDICT_PATH, TIMEOUT_HEADER, Observer, body_format
+from gateway.api.http import RequestHeaders, disconnected, send_error
+from gateway.api.predict import Exchange, PredictRoute, Prepared
 from gateway.pool import streams
 from gateway.pool.streams import StreamPending
 from gateway.pool.workers import Pool
+from shared.errors import ModelNotFound, TorchpoolError
 
 if TYPE_CHECKING:
     from gateway.pool.model import ModelRuntime
-from shared import protocol
-from shared.errors import ClientClosed, ModelNotFound, TorchpoolError, Unauthorized, Unavailable
+from shared.errors import Unavailable
 
 EVENT_STREAM: Final = b"text/event-stream"
-_EMPTY: Final = 'empty body; send {"input_tensor": ...}'
 _HEADERS: Final = [
     (b"content-type", EVENT_STREAM),
     (b"cache-control", b"no-cache"),
@@ -74,14 +71,6 @@ PREDICT_FRAMING: Final = Framing(
 )
 
 
-def wants_stream(scope: Scope) -> bool:
-    """Whether the request's Accept header asks for Server-Sent Events."""
-    for name, value in scope["headers"]:
-        if name == b"accept":
-            return EVENT_STREAM in value.lower()
-    return False
-
-
 def model_streams(pool: Pool) -> bool:
     """Whether the served model streams, as its ready workers said in READY.
 
@@ -99,22 +88,22 @@ async def write_stream(
     runtime: ModelRuntime,
     receive: Receive,
     send: Send,
-    request: tuple[str, bytes, float | None, protocol.RequestExtras],
+    request: Prepared,
     framing: Framing,
 ) -> int:
-    """Run ``request`` (fmt, body, timeout, extra header fields) as a stream and write
+    """Run ``request`` (fmt, body, timeout, REQUEST header fields) as a stream and write
     it out; the HTTP status it answered (499 when the client left first).
 
     Errors from the dispatcher before anything was sent are raised, for the
     caller to answer as usual.
     """
-    fmt, body, timeout_s, extra = request
+    fmt, body, timeout_s, fields = request
     dispatcher = runtime.dispatcher
-    extra = {**extra, "stream": True, "credit": streams.CREDIT}
-    pending = dispatcher.enqueue(fmt, body, timeout_s, extra, kind=StreamPending)
+    fields = {**(fields or {}), "stream": True, "credit": streams.CREDIT}
+    pending = dispatcher.enqueue(fmt, body, timeout_s, fields, kind=StreamPending)
     assert isinstance(pending, StreamPending)
     done = asyncio.ensure_future(dispatcher.result(pending))
-    left = asyncio.ensure_future(_disconnected(receive))
+    left = asyncio.ensure_future(disconnected(receive))
     started = ended = False
     loop = asyncio.get_running_loop()
     try:
@@ -178,28 +167,15 @@ async def _write(send: Send, data: bytes) -> None:
     await send({"type": "http.response.body", "body": data, "more_body": True})
 
 
-async def _disconnected(receive: Receive) -> None:
-    while (await receive())["type"] != "http.disconnect":
-        pass
-
-
-class StreamPredictHandler:
+class StreamPredictHandler(PredictRoute):
     """``POST /predict`` answered as Server-Sent Events (see the module docstring)."""
 
-    def __init__(
-        self,
-        runtime_of: Callable[[], Any],
-        api_keys: list[bytes],
-        observe: Observer,
-    ) -> None:
-        self._runtime_of = runtime_of
-        self._keys = api_keys
-        self._observe = observe
-
-    def wants(self, scope: Scope, model_name: str | None = None) -> bool:
+    def wants(self, scope: Scope, headers: RequestHeaders, model_name: str | None = None) -> bool:
         """A POST that asks for events, to a model that streams; others go the usual way
         (an unknown model included: /predict answers its 404)."""
-        if scope["method"] != "POST" or not wants_stream(scope):
+        if scope["method"] != "POST":
+            return False
+        if headers.accept is None or EVENT_STREAM not in headers.accept.lower():
             return False
         try:
             model = self._runtime_of().model(model_name)
@@ -207,34 +183,14 @@ class StreamPredictHandler:
             return False
         return model_streams(model.pool)
 
-    async def __call__(
-        self, scope: Scope, receive: Receive, send: Send, model_name: str | None = None
+    async def answer(
+        self,
+        exchange: Exchange,
+        scope: Scope,
+        headers: RequestHeaders,
+        receive: Receive,
+        send: Send,
+        model_name: str | None,
     ) -> None:
-        """``model_name``: the model of ``/predict/{name}``; None for ``/predict``."""
-        started = time.perf_counter()
-        status = 200
-        served = ""  # the model's name for metrics, once the request found it
-        try:
-            headers = dict(scope["headers"])
-            try:
-                if self._keys and not token_matches(headers.get(b"authorization"), self._keys):
-                    raise Unauthorized("a valid API key is required: Authorization: Bearer KEY")
-                model = self._runtime_of().model(model_name)
-                served = model.name
-                fmt, extra = body_format(headers.get(b"content-type"))
-                timeout_s = timeout_header(headers.get(TIMEOUT_HEADER))
-                limit = model.settings.max_body_bytes
-                body = await read_body(receive, headers.get(b"content-length"), limit, _EMPTY)
-                request = (fmt, body, timeout_s, extra or protocol.RequestExtras())
-                status = await write_stream(model, receive, send, request, PREDICT_FRAMING)
-            except ClientClosed as exc:
-                status = exc.status
-            except TorchpoolError as exc:
-                status = exc.status
-                await send_error(send, exc)
-        except Exception:
-            status = 500
-            raise
-        finally:
-            route = PREDICT_PATH if model_name is None else PREDICT_NAMED
-            self._observe(route, status, time.perf_counter() - started, served)
+        model, request = await self.prepare(exchange, headers, receive, model_name)
+        exchange.status = await write_stream(model, receive, send, request, PREDICT_FRAMING)

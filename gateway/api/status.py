@@ -2,7 +2,7 @@
 
 The page is one static HTML file with a little vanilla JavaScript, no build
 step: every second it fetches ``/health`` (the workers) and ``/status.json``
-(traffic over the last seconds, from :class:`gateway.metrics.RecentWindow`)
+(traffic over the last seconds, from :class:`gateway.api.metrics.RecentWindow`)
 and redraws itself.
 """
 
@@ -47,7 +47,7 @@ def status_json(metrics: Metrics, started: float) -> dict[str, Any]:
 
 
 def install(app: FastAPI, metrics: Metrics) -> None:
-    """Add ``GET /``, ``GET /status`` and ``GET /status.json`` to ``app``."""
+    """Add ``GET /`` and ``GET /status`` (HEAD too) and ``GET /status.json`` to ``app``."""
     html = page_html()  # read once: the page is static
     started = time.monotonic()
 
@@ -64,5 +64,7 @@ def install(app: FastAPI, metrics: Metrics) -> None:
         )
 
     for path in ("/", "/status"):
-        app.add_api_route(path, page, methods=["GET"], include_in_schema=False)
+        # HEAD as GET, without the body (starlette drops it): link checkers and
+        # uptime probes ask with HEAD.
+        app.add_api_route(path, page, methods=["GET", "HEAD"], include_in_schema=False)
     app.add_api_route("/status.json", status, methods=["GET"], response_class=Response)

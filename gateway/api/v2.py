@@ -24,37 +24,36 @@ version, 413 too large, 503 unavailable (with Retry-After), 500 model failure,
 from __future__ import annotations
 
 from collections.abc import Callable, Coroutine
-from http import HTTPStatus
 from typing import Any, Final
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.routing import APIRoute
 from starlette.responses import Response
 
+from gateway.api import http
 from gateway.api.http import (
     TIMEOUT_HEADER,
-    error_response,
+    V2_ERROR_SCHEMA,
     json_response,
-    not_ready_reason,
     read_body,
     run_request,
     runtime_of,
     server_not_ready_reason,
     timeout_header,
+    v2_error_response,
 )
-from gateway.pool.model import ModelRuntime, ModelState
+from gateway.pool.model import ModelRuntime, ModelState, not_ready_reason
 from gateway.pool.runtime import Runtime
 from gateway.pool.workers import Pool, WorkerRecord
 from shared import protocol
-from shared.errors import ModelNotFound, RequestError, TorchpoolError, Unavailable, v2_status
+from shared.errors import ModelNotFound, RequestError, TorchpoolError, Unavailable
+from shared.media import OCTET_STREAM, content_encoding
 
-VERSION: Final = "1"
+VERSION: Final = protocol.MODEL_VERSION
+INFER: Final = "/infer"  # the inference route's last step, after /models/{name}[/versions/{v}]
 INPUT_NAME: Final = "input__0"
 HEADER_LENGTH: Final = "inference-header-content-length"
-OCTET_STREAM: Final = "application/octet-stream"
 EXTENSIONS: Final = ["binary_tensor_data"]
-# The compressions a worker can undo; identity is no compression.
-_ENCODINGS: Final = frozenset({"gzip", "deflate"})
 # Triton's platform names by how the model was loaded; everything else is "pytorch".
 _PLATFORMS: Final = {"torchscript": "pytorch_libtorch"}
 
@@ -69,32 +68,21 @@ class V2Route(APIRoute):
             try:
                 return await handler(request)
             except TorchpoolError as exc:
-                return error_response(exc, {"error": exc.message}, v2_status(exc))
+                return v2_error_response(exc)
 
         return guarded
 
 
 router = APIRouter(prefix="/v2", tags=["Open Inference Protocol"], route_class=V2Route)
 
-_ERROR_SCHEMA: Final[dict[str, Any]] = {
-    "type": "object",
-    "required": ["error"],
-    "properties": {"error": {"type": "string"}},
-}
-
 
 def errors_openapi(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    """OpenAPI entries for the error statuses a route answers."""
-    return {
-        status: {
-            "description": HTTPStatus(status).phrase,
-            "content": {"application/json": {"schema": _ERROR_SCHEMA}},
-        }
-        for status in statuses
-    }
+    """OpenAPI entries for the error statuses a /v2 route answers (``{"error"}`` bodies)."""
+    return http.errors_openapi(*statuses, schema=V2_ERROR_SCHEMA)
 
 
 def check_model(runtime: Runtime, name: str, version: str | None) -> ModelRuntime:
+    """The model served as ``name``; 404 for an unknown name or version."""
     model = runtime.model(name)
     if version is not None and version != VERSION:
         raise ModelNotFound(f"model {name!r} has no version {version!r}; it has {VERSION!r}")
@@ -121,10 +109,11 @@ async def server_live() -> Response:
 
 @router.get(
     "/health/ready",
-    responses={503: {"description": "Not ready, or draining", **errors_openapi(503)[503]}},
+    responses=errors_openapi(503),
 )
 async def server_ready(request: Request) -> Response:
-    """200 when at least --min-ready workers are ready and the server is not draining."""
+    """200 when every model has its own min_ready workers ready (--min-ready, or its
+    table's ``min_ready``) and the server is not draining: the /health/ready rule."""
     reason = server_not_ready_reason(runtime_of(request))
     if reason is not None:
         return json_response({"error": reason, "ready": False}, 503)
@@ -248,12 +237,10 @@ async def infer(request: Request, name: str, version: str | None = None) -> Resp
     """Run the model on a v2 inference request; the worker parses and answers it."""
     model = check_model(runtime_of(request), name, version)
     settings = model.settings
-    extra: protocol.RequestExtras = {"model": name, "version": VERSION}
-    encoding = (request.headers.get("content-encoding") or "identity").strip().lower()
-    if encoding in _ENCODINGS:
-        extra["encoding"] = encoding
-    elif encoding != "identity":
-        raise RequestError(f"Content-Encoding {encoding!r} is not supported; use gzip or deflate")
+    fields: protocol.RequestExtras = {"model": name, "version": VERSION}
+    encoding = content_encoding(request.headers.get("content-encoding"))
+    if encoding is not None:
+        fields["encoding"] = encoding
     header_length = request.headers.get(HEADER_LENGTH)
     if header_length is not None:
         if not header_length.isdigit() or int(header_length) == 0:
@@ -261,7 +248,7 @@ async def infer(request: Request, name: str, version: str | None = None) -> Resp
                 f"Inference-Header-Content-Length must be a positive byte count, "
                 f"got {header_length!r}"
             )
-        extra["json_len"] = int(header_length)
+        fields["json_len"] = int(header_length)
     timeout_s = timeout_header(request.headers.get(TIMEOUT_HEADER))
     body = await read_body(
         request.receive,
@@ -269,14 +256,14 @@ async def infer(request: Request, name: str, version: str | None = None) -> Resp
         settings.max_body_bytes,
         'empty body; send an inference request {"inputs": [...]}',
     )
-    if "json_len" in extra and "encoding" not in extra and extra["json_len"] > len(body):
+    if "json_len" in fields and "encoding" not in fields and fields["json_len"] > len(body):
         raise RequestError(
-            f"Inference-Header-Content-Length {extra['json_len']} exceeds the body of "
+            f"Inference-Header-Content-Length {fields['json_len']} exceeds the body of "
             f"{len(body)} bytes"
         )
-    fmt = protocol.FMT_V2_BINARY if "json_len" in extra else protocol.FMT_V2_JSON
-    reply = await run_request(request.receive, model.dispatcher, fmt, body, timeout_s, extra)
-    json_len = reply.extra.get("json_len")
+    fmt = protocol.FMT_V2_BINARY if "json_len" in fields else protocol.FMT_V2_JSON
+    reply = await run_request(request.receive, model.dispatcher, fmt, body, timeout_s, fields)
+    json_len = reply.fields.get("json_len")
     if reply.fmt == protocol.FMT_V2_BINARY and isinstance(json_len, int):
         return Response(
             reply.body,
@@ -330,7 +317,7 @@ for _suffix, _endpoint, _method, _openapi, _responses in (
     ("", model_metadata, "GET", None, errors_openapi(404, 503)),
     ("/ready", model_ready, "GET", None, errors_openapi(404, 503)),
     ("/config", model_config, "GET", None, errors_openapi(404, 503)),
-    ("/infer", infer, "POST", INFER_OPENAPI, _INFER_RESPONSES),
+    (INFER, infer, "POST", INFER_OPENAPI, _INFER_RESPONSES),
 ):
     for _base in ("/models/{name}", "/models/{name}/versions/{version}"):
         router.add_api_route(

@@ -21,20 +21,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from gateway.pool.workers import DeathCause
 from shared import protocol
 
-# Causes of deaths nobody planned: the ``worker_deaths`` metric counts these.
-UNPLANNED = (
-    "signal",  # killed by a signal other than our SIGKILL (SIGSEGV, SIGABRT...)
-    "exit",  # exited on its own, with any code, while it was wanted
-    "load_failed",  # exited with protocol.EXIT_LOAD_FAILED
-    "killed_outside",  # a SIGKILL the supervisor did not send
-    "oom",  # a SIGKILL the cgroup's memory.events counts as the OOM killer's
-    "heartbeat",  # hung: missed its heartbeats, so the supervisor killed it
-    "hello_timeout",  # never said hello after it was spawned
-    "unreachable",  # its socket refused our messages
-    "batch_timeout",  # a forward pass ran past --max-batch-seconds; killed
-)
+# Causes of deaths nobody planned, the ``worker_deaths`` metric's labels: signal
+# (not our SIGKILL), exit, load_failed, heartbeat (hung: killed), hello_timeout,
+# unreachable, batch_timeout (killed), killed_outside (a SIGKILL we did not send),
+# oom (one the cgroup's memory.events counts).
+UNPLANNED = tuple(cause.value for cause in DeathCause)
 # Ends the supervisor asked for: shown in /health and the log, not counted as deaths.
 PLANNED = ("recycle", "reload", "scale_down", "shutdown")
 

@@ -35,6 +35,7 @@ from gateway.pool.transport import Transport
 from gateway.pool.workers import Pool, WorkerRecord
 from shared import protocol
 from shared.errors import (
+    SHUTTING_DOWN,
     DeadlineExceeded,
     QueueFull,
     TorchpoolError,
@@ -50,7 +51,7 @@ log = logging.getLogger("torchpool.dispatch")
 # reaches (a poison request) is answered 503 after the third.
 MAX_ATTEMPTS = 3
 
-# REPLY header keys that are not passed on in Reply.extra.
+# REPLY header keys that are not passed on in Reply.fields.
 _REPLY_KEYS = frozenset({"t", "id", "code", "message", "details", "fmt"})
 
 
@@ -91,17 +92,17 @@ class Dispatcher:
         fmt: str,
         body: bytes,
         timeout_s: float | None = None,
-        extra: protocol.RequestExtras | None = None,
+        fields: protocol.RequestExtras | None = None,
         kind: type[Pending] = Pending,
     ) -> Pending:
         """Hand a request to a worker, or queue it; 503 at once when neither can be done.
 
         ``timeout_s`` can only shorten the server's deadline (--timeout-s);
-        ``extra`` adds fields to the REQUEST header; ``kind`` is the Pending
+        ``fields`` adds fields to the REQUEST header; ``kind`` is the Pending
         class to make (a stream's, see :mod:`gateway.pool.streams`).
         """
         if self._pool.draining:
-            raise Unavailable("the server is shutting down")
+            raise Unavailable(SHUTTING_DOWN)
         worker = self._pool.pick()  # one with credit is ready: no need to list the ready ones
         if worker is None and not self._pool.ready_workers() and not self._pool.coming():
             raise Unavailable(self._not_ready_message())
@@ -115,18 +116,16 @@ class Dispatcher:
             now + timeout,
             loop.create_future(),
             enqueued=now,
-            extra=extra,
+            fields=fields,
         )
         while worker is not None and not self._send(worker, pending):
             # on_unreachable took that worker out of rotation: try the next one.
             worker = None if worker.ready else self._pool.pick()
-        if worker is not None:
-            pass
-        elif len(self._queue) >= self._queue_size:
-            raise QueueFull(
-                f"all workers are busy and the queue is full ({self._queue_size} waiting)"
-            )
-        else:
+        if worker is None:
+            if len(self._queue) >= self._queue_size:
+                raise QueueFull(
+                    f"all workers are busy and the queue is full ({self._queue_size} waiting)"
+                )
             self._queue.append(pending)
             pending.queued = True
         # A timer per request rather than asyncio.wait_for around each wait: no
@@ -135,9 +134,6 @@ class Dispatcher:
         self._outstanding += 1
         self._idle.clear()
         return pending
-
-    def is_queued(self, pending: Pending) -> bool:
-        return pending.queued
 
     def drop(self, pending: Pending) -> None:
         """Take ``pending`` out of the queue now (its caller left), if it waits there."""
@@ -187,8 +183,8 @@ class Dispatcher:
         worker.requests_served += 1
         code = header.get("code")
         if code == protocol.OK:
-            extra = {k: v for k, v in message.items() if k not in _REPLY_KEYS}
-            pending.settle(Reply(str(header.get("fmt", protocol.FMT_JSON)), frames[0], extra))
+            fields = {k: v for k, v in message.items() if k not in _REPLY_KEYS}
+            pending.settle(Reply(str(header.get("fmt", protocol.FMT_JSON)), frames[0], fields))
         else:
             details = header.get("details")
             pending.settle(
@@ -282,7 +278,7 @@ class Dispatcher:
         now = time.monotonic()
         remaining_ms = max(0.0, pending.deadline - now) * 1000
         header: protocol.RequestHeader = {
-            **(pending.extra or {}),  # first, so it cannot shadow the fields below
+            **(pending.fields or {}),  # first, so it cannot shadow the fields below
             "t": protocol.REQUEST,
             "v": protocol.VERSION,
             "id": pending.id,
@@ -295,7 +291,7 @@ class Dispatcher:
             frames = [self._pack(header), pending.body]
             self._transport.send(worker.data_identity, frames, worker.link)
         except zmq.ZMQError as exc:
-            log.warning("worker %d is unreachable (%s)", worker.slot, exc)
+            log.warning("%s is unreachable (%s)", worker.name, exc)
             if self._on_unreachable is not None:
                 self._on_unreachable(worker)
             return False

@@ -3,7 +3,7 @@
 Every model of a gateway has its own workers, queue and batching; they share
 only the transport (one ROUTER socket, each worker's uid prefixed with its
 model's name) and the machine's cores, which placement splits among them.
-:class:`gateway.runtime.Runtime` holds the models by name.
+:class:`gateway.pool.runtime.Runtime` holds the models by name.
 """
 
 from __future__ import annotations
@@ -25,12 +25,30 @@ from gateway.pool.process import Spawner, WorkerProcess
 from gateway.pool.supervisor import Supervisor
 from gateway.pool.transport import Transport
 from gateway.pool.weights import WeightsCache
-from gateway.pool.workers import Pool, State, WorkerRecord
+from gateway.pool.workers import DeathCause, Pool, State, WorkerRecord
 from shared.config import PoolSettings
-from shared.errors import ModelLoadError
+from shared.errors import SHUTTING_DOWN, ModelLoadError
 from shared.fingerprint import fingerprint
 
 log = logging.getLogger("torchpool.models")
+
+
+def not_ready_reason(pool: Pool, min_ready: int) -> str | None:
+    """Why a model's pool does not take traffic; None when it does.
+
+    The one readiness rule: at least ``min_ready`` workers ready, and not draining.
+    A model's :attr:`ModelRuntime.state`, /health/ready and the /v2 probes all ask it.
+    """
+    if pool.draining:
+        return SHUTTING_DOWN
+    return _too_few_ready(pool, min_ready)
+
+
+def _too_few_ready(pool: Pool, min_ready: int) -> str | None:
+    count = len(pool.ready_workers())
+    if count < min_ready:
+        return f"{count} workers ready, fewer than --min-ready {min_ready}"
+    return None
 
 
 class ModelState(str, enum.Enum):
@@ -81,7 +99,7 @@ class ModelRuntime:
             queue_size=settings.queue_size,
             timeout_s=settings.timeout_s,
             on_unreachable=lambda w: self.supervisor.declare_lost(
-                w, "became unreachable", "unreachable"
+                w, "became unreachable", DeathCause.UNREACHABLE
             ),
         )
         self.supervisor = Supervisor(
@@ -117,7 +135,9 @@ class ModelRuntime:
             return ModelState.UNLOADING
         if self.error is not None:
             return ModelState.FAILED
-        if len(self.pool.ready_workers()) >= self.settings.min_ready:
+        # A draining pool keeps its state: unloading says so, and at shutdown
+        # the health document shows what the model was until it stops.
+        if _too_few_ready(self.pool, self.settings.min_ready) is None:
             return ModelState.READY
         return ModelState.LOADING
 

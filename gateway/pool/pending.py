@@ -21,7 +21,7 @@ class Reply:
     fmt: str
     body: bytes
     # The REPLY header's other fields, e.g. json_len of a v2binary body.
-    extra: dict[str, Any] = field(default_factory=dict)
+    fields: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(eq=False, slots=True)
@@ -35,7 +35,7 @@ class Pending:
     queued: bool = False  # waiting in the dispatcher's queue (kept so nobody scans it)
     enqueued: float = field(default_factory=time.monotonic)
     # More REQUEST header fields for the worker, e.g. a v2 body's json_len.
-    extra: protocol.RequestExtras | None = None
+    fields: protocol.RequestExtras | None = None
     # Fails the future at the deadline (504); cancelled once the caller has its answer.
     timer: asyncio.TimerHandle | None = None
 

@@ -10,15 +10,14 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from shared.config import ConfigError, parse_device
+from shared.devices import physical_gpus, visible_gpus
 
 log = logging.getLogger("torchpool.placement")
-
-NVIDIA_PROC = Path("/proc/driver/nvidia/gpus")
 
 
 @dataclass(frozen=True)
@@ -62,24 +61,6 @@ def cgroup_cpu_quota(cpu_max: Path = CGROUP_CPU_MAX) -> int | None:
     return int(quota) // int(period)
 
 
-def visible_gpus(environ: Mapping[str, str] | None = None, proc: Path = NVIDIA_PROC) -> list[int]:
-    """Physical GPU indices available to workers, without importing torch."""
-    environ = os.environ if environ is None else environ
-    listed = environ.get("CUDA_VISIBLE_DEVICES")
-    if listed is not None:
-        indices: list[int] = []
-        for part in listed.split(","):
-            part = part.strip()
-            if not part.isdigit():
-                break  # CUDA stops at the first invalid entry; UUIDs are not mapped here.
-            indices.append(int(part))
-        return indices
-    try:
-        return list(range(sum(1 for _ in proc.iterdir())))
-    except OSError:
-        return []
-
-
 def split_cores(
     cores: Sequence[int], workers: int, per_worker: int | None = None
 ) -> list[tuple[int, ...]]:
@@ -120,15 +101,9 @@ def choose_gpus(device: str, gpus: Sequence[int] | None = None) -> list[int]:
         return []
     chosen = available
     if spec.gpus is not None:
-        # cuda:N means the Nth GPU this process sees, as in torch; map it to
-        # the physical index that CUDA_VISIBLE_DEVICES will name for the worker.
-        missing = [i for i in spec.gpus if i >= len(available)]
-        if missing:
-            raise ConfigError(
-                f"--device {device}: only {len(available)} GPUs are visible, "
-                f"so cuda:{missing[0]} does not exist"
-            )
-        chosen = [available[i] for i in spec.gpus]
+        # cuda:N is the N-th GPU this process sees (shared.devices), as for a
+        # remote worker; the worker's CUDA_VISIBLE_DEVICES names its physical index.
+        chosen = physical_gpus(device, spec.gpus, available)
     if not chosen:
         raise ConfigError(f"--device {device} but no GPU is visible to this process")
     return chosen
@@ -141,12 +116,13 @@ def place_another(
     per_worker: int | None = None,
     cores: Sequence[int] | None = None,
     taken: Sequence[int] = (),
+    model: str = "",
 ) -> Placement:
     """Place one more worker beside ``existing`` ones (scaling up at run time).
 
     It gets free cores when enough are left, as many as its peers have;
-    otherwise it shares the cores of an existing slot, and a warning says so.
-    ``taken`` are cores other models' workers hold.
+    otherwise it shares the cores of an existing slot, and a warning (naming
+    ``model``) says so. ``taken`` are cores other models' workers hold.
     """
     cores = usable_cores() if cores is None else list(cores)
     size = per_worker or (len(existing[0].cores) if existing else len(cores))
@@ -156,7 +132,12 @@ def place_another(
         chosen = tuple(free[:size])
     else:
         chosen = existing[slot % len(existing)].cores if existing else tuple(cores[:size])
-        log.warning("no free cores for worker %d: it shares cores %s", slot, format_cores(chosen))
+        log.warning(
+            "no free cores for %sworker %d: it shares cores %s",
+            f"{model} " if model else "",
+            slot,
+            format_cores(chosen),
+        )
     return Placement(
         slot=slot,
         device="cuda" if gpus else "cpu",

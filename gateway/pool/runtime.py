@@ -2,7 +2,7 @@
 
 ``Runtime`` is what the app's lifespan starts and stops; it owns the private
 runtime directory that holds the ``ipc://`` endpoint and removes it on exit.
-It holds one :class:`gateway.models.ModelRuntime` per served model, routes
+It holds one :class:`gateway.pool.model.ModelRuntime` per served model, routes
 each worker message to the model whose worker sent it, and adds and removes
 models at run time (the admin API).
 """

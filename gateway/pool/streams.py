@@ -31,9 +31,8 @@ from shared.errors import TorchpoolError, Unavailable
 
 log = logging.getLogger("torchpool.streams")
 
-# Chunks a worker may send ahead of what the client has been written: enough
-# to keep a fast reader's pipe full, few enough that a slow one costs little.
-CREDIT = 8
+# Chunks a worker may send ahead of what the client has been written.
+CREDIT = protocol.STREAM_CREDIT
 
 
 @dataclass(eq=False, slots=True)

@@ -4,16 +4,16 @@ Two things ask for a slot's worker to be replaced while it serves: recycling
 (it passed --max-requests-per-worker or --max-worker-rss-mb) and a reload
 (every slot, with a new generation of settings). Both only record what they
 want: a slot marked ``recycling``, or a pending :class:`Reload`. The
-supervisor's reconcile step then calls :meth:`Succession.settle` and
+supervisor's reconcile step then calls :meth:`Succession.reconcile` and
 :meth:`Succession.start`, the successor half of gunicorn's ``manage_workers``:
 
 - ``start`` boots a successor on the placement of every slot that wants one
   and has none (a reload's successors are started with its settings);
-- ``settle`` hands a slot over once its successor is ready (a reload's once
+- ``reconcile`` hands a slot over once its successor is ready (a reload's once
   every one of its successors is, all together, so the model never answers
   from two generations of settings), and retires the old worker: it finishes
   what it holds, then stops;
-- ``settle`` also drops successors that died before taking over (the
+- ``reconcile`` also drops successors that died before taking over (the
   supervisor's reaping only records the death): a recycle keeps the old
   worker and tries again after RECYCLE_RETRY_S; a reload fails with why, its
   other successors are stopped, and the old workers serve on.
@@ -52,7 +52,7 @@ class Acts(Protocol):
         ``cause`` names the end in /health's last_death (see gateway.pool.deaths)."""
         ...
 
-    def serve(self, worker: WorkerRecord) -> None:
+    def put_in_service(self, worker: WorkerRecord) -> None:
         """``worker`` took over its slot: give it work."""
         ...
 
@@ -115,7 +115,7 @@ class Succession:
         reason = recycle_reason(worker, settings)
         if reason is None:
             return False
-        log.info("recycling worker %d: %s", worker.slot, reason)
+        log.info("recycling %s: %s", worker.name, reason)
         worker.recycling = True
         worker.recycle_reason = reason
         return True
@@ -138,22 +138,22 @@ class Succession:
 
     # --- the reconcile step's share ---------------------------------------------------
 
-    def settle(self) -> None:
+    def reconcile(self) -> None:
         """Everything that needs no new process: drop, hand over, retire."""
         slots = len(self._pool.workers)
-        for extra in list(self._pool.extra):
-            if extra.role is not Role.SUCCESSOR:
+        for record in list(self._pool.handovers):
+            if record.role is not Role.SUCCESSOR:
                 continue
-            if extra.state is State.STOPPED:
-                self._died(extra)
-            elif extra.slot >= slots:
-                self._abandon(extra, "scaled down")  # its slot was scaled away
+            if record.state is State.STOPPED:
+                self._died(record)
+            elif record.slot >= slots:
+                self._abandon(record, "scaled down")  # its slot was scaled away
         if self.reload is not None:
             self._settle_reload(self.reload)
             return
-        for extra in list(self._pool.extra):
-            if extra.role is Role.SUCCESSOR and extra.ready:
-                self._take_over(extra, "recycle")
+        for record in list(self._pool.handovers):
+            if record.role is Role.SUCCESSOR and record.ready:
+                self._take_over(record, "recycle")
 
     async def start(self, settings: PoolSettings) -> None:
         """Boot a successor for every slot that wants one and has none yet."""
@@ -181,10 +181,10 @@ class Succession:
         if reload.outcome.done():  # cancelled: whoever asked for it gave up
             self.fail_reload(ModelLoadError("the reload was cancelled"))
             return
-        for extra in list(self._pool.extra):
-            if extra.role is Role.SUCCESSOR and extra not in reload.successors.values():
+        for record in list(self._pool.handovers):
+            if record.role is Role.SUCCESSOR and record not in reload.successors.values():
                 # A recycle's successor would bring the old settings back.
-                self._abandon(extra, "superseded by a reload")
+                self._abandon(record, "superseded by a reload")
         for worker in self._pool.workers:
             worker.recycling = False
         successors = reload.successors
@@ -197,16 +197,18 @@ class Succession:
         for successor in successors.values():
             self._take_over(successor, "reload")
         reload.outcome.set_result(None)
-        log.info("reloaded %d workers", len(successors))
+        log.info("model %s: reloaded %d workers", self._pool.model, len(successors))
 
     def _died(self, successor: WorkerRecord) -> None:
         """A successor died before it took over (reaping recorded why in last_error)."""
-        self._pool.extra.remove(successor)
+        self._pool.handovers.remove(successor)
         note = successor.last_error or f"worker {successor.slot} died before it was ready"
         reload = self.reload
         if reload is not None and successor in reload.successors.values():
             del reload.successors[successor.slot]
-            log.error("reload failed; the old workers serve on: %s", note)
+            log.error(
+                "model %s: reload failed; the old workers serve on: %s", self._pool.model, note
+            )
             self.fail_reload(ModelLoadError(note))
             return
         if successor.slot < len(self._pool.workers):
@@ -214,12 +216,12 @@ class Succession:
             current.recycling = False
             current.recycle_not_before = self._clock() + RECYCLE_RETRY_S
             log.error(
-                "replacement for worker %d died before it was ready; keeping the old one: %s",
-                successor.slot, note,
+                "replacement for %s died before it was ready; keeping the old one: %s",
+                current.name, note,
             )  # fmt: skip
 
     def _has_successor(self, slot: int) -> bool:
-        return any(w.role is Role.SUCCESSOR and w.slot == slot for w in self._pool.extra)
+        return any(w.role is Role.SUCCESSOR and w.slot == slot for w in self._pool.handovers)
 
     def _successor_for(self, old: WorkerRecord) -> WorkerRecord:
         """A new record that boots on ``old``'s placement and takes over once ready."""
@@ -230,7 +232,7 @@ class Succession:
             model=self._pool.model,
             restarts=old.restarts,
         )
-        self._pool.extra.append(successor)
+        self._pool.handovers.append(successor)
         return successor
 
     def _take_over(self, successor: WorkerRecord, cause: str) -> None:
@@ -238,14 +240,14 @@ class Succession:
         recycle or reload)."""
         slot = successor.slot
         old = self._pool.workers[slot]
-        self._pool.extra.remove(successor)
+        self._pool.handovers.remove(successor)
         successor.role = Role.CURRENT
         self._pool.workers[slot] = successor
-        log.info("worker %d replaced by pid %s; draining pid %s", slot, successor.pid, old.pid)
+        log.info("%s replaced by pid %s; draining pid %s", old.name, successor.pid, old.pid)
         # A worker answers all it holds before it acts on STOP; it gets no new work.
         reason = "replaced by a reload" if cause == "reload" else f"recycled: {old.recycle_reason}"
         self._acts.retire(old, reason, cause=cause)
-        self._acts.serve(successor)
+        self._acts.put_in_service(successor)
 
     def _abandon(self, successor: WorkerRecord, reason: str) -> None:
         """Stop a successor that will not take over; it holds no request, so at once."""

@@ -41,10 +41,10 @@ from gateway.pool.placement import Placement, choose_gpus, format_cores, place_a
 from gateway.pool.process import ProcessHandle, Spawner, WorkerProcess
 from gateway.pool.succession import Succession
 from gateway.pool.transport import REMOTE, Transport
-from gateway.pool.workers import Pool, Role, State, WorkerRecord
+from gateway.pool.workers import DeathCause, Pool, Role, State, WorkerRecord
 from shared import protocol
 from shared.config import ENV_PREFIX, PoolSettings, worker_argv
-from shared.errors import Conflict, Unavailable
+from shared.errors import SHUTTING_DOWN, Conflict, Unavailable
 from shared.restarts import backoff_s, given_up
 
 log = logging.getLogger("torchpool.supervisor")
@@ -93,7 +93,7 @@ class Supervisor:
         self._drain_started: float | None = None
         self._hurry = asyncio.Event()
         # Observer for metrics: called once per unplanned worker death with its
-        # cause (gateway.pool.deaths.UNPLANNED), the cause /health and the log give.
+        # cause (a DeathCause's value, or deaths.py's), the cause /health and the log give.
         self.on_death: Callable[[str], None] | None = None
         # Observer: called when a serving worker becomes ready.
         self.on_ready: Callable[[WorkerRecord], None] | None = None
@@ -143,7 +143,7 @@ class Supervisor:
             self._hurry.set()
             # Nobody is left waiting: every open request is answered now, so the
             # HTTP server has no connection to wait for and shuts down at once.
-            self._dispatcher.abandon_all(Unavailable("the server is shutting down now"))
+            self._dispatcher.abandon_all(Unavailable(f"{SHUTTING_DOWN} now"))
 
     async def drain(self) -> None:
         """Wait for in-flight work, at most what is left of --drain-timeout-s."""
@@ -157,7 +157,9 @@ class Supervisor:
             idle.cancel()
             if self._dispatcher.outstanding:
                 log.warning(
-                    "stopping with %d requests still in flight", self._dispatcher.outstanding
+                    "model %s: stopping with %d requests still in flight",
+                    self._pool.model,
+                    self._dispatcher.outstanding,
                 )
 
     # --- acts -------------------------------------------------------------------
@@ -180,14 +182,13 @@ class Supervisor:
         # Everything a local worker needs is on its command line; the gateway's own
         # TORCHPOOL_* settings (--curve-secret, say) must not leak into it.
         env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
-        env.update({name: str(len(placement.cores)) for name in THREAD_ENV})
+        env.update({name: str(len(placement.cores)) for name in protocol.THREAD_ENV_VARS})
         if placement.gpu is not None:
             argv += ["--gpu", str(placement.gpu)]
             env["CUDA_VISIBLE_DEVICES"] = str(placement.gpu)
         worker.state = State.STARTING
         self._pool.register(worker)
-        label = f"{worker.model} worker {worker.slot}" if worker.model else f"worker {worker.slot}"
-        process = await self._spawner(argv, env, label=label)
+        process = await self._spawner(argv, env, label=worker.name)
         worker.process = process
         worker.pid = process.pid
         worker.spawned_at = self._clock()
@@ -196,8 +197,8 @@ class Supervisor:
             # record will serve from it, so it stops now; reaping still ends it.
             self._background(process.stop(STOP_GRACE_S))
         log.info(
-            "worker %d spawned: pid %d, %s, cores %s",
-            worker.slot, process.pid, placement.label, format_cores(placement.cores),
+            "%s spawned: pid %d, %s, cores %s",
+            worker.name, process.pid, placement.label, format_cores(placement.cores),
         )  # fmt: skip
         self._background(self._reap(worker, process))
 
@@ -229,8 +230,8 @@ class Supervisor:
         self._dispatcher.worker_lost(worker, death.reason)
         if worker.last_error is None or was_ready:
             worker.last_error = self._death_note(worker, process, death.reason)
-        log.error("worker %d (pid %d) %s", worker.slot, process.pid, death.reason)
-        if not was_ready and death.cause != "killed_outside":
+        log.error("%s (pid %d) %s", worker.name, process.pid, death.reason)
+        if not was_ready and death.cause != DeathCause.KILLED_OUTSIDE:
             worker.crash_boots += 1
         self._replace(worker, code, was_ready)
         # A crash loop or a failed slot: requests waiting for this worker stop waiting.
@@ -266,8 +267,8 @@ class Supervisor:
         if given_up(worker.boot_failures):
             worker.state = State.FAILED
             log.error(
-                "worker %d failed %d boots in a row; not restarting it: %s",
-                worker.slot, worker.boot_failures, worker.last_error,
+                "%s failed %d boots in a row; not restarting it: %s",
+                worker.name, worker.boot_failures, worker.last_error,
             )  # fmt: skip
             if not self._pool.ever_ready:
                 self._check_fatal()
@@ -275,7 +276,7 @@ class Supervisor:
         worker.state = State.RESTARTING
         delay = backoff_s(worker.boot_failures)
         if delay:
-            log.info("restarting worker %d in %.1fs", worker.slot, delay)
+            log.info("restarting %s in %.1fs", worker.name, delay)
         worker.respawn_at = self._clock() + delay
         self._background(self._reconcile_after(delay))
 
@@ -290,7 +291,7 @@ class Supervisor:
         Grows or shrinks the slot list to the wanted count (removed slots drain
         before they stop); drops successors that died or whose slot is gone,
         hands slots over to ready successors and starts the ones wanted
-        (:class:`gateway.succession.Succession`); starts the next generation
+        (:class:`gateway.pool.succession.Succession`); starts the next generation
         of every slot whose backoff is over, and spawns every slot that has no
         process yet. Passes run one at a time; any event may ask for one, and
         a pass with nothing to do changes nothing.
@@ -299,7 +300,7 @@ class Supervisor:
             if self._stopping:
                 return
             self._scale()
-            self._succession.settle()
+            self._succession.reconcile()
             await self._succession.start(self._settings)
             await self._refill()
             self._dispatcher.give_up_waiting()  # a slot scaled away may have been coming
@@ -315,16 +316,16 @@ class Supervisor:
                 self._gpus,
                 self._settings.cores_per_worker,
                 taken=self._taken(),
+                model=self._pool.model,
             )
-            workers.append(
-                WorkerRecord(
-                    placement, generation=self._pool.next_generation(), model=self._pool.model
-                )
+            added = WorkerRecord(
+                placement, generation=self._pool.next_generation(), model=self._pool.model
             )
-            log.info("scaling up: worker %d", slot)
+            workers.append(added)
+            log.info("scaling up: %s", added.name)
         while len(workers) > self._wanted:
             worker = workers.pop()
-            log.info("scaling down: draining worker %d", worker.slot)
+            log.info("scaling down: draining %s", worker.name)
             self.retire(worker, "scaled down", cause="scale_down")
 
     async def _refill(self) -> None:
@@ -345,11 +346,12 @@ class Supervisor:
             if worker.state is State.STARTING and worker.process is None:
                 await self.spawn(worker)
 
-    def declare_lost(self, worker: WorkerRecord, how: str, cause: str, retry: bool = True) -> None:
+    def declare_lost(
+        self, worker: WorkerRecord, how: str, cause: DeathCause, retry: bool = True
+    ) -> None:
         """Give up on a live but silent, hung or unreachable worker: settle, stop, reap.
 
-        ``cause`` is a short word for metrics: heartbeat, hello_timeout,
-        unreachable, batch_timeout. ``retry`` False answers its requests 503.
+        ``cause`` is what the metrics count it as. ``retry`` False answers its requests 503.
         """
         if worker.state in (State.RESTARTING, State.FAILED, State.STOPPED):
             return
@@ -362,7 +364,7 @@ class Supervisor:
             return
         self._count_death(cause)
         worker.verdict = Death(cause, how)
-        log.error("worker %d %s; replacing it", worker.slot, how)
+        log.error("%s %s; replacing it", worker.name, how)
         # Read by _reap, which sees RESTARTING: a silent ready worker did boot.
         worker.lost_when_ready = worker.state is State.READY
         worker.state = State.RESTARTING
@@ -413,11 +415,15 @@ class Supervisor:
                 limit = allowed if worker.state is State.READY else max(allowed, BOOT_SLACK_S)
                 if age is not None and age > limit:
                     self.declare_lost(
-                        worker, f"sent no heartbeat for {age:.1f}s (hung); killed", "heartbeat"
+                        worker,
+                        f"sent no heartbeat for {age:.1f}s (hung); killed",
+                        DeathCause.HEARTBEAT,
                     )
                 elif age is None and now - (worker.spawned_at or now) > HELLO_TIMEOUT_S:
                     self.declare_lost(
-                        worker, f"did not say hello within {HELLO_TIMEOUT_S:.0f}s", "hello_timeout"
+                        worker,
+                        f"did not say hello within {HELLO_TIMEOUT_S:.0f}s",
+                        DeathCause.HELLO_TIMEOUT,
                     )
             await self._sleep(interval)
 
@@ -441,7 +447,7 @@ class Supervisor:
             worker.pid = hello.get("pid", worker.pid)
             worker.host = hello.get("host")
             if worker.remote and worker.state in (State.STOPPED, State.RESTARTING):
-                log.info("remote worker %d (%s) is back", worker.slot, worker.uid)
+                log.info("remote %s (%s) is back", worker.name, worker.uid)
                 worker.state = State.STARTING
         elif kind == protocol.LOADING:
             worker.state = State.LOADING
@@ -449,10 +455,10 @@ class Supervisor:
             self._on_ready(worker, cast(protocol.ReadyHeader, message))
         elif kind == protocol.ERROR:
             worker.last_error = str(cast(protocol.ErrorHeader, message).get("message"))
-            log.error("worker %d: %s", worker.slot, worker.last_error)
+            log.error("%s: %s", worker.name, worker.last_error)
         elif kind == protocol.BYE:
             reason = cast(protocol.ByeHeader, message).get("reason")
-            log.info("worker %d says bye: %s", worker.slot, reason)
+            log.info("%s says bye: %s", worker.name, reason)
 
     def _check_batch_time(self, worker: WorkerRecord, batch_s: object) -> None:
         """Kill a worker whose forward pass has run past --max-batch-seconds.
@@ -466,7 +472,7 @@ class Supervisor:
         if limit is None or not isinstance(batch_s, int | float) or batch_s <= limit:
             return
         how = f"was killed: its batch ran longer than {limit:g} s (--max-batch-seconds)"
-        self.declare_lost(worker, how, "batch_timeout", retry=False)
+        self.declare_lost(worker, how, DeathCause.BATCH_TIMEOUT, retry=False)
 
     def _on_ready(self, worker: WorkerRecord, message: protocol.ReadyHeader) -> None:
         if worker.state not in (State.STARTING, State.LOADING):
@@ -481,11 +487,11 @@ class Supervisor:
         worker.boot_failures = worker.crash_boots = 0
         worker.last_error = None
         self._pool.ever_ready = True
-        log.info("worker %d ready in %.2fs", worker.slot, worker.load_seconds or 0.0)
+        log.info("%s ready in %.2fs", worker.name, worker.load_seconds or 0.0)
         if worker.role is Role.SUCCESSOR:
             self._reconcile_soon()  # which hands its slot over
             return
-        self.serve(worker)
+        self.put_in_service(worker)
 
     def admit_remote(self, uid: str, message: dict[str, Any]) -> WorkerRecord | None:
         """A worker we did not spawn says hello over --bind (CURVE already checked it)."""
@@ -505,7 +511,7 @@ class Supervisor:
         )
         self._pool.remote.append(worker)
         self._pool.register(worker)
-        log.info("remote worker %d joined: %s from %s", worker.slot, uid, hello.get("host"))
+        log.info("remote %s joined: %s from %s", worker.name, uid, hello.get("host"))
         return worker
 
     # --- scaling -----------------------------------------------------------------
@@ -547,7 +553,7 @@ class Supervisor:
         This only asks for the reload; the reconcile step carries it out.
         """
         if self._stopping:
-            raise Unavailable("the server is shutting down")
+            raise Unavailable(SHUTTING_DOWN)
         reload = self._succession.begin_reload(settings or self._settings)
         self._reconcile_soon()
         try:
@@ -556,7 +562,7 @@ class Supervisor:
             self._reconcile_soon()  # which stops its successors
             raise
 
-    # The acts succession asks for (gateway.succession.Acts).
+    # The acts succession asks for (gateway.pool.succession.Acts).
 
     def retire(
         self, worker: WorkerRecord, reason: str, drain: bool = True, cause: str = "recycle"
@@ -566,8 +572,8 @@ class Supervisor:
         ``cause`` (recycle, reload, scale_down) and ``reason`` are what its end is
         logged as, and shown as its slot's last_death.
         """
-        if worker in self._pool.extra:
-            self._pool.extra.remove(worker)
+        if worker in self._pool.handovers:
+            self._pool.handovers.remove(worker)
         worker.role = Role.RETIRING
         worker.verdict = Death(cause, reason)
         if not drain:
@@ -577,12 +583,12 @@ class Supervisor:
             self._pool.forget(worker)
             worker.state = State.STOPPED
             return
-        self._pool.extra.append(worker)  # until it is reaped
+        self._pool.handovers.append(worker)  # until it is reaped
         self._send_control(worker, {"t": protocol.STOP, "reason": reason})
         # A worker answers all it holds before it acts on STOP; it gets no new work.
         self._background(self._drain_then_stop(process) if drain else process.stop(STOP_GRACE_S))
 
-    def serve(self, worker: WorkerRecord) -> None:
+    def put_in_service(self, worker: WorkerRecord) -> None:
         """``worker`` is ready in its slot: give it the waiting work, tell the observer."""
         self._dispatcher.pump()
         if self.on_ready is not None:
@@ -599,8 +605,8 @@ class Supervisor:
 
     def _retired(self, worker: WorkerRecord, death: Death) -> None:
         """A retiring worker exited (drained, or let go of)."""
-        if worker in self._pool.extra:
-            self._pool.extra.remove(worker)
+        if worker in self._pool.handovers:
+            self._pool.handovers.remove(worker)
         self._pool.forget(worker)
         worker.state = State.STOPPED
         log.info(
@@ -629,8 +635,9 @@ class Supervisor:
     # --- helpers ---------------------------------------------------------------
 
     def _count_death(self, cause: str) -> None:
+        """One unplanned death, by a DeathCause (a str enum) or its value."""
         if self.on_death is not None:
-            self.on_death(cause)
+            self.on_death(DeathCause(cause).value)
 
     def _send_control(
         self, worker: WorkerRecord, message: protocol.BeatHeader | protocol.StopHeader

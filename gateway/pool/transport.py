@@ -38,9 +38,6 @@ REMOTE = 1
 # (link, identity, header, payload frames) -> None
 Handler = Callable[[int, bytes, dict[str, object], list[bytes]], None]
 
-# Frames up to this size are copied into the socket: cheaper than tracking a
-# zero-copy frame. Bigger bodies (large tensors) go zero-copy.
-ZERO_COPY_BYTES = 64 * 1024
 
 # pyzmq's constants are enum.Flag members, and every operation on one (``|``,
 # ``&``, and send_multipart's ``SNDMORE | flags``) builds a Flag through
@@ -156,7 +153,7 @@ class ZmqTransport:
                 if i < last:
                     sock.send(frame, _MORE)
                 else:
-                    sock.send(frame, _NOBLOCK, copy=len(frame) < ZERO_COPY_BYTES)
+                    sock.send(frame, _NOBLOCK, copy=len(frame) < protocol.ZERO_COPY_BYTES)
         finally:
             if link < self._draining or self._draining < 0:
                 self._schedule_drain()

@@ -42,6 +42,43 @@ class State(str, enum.Enum):
 
 # A record in one of these states will be ready unless it dies first.
 _ON_THE_WAY = frozenset({State.STARTING, State.LOADING, State.RESTARTING})
+# A READY worker that holds requests, as /health and the metrics show it.
+BUSY = "busy"
+# Every state a worker is shown in (/health, the metrics' state series), in order.
+SHOWN_STATES: tuple[str, ...] = tuple(
+    shown
+    for state in State
+    for shown in ((state.value, BUSY) if state is State.READY else (state.value,))
+)
+
+
+class DeathCause(str, enum.Enum):
+    """Why a worker died unplanned, as the metrics count it (``worker_deaths``)."""
+
+    SIGNAL = "signal"
+    EXIT = "exit"
+    LOAD_FAILED = "load_failed"
+    HEARTBEAT = "heartbeat"
+    HELLO_TIMEOUT = "hello_timeout"
+    UNREACHABLE = "unreachable"
+    BATCH_TIMEOUT = "batch_timeout"
+    KILLED_OUTSIDE = "killed_outside"
+    OOM = "oom"
+
+    @property
+    def explained(self) -> str:
+        """The cause with a word on what it means, where its name does not say."""
+        note = _DEATH_NOTES.get(self)
+        return f"{self.value} ({note})" if note else self.value
+
+
+_DEATH_NOTES = {
+    DeathCause.EXIT: "non-zero or unexpected",
+    DeathCause.HEARTBEAT: "went silent",
+    DeathCause.BATCH_TIMEOUT: "a forward pass ran past --max-batch-seconds",
+    DeathCause.KILLED_OUTSIDE: "a SIGKILL the gateway did not send",
+    DeathCause.OOM: "a SIGKILL the cgroup counts as the OOM killer's",
+}
 
 
 @dataclass
@@ -122,6 +159,12 @@ class WorkerRecord:
         return f"{prefix}{self.slot}.{self.generation}"
 
     @property
+    def name(self) -> str:
+        """How logs name it: ``demo worker 0``, its model then its slot, so the
+        workers of two models are never confused."""
+        return f"{self.model} worker {self.slot}" if self.model else f"worker {self.slot}"
+
+    @property
     def remote(self) -> bool:
         return self.remote_uid is not None
 
@@ -155,7 +198,7 @@ class WorkerRecord:
 
     def shown_state(self) -> str:
         if self.state is State.READY and self.inflight:
-            return "busy"
+            return BUSY
         return self.state.value
 
     def heartbeat_age(self, now: float | None = None) -> float | None:
@@ -194,8 +237,9 @@ class Pool:
     """All worker records, looked up by wire identity.
 
     ``workers`` holds the local slots (index == slot), ``remote`` the workers that
-    joined over --bind; both serve. ``extra`` holds the successors and retiring
-    workers of a recycle, a reload or a scale-down: alive, but not (or no longer) serving.
+    joined over --bind; both serve. ``handovers`` holds the workers of a hand-over:
+    the successors and retiring workers of a recycle, a reload or a scale-down,
+    alive, but not (or no longer) serving.
     """
 
     REMOTE_IDS_FROM = 1000
@@ -205,7 +249,7 @@ class Pool:
         self._generations = itertools.count()
         self.workers = [WorkerRecord(p, next(self._generations), model=model) for p in placements]
         self.remote: list[WorkerRecord] = []
-        self.extra: list[WorkerRecord] = []
+        self.handovers: list[WorkerRecord] = []
         self._by_uid = {w.uid: w for w in self.workers}
         self._remote_ids = itertools.count(self.REMOTE_IDS_FROM)
         # True once any worker has been ready: from then on load failures are
@@ -283,7 +327,7 @@ class Pool:
         return [*self.workers, *self.remote] if self.remote else self.workers
 
     def all_records(self) -> list[WorkerRecord]:
-        return [*self.workers, *self.remote, *self.extra]
+        return [*self.workers, *self.remote, *self.handovers]
 
     def ready_workers(self) -> list[WorkerRecord]:
         return [w for w in self.serving() if w.ready]

@@ -20,7 +20,7 @@ from typing import Any, Final, Protocol
 
 import torch
 
-from shared.errors import ModelFailure, RequestError, ShapeMismatch
+from shared.errors import ModelFailure, PayloadTooLarge, RequestError, ShapeMismatch
 from worker import pytree
 from worker.codec import tensors
 
@@ -45,6 +45,12 @@ class InputSpec:
     accepts: tuple[str, ...] | None = None
 
 
+def check_body_size(body: bytes | memoryview, max_bytes: int) -> None:
+    """413 when a body (as received, or inflated) is longer than ``max_bytes``."""
+    if len(body) > max_bytes:
+        raise PayloadTooLarge(f"body of {len(body)} bytes exceeds the limit of {max_bytes}")
+
+
 class Codec(Protocol):
     """One wire format (``fmt``): a REQUEST body in, a REPLY body out."""
 
@@ -53,7 +59,7 @@ class Codec(Protocol):
         ...
 
     def encode(self, context: Any, result: Any) -> tuple[bytes, str, dict[str, Any]]:
-        """-> (REPLY body, its fmt, extra REPLY header fields)."""
+        """-> (REPLY body, its fmt, more REPLY header fields)."""
         ...
 
 

@@ -33,20 +33,18 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-import orjson
 import torch
 import torch.nn.functional as F
 
 from shared import openai_api
-from shared.errors import ModelFailure, ModelLoadError, PayloadTooLarge, RequestError
+from shared.errors import ModelFailure, ModelLoadError, RequestError
 from shared.openai_api import EmbeddingsRequest, TextRequest
 from worker import pytree
-from worker.codec import tensors
-from worker.codec.inputs import InputSpec, prepare
+from worker.codec import jsonio, tensors
+from worker.codec.inputs import InputSpec, check_body_size, prepare
 
 JSON: Final = "application/json"
 FINISH_REASONS: Final = ("stop", "length")
-_JSON_OPTIONS: Final = orjson.OPT_SERIALIZE_NUMPY
 # Vectors whose norms are all this close to 1 are taken for unit length.
 _UNIT_TOLERANCE: Final = 1e-3
 
@@ -71,11 +69,6 @@ def declared_routes(handler: object, streams: bool) -> list[str]:
             "time; an embedder needs predict(batch)"
         )
     return list(routes)
-
-
-def _check_size(body: bytes | memoryview, limit: int) -> None:
-    if len(body) > limit:
-        raise PayloadTooLarge(f"body of {len(body)} bytes exceeds the limit of {limit}")
 
 
 def _prompt_tokens(inputs: Any) -> int:
@@ -107,7 +100,7 @@ class EmbeddingsCodec:
     def decode(
         self, header: Mapping[str, Any], body: bytes | memoryview
     ) -> tuple[Any, EmbeddingsContext]:
-        _check_size(body, self.spec.max_bytes)
+        check_body_size(body, self.spec.max_bytes)
         request = openai_api.parse(openai_api.EMBEDDINGS, body)
         assert isinstance(request, EmbeddingsRequest)
         if self._streams:
@@ -145,7 +138,7 @@ class EmbeddingsCodec:
                 "total_tokens": context.prompt_tokens,
             },
         }
-        return orjson.dumps(document, option=_JSON_OPTIONS), "json", {}
+        return jsonio.dump(document), "json", {}
 
 
 def _vectors(result: Any, count: int) -> torch.Tensor:
@@ -210,7 +203,7 @@ class TextCodec:
         self._template = chat_template_of(handler)
 
     def decode(self, header: Mapping[str, Any], body: bytes | memoryview) -> tuple[Any, Any]:
-        _check_size(body, self.spec.max_bytes)
+        check_body_size(body, self.spec.max_bytes)
         request = openai_api.parse(self.route, body)
         assert isinstance(request, TextRequest)
         path = openai_api.PATHS[self.route]
@@ -397,4 +390,4 @@ class TextContext:
 
     @staticmethod
     def _dump(document: dict[str, Any]) -> bytes:
-        return orjson.dumps(document)
+        return jsonio.dump(document)

@@ -1,6 +1,6 @@
 """``/predict`` bodies: the envelope ``{"input_tensor": ...}`` in, ``{"prediction": ...}`` out.
 
-Two body formats (see :mod:`shared.protocol`), one :class:`~worker.inputs.Codec` each:
+Two body formats (see :mod:`shared.protocol`), one :class:`~worker.codec.inputs.Codec` each:
 
 - ``json``: ``{"input_tensor": <nested list>}``, strict RFC 8259 (NaN and
   Infinity are refused);
@@ -8,7 +8,7 @@ Two body formats (see :mod:`shared.protocol`), one :class:`~worker.inputs.Codec`
   (or a nested list).
 
 Only the envelope is read here; the payload goes through
-:func:`worker.inputs.prepare` and the tensor conversions of
+:func:`worker.codec.inputs.prepare` and the tensor conversions of
 :mod:`worker.codec.tensors`, which the Open Inference Protocol formats
 (:mod:`worker.codec.v2`) share. Every decoding failure is a
 :class:`shared.errors.RequestError` (400) whose message says what was wrong,
@@ -20,17 +20,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Final
 
-import orjson
 import torch
 
 from shared import protocol
-from shared.errors import ModelFailure, PayloadTooLarge, RequestError
-from worker.codec import tensors
-from worker.codec.inputs import INPUT_KEY, InputSpec, check_not_empty, prepare
+from shared.errors import ModelFailure, RequestError
+from worker.codec import jsonio, tensors
+from worker.codec.inputs import INPUT_KEY, InputSpec, check_body_size, check_not_empty, prepare
 
 OUTPUT_KEY: Final = "prediction"
-
-_JSON_OPTIONS: Final = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS
 
 
 class JsonCodec:
@@ -75,11 +72,7 @@ class MsgpackCodec:
 def parse_json_body(body: bytes | memoryview, max_bytes: int) -> Any:
     """The ``input_tensor`` value of a JSON body, still as parsed JSON."""
     check_body_size(body, max_bytes)
-    try:
-        doc = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise RequestError(f"body is not valid JSON: {exc}") from exc
-    return _input_value(doc)
+    return _input_value(jsonio.parse(body))
 
 
 def parse_msgpack_body(body: bytes | memoryview, max_bytes: int) -> Any:
@@ -92,11 +85,6 @@ def parse_msgpack_body(body: bytes | memoryview, max_bytes: int) -> Any:
     if isinstance(value, Mapping):
         return tensor_from_wire(value, max_bytes)
     return value
-
-
-def check_body_size(body: bytes | memoryview, max_bytes: int) -> None:
-    if len(body) > max_bytes:
-        raise PayloadTooLarge(f"body of {len(body)} bytes exceeds the limit of {max_bytes}")
 
 
 def _input_value(doc: Any) -> Any:
@@ -119,20 +107,7 @@ def tensor_from_wire(value: Mapping[str, Any], max_bytes: int) -> torch.Tensor:
 
 def encode_json(result: Any) -> bytes:
     """A model result as ``{"prediction": ...}`` JSON; ModelFailure if it cannot be."""
-    try:
-        return orjson.dumps({OUTPUT_KEY: _to_json(result)}, option=_JSON_OPTIONS)
-    except TypeError as exc:
-        raise ModelFailure(f"model output cannot be encoded as JSON: {exc}") from exc
-
-
-def _to_json(obj: Any) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return tensors.json_ready(obj)
-    if isinstance(obj, Mapping):
-        return {key: _to_json(value) for key, value in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_to_json(value) for value in obj]
-    return obj
+    return jsonio.dump({OUTPUT_KEY: jsonio.jsonable(result)})
 
 
 def tensor_to_wire(tensor: torch.Tensor) -> dict[str, Any]:

@@ -24,12 +24,11 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 
 from shared import protocol
 from shared.errors import RequestError, UnsupportedMediaType
-from worker.codec.inputs import InputSpec, prepare
-from worker.codec.predict import check_body_size, encode_json
+from shared.media import OCTET_STREAM, media_type
+from worker.codec.inputs import InputSpec, check_body_size, prepare
+from worker.codec.predict import encode_json
 
 MULTIPART: Final = "multipart/form-data"
-# What a body without a Content-Type is taken for (RFC 9110, 8.3).
-_UNKNOWN: Final = "application/octet-stream"
 
 
 class RawCodec:
@@ -40,7 +39,7 @@ class RawCodec:
 
     def decode(self, header: Mapping[str, Any], body: bytes | memoryview) -> tuple[Any, None]:
         check_body_size(body, self.spec.max_bytes)
-        ctype = str(header.get("ctype") or _UNKNOWN)
+        ctype = str(header.get("ctype") or OCTET_STREAM)
         media = media_type(ctype)
         if self.spec.preprocess is None:
             raise UnsupportedMediaType(
@@ -55,11 +54,6 @@ class RawCodec:
 
     def encode(self, context: Any, result: Any) -> tuple[bytes, str, dict[str, Any]]:
         return encode_json(result), protocol.FMT_JSON, {}
-
-
-def media_type(ctype: str) -> str:
-    """``"Text/Plain; charset=utf-8"`` -> ``"text/plain"``."""
-    return ctype.partition(";")[0].strip().lower() or _UNKNOWN
 
 
 def check_accepted(media: str, accepts: Sequence[str] | None) -> None:

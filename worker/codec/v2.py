@@ -33,19 +33,17 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
-import orjson
 import torch
 
 from shared import protocol
 from shared.errors import ModelFailure, PayloadTooLarge, RequestError
-from worker.codec import tensors
-from worker.codec.inputs import InputSpec, check_not_empty, prepare
+from shared.media import ENCODINGS, content_encoding
+from worker.codec import jsonio, tensors
+from worker.codec.inputs import InputSpec, check_body_size, check_not_empty, prepare
 
 FORMATS: Final = frozenset({protocol.FMT_V2_JSON, protocol.FMT_V2_BINARY})
 BYTES: Final = "BYTES"
 
-# zlib window bits for each Content-Encoding.
-_WBITS: Final = {"gzip": 31, "deflate": 15}
 _LENGTH_PREFIX = struct.Struct("<I")
 
 
@@ -91,8 +89,7 @@ def decode_request(
     """A ``v2json``/``v2binary`` REQUEST -> the model input and the reply's context."""
     max_bytes = spec.max_bytes
     body = _inflate(body, header.get("encoding"), max_bytes)
-    if len(body) > max_bytes:
-        raise PayloadTooLarge(f"body of {len(body)} bytes exceeds the limit of {max_bytes}")
+    check_body_size(body, max_bytes)
     view = memoryview(body)
     if header.get("fmt") == protocol.FMT_V2_BINARY:
         json_len = header.get("json_len")
@@ -104,10 +101,7 @@ def decode_request(
         document, binary = view[:json_len], view[json_len:]
     else:
         document, binary = view, view[:0]
-    try:
-        doc = orjson.loads(document)
-    except orjson.JSONDecodeError as exc:
-        raise RequestError(f"inference request is not valid JSON: {exc}") from exc
+    doc = jsonio.parse(document, "inference request")
     if not isinstance(doc, dict):
         raise RequestError('inference request must be an object like {"inputs": [...]}')
     request_id = doc.get("id")
@@ -116,7 +110,7 @@ def decode_request(
     binary_default = _flag(_parameters(doc, "request"), "binary_data_output")
     context = V2Context(
         str(header.get("model", "")),
-        str(header.get("version", "1")),
+        str(header.get("version", protocol.MODEL_VERSION)),
         request_id,
         _wanted(doc.get("outputs"), binary_default),
         binary_default,
@@ -130,10 +124,10 @@ def _inflate(body: bytes | memoryview, encoding: Any, max_bytes: int) -> bytes |
     """Undo the HTTP Content-Encoding, never producing more than ``max_bytes``."""
     if encoding is None:
         return body
-    wbits = _WBITS.get(str(encoding))
-    if wbits is None:
-        raise RequestError(f"Content-Encoding {encoding!r} is not supported; use gzip or deflate")
-    inflater = zlib.decompressobj(wbits)
+    encoding = content_encoding(str(encoding))
+    if encoding is None:
+        return body
+    inflater = zlib.decompressobj(ENCODINGS[encoding])
     try:
         data = inflater.decompress(body, max_bytes + 1)
     except zlib.error as exc:
@@ -341,7 +335,7 @@ def describe_outputs(result: Any) -> list[dict[str, Any]] | None:
 
 
 def encode_reply(context: V2Context, result: Any) -> tuple[bytes, str, dict[str, Any]]:
-    """A model result -> (body, fmt, extra REPLY header fields) of the v2 response."""
+    """A model result -> (body, fmt, more REPLY header fields) of the v2 response."""
     pairs = named_outputs(result)
     if context.wanted is None:
         chosen = [(name, tensor, context.binary_default) for name, tensor in pairs]
@@ -366,16 +360,13 @@ def encode_reply(context: V2Context, result: Any) -> tuple[bytes, str, dict[str,
             output["parameters"] = {"binary_data_size": raw.nbytes}
             buffers.append(raw)
         else:
-            output["data"] = tensors.json_ready(tensor.reshape(-1))
+            output["data"] = jsonio.jsonable(tensor.reshape(-1))
         outputs.append(output)
     document: dict[str, Any] = {"model_name": context.model, "model_version": context.version}
     if context.request_id is not None:
         document["id"] = context.request_id
     document["outputs"] = outputs
-    try:
-        head = orjson.dumps(document, option=orjson.OPT_SERIALIZE_NUMPY)
-    except TypeError as exc:
-        raise ModelFailure(f"model output cannot be encoded as JSON: {exc}") from exc
+    head = jsonio.dump(document)
     if not buffers:
         return head, protocol.FMT_V2_JSON, {}
     body = b"".join([head, *buffers])

@@ -4,7 +4,7 @@ Pure logic with no sockets, so it is tested in-process:
 
 - :func:`collect` takes up to ``max_rows`` rows of work: whatever is already
   waiting, without blocking; then, while room is left, it waits for more only
-  as long as the :class:`worker.pacing.Pacer` says waiting can pay. A lone
+  as long as the :class:`worker.serve.pacing.Pacer` says waiting can pay. A lone
   request runs at once and never waits.
 - :func:`group` puts together requests whose inputs can be combined: the same
   pytree structure and, leaf by leaf, the same dtype and shape. With padding

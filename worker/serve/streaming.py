@@ -34,22 +34,20 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-import orjson
 import torch
 import zmq
 
 from shared import protocol
 from shared.errors import (
     DeadlineExceeded,
-    ModelFailure,
-    PayloadTooLarge,
     RequestError,
     TorchpoolError,
     Unavailable,
 )
 from worker import pytree
+from worker.codec import jsonio
 from worker.codec import v2 as v2codec
-from worker.codec.inputs import Codec, InputSpec, prepare
+from worker.codec.inputs import Codec, InputSpec, check_body_size, prepare
 from worker.codec.openai import TextContext
 from worker.control import WorkerState
 from worker.model.handler import positional_count
@@ -57,11 +55,8 @@ from worker.model.loading import LoadedModel
 from worker.serve.batching import Job
 from worker.serve.failure import model_failure
 
-# Credit of a stream whose REQUEST names none.
-DEFAULT_CREDIT: Final = 8
 # The timeout of a request that names none (a gateway always does).
 _NO_TIMEOUT_S: Final = 3600.0
-_JSON_OPTIONS: Final = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS
 # Messages for a stream; one for a stream that has ended is ignored.
 STREAM_CONTROL: Final = frozenset({protocol.CANCEL, protocol.CREDIT})
 
@@ -111,14 +106,8 @@ class GenerateCodec:
     def decode(
         self, header: Mapping[str, Any], body: bytes | memoryview
     ) -> tuple[Any, GenerateContext]:
-        if len(body) > self.spec.max_bytes:
-            raise PayloadTooLarge(
-                f"body of {len(body)} bytes exceeds the limit of {self.spec.max_bytes}"
-            )
-        try:
-            doc = orjson.loads(body)
-        except orjson.JSONDecodeError as exc:
-            raise RequestError(f"body is not valid JSON: {exc}") from exc
+        check_body_size(body, self.spec.max_bytes)
+        doc = jsonio.parse(body)
         if not isinstance(doc, dict):
             raise RequestError('a generate body is an object like {"text_input": "..."}')
         parameters = doc.get("parameters", {})
@@ -131,13 +120,16 @@ class GenerateCodec:
             )
         value = prepare(doc[names[0]], self.content_type, self.spec, names[0])
         context = GenerateContext(
-            str(header.get("model", "")), str(header.get("version", "")), parameters
+            str(header.get("model", "")),
+            str(header.get("version", protocol.MODEL_VERSION)),
+            parameters,
         )
         return value, context
 
     def encode(self, context: Any, result: Any) -> tuple[bytes, str, dict[str, Any]]:
         """One answer from a model that does not stream (the gateway sends it none)."""
-        return dump_json(_generate_document(context, generate_fields(result))), "json", {}
+        document = _generate_document(context, generate_fields(result))
+        return jsonio.dump(document), protocol.FMT_JSON, {}
 
 
 class StreamRunner:
@@ -176,7 +168,7 @@ class StreamRunner:
         deadline = job.deadline if job.deadline is not None else time.monotonic() + _NO_TIMEOUT_S
         self._streams[job.request_id] = _Stream(
             stream=header.get("stream") is True,
-            credit=credit if isinstance(credit, int) and credit > 0 else DEFAULT_CREDIT,
+            credit=credit if isinstance(credit, int) and credit > 0 else protocol.STREAM_CREDIT,
             deadline=deadline,
         )
 
@@ -187,7 +179,7 @@ class StreamRunner:
             return
         stream = self._streams.pop(job.request_id, None)
         if stream is None:
-            stream = _Stream(False, DEFAULT_CREDIT, time.monotonic() + _NO_TIMEOUT_S)
+            stream = _Stream(False, protocol.STREAM_CREDIT, time.monotonic() + _NO_TIMEOUT_S)
         if isinstance(job.context, v2codec.V2Context):
             self._reply_error(
                 job.request_id,
@@ -352,8 +344,8 @@ class StreamRunner:
 
     def _chunk_body(self, job: Job, item: Any) -> bytes:
         if isinstance(job.context, GenerateContext):
-            return dump_json(_generate_document(job.context, generate_fields(item)))
-        return dump_json({"output": jsonable(item)})
+            return jsonio.dump(_generate_document(job.context, generate_fields(item)))
+        return jsonio.dump({"output": jsonio.jsonable(item)})
 
     def _send_chunk(self, request_id: int, seq: int, body: bytes) -> None:
         header = protocol.pack({"t": protocol.CHUNK, "id": request_id, "seq": seq})
@@ -363,14 +355,14 @@ class StreamRunner:
             print("torchpool worker: a chunk was dropped: gateway not reachable", file=sys.stderr)
 
     def _reply_collected(self, job: Job, outputs: list[Any]) -> None:
-        extra: dict[str, Any] = {}
+        reply_fields: dict[str, Any] = {}
         if isinstance(job.context, GenerateContext):
             merged = merge_fields([generate_fields(item) for item in outputs])
-            body, fmt = dump_json(_generate_document(job.context, merged)), protocol.FMT_JSON
+            body, fmt = jsonio.dump(_generate_document(job.context, merged)), protocol.FMT_JSON
         else:
-            body, fmt, extra = self._codecs[job.fmt].encode(job.context, outputs)
+            body, fmt, reply_fields = self._codecs[job.fmt].encode(job.context, outputs)
         reply = {"t": protocol.REPLY, "id": job.request_id, "code": protocol.OK, "fmt": fmt}
-        self._send([protocol.pack({**reply, **extra}), body])
+        self._send([protocol.pack({**reply, **reply_fields}), body])
 
 
 def with_parameters(stream: Callable[..., Any]) -> Callable[[Any, dict[str, Any]], Any]:
@@ -389,35 +381,14 @@ def _generate_document(context: GenerateContext, fields: dict[str, Any]) -> dict
     return {"model_name": context.model, "model_version": context.version, **fields}
 
 
-def jsonable(obj: Any) -> Any:
-    """An output with its tensors as nested lists (half floats widened), ready for JSON."""
-    if isinstance(obj, torch.Tensor):
-        tensor = obj.detach().cpu()
-        if tensor.dtype in (torch.bfloat16, torch.float16):
-            tensor = tensor.float()
-        return tensor.tolist()
-    if isinstance(obj, Mapping):
-        return {key: jsonable(value) for key, value in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [jsonable(value) for value in obj]
-    return obj
-
-
-def dump_json(document: Any) -> bytes:
-    try:
-        return orjson.dumps(document, option=_JSON_OPTIONS)
-    except TypeError as exc:
-        raise ModelFailure(f"model output cannot be encoded as JSON: {exc}") from exc
-
-
 def generate_fields(item: Any) -> dict[str, Any]:
     """One output as generate response fields: a dict's own keys, a string as
     ``text_output`` (Triton's name for generated text), anything else as ``output__0``."""
     if isinstance(item, Mapping):
-        return {str(key): jsonable(value) for key, value in item.items()}
+        return {str(key): jsonio.jsonable(value) for key, value in item.items()}
     if isinstance(item, str):
         return {"text_output": item}
-    return {"output__0": jsonable(item)}
+    return {"output__0": jsonio.jsonable(item)}
 
 
 def merge_fields(items: list[dict[str, Any]]) -> dict[str, Any]:

@@ -18,7 +18,8 @@ from typing import Any, Final
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from gateway.api.http import not_ready_reason, server_not_ready_reason
+from gateway.api.http import server_not_ready_reason
+from gateway.pool.model import not_ready_reason
 from gateway.pool.runtime import Runtime
 
 WATCH_INTERVAL_S: Final = 0.5

@@ -32,21 +32,21 @@ from google.protobuf import json_format
 
 from gateway.api import triton, v2
 from gateway.api.admin import admin_check
-from gateway.api.auth import parse_tokens, token_matches
+from gateway.api.auth import parse_tokens, require_api_key
 from gateway.api.grpc import convert
 from gateway.api.grpc.generated import grpc_predict_v2_pb2 as pb
 from gateway.api.grpc.generated import grpc_predict_v2_pb2_grpc as pb_grpc
 from gateway.api.grpc.status import Unimplemented, status_code
-from gateway.api.http import not_ready_reason, server_not_ready_reason
+from gateway.api.http import server_not_ready_reason
 from gateway.api.metrics import Metrics
 from gateway.api.sse import model_streams
 from gateway.api.stats import model_statistics
 from gateway.pool import streams
-from gateway.pool.model import ModelRuntime
+from gateway.pool.model import ModelRuntime, not_ready_reason
 from gateway.pool.runtime import Runtime
 from gateway.pool.streams import StreamPending
 from shared import protocol
-from shared.errors import RequestError, TorchpoolError, Unauthorized, Unavailable
+from shared.errors import SHUTTING_DOWN, RequestError, TorchpoolError, Unavailable
 
 SERVICE: Final = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 
@@ -99,7 +99,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         code = "OK"
         try:
             if self._runtime.draining and method != "ServerLive":
-                raise Unavailable("the server is shutting down")
+                raise Unavailable(SHUTTING_DOWN)
             if key:
                 self._check_key(context)
             if admin:
@@ -121,8 +121,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             self._metrics.observe_grpc(method, code, seconds, call.model, inference)
 
     def _check_key(self, context: Context) -> None:
-        if self._keys and not token_matches(_metadata(context, "authorization"), self._keys):
-            raise Unauthorized("a valid API key is required: Authorization: Bearer KEY")
+        if self._keys:
+            require_api_key(_metadata(context, "authorization"), self._keys)
 
     def _check_admin(self, context: Context) -> None:
         if not self._admin_token:
@@ -221,7 +221,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         dispatcher = model.dispatcher
         pending = dispatcher.enqueue(protocol.FMT_V2_BINARY, body, context.time_remaining(), extra)
         reply = await dispatcher.result(pending)  # cancelled: dropped from the queue if there
-        reply_len = reply.extra.get("json_len")
+        reply_len = reply.fields.get("json_len")
         binary = reply.fmt == protocol.FMT_V2_BINARY and isinstance(reply_len, int)
         return convert.infer_response(reply.body, reply_len if binary else None)
 
@@ -232,7 +232,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
         try:  # refused before its first request: draining, or no valid key
             if self._runtime.draining:
-                raise Unavailable("the server is shutting down")
+                raise Unavailable(SHUTTING_DOWN)
             self._check_key(context)
         except TorchpoolError as exc:
             status = status_code(exc)
@@ -243,7 +243,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             code, name = "OK", ""
             try:
                 if self._runtime.draining:
-                    raise Unavailable("the server is shutting down")
+                    raise Unavailable(SHUTTING_DOWN)
                 call = _Call()
                 model = self._model(call, request.model_name, request.model_version)
                 name = model.name

@@ -31,10 +31,17 @@ from typing import TYPE_CHECKING, Any, Final
 import orjson
 from starlette.types import Receive, Scope, Send
 
-from gateway.api.auth import token_matches
-from gateway.api.http import JSON, read_body, run_request, send_response, timeout_header
+from gateway.api.auth import require_api_key
+from gateway.api.http import (
+    JSON,
+    read_body,
+    request_headers,
+    run_request,
+    send_response,
+    timeout_header,
+)
 from gateway.api.openai import errors
-from gateway.api.predict import TIMEOUT_HEADER, Observer
+from gateway.api.predict import Observer
 from gateway.api.sse import Framing, write_stream
 from shared import openai_api, protocol
 from shared.errors import (
@@ -43,7 +50,6 @@ from shared.errors import (
     PayloadTooLarge,
     RequestError,
     TorchpoolError,
-    Unauthorized,
 )
 
 if TYPE_CHECKING:
@@ -105,17 +111,11 @@ class OpenAIHandler:
         status = 200
         served = ""
         try:
-            declared = authorization = timeout = None
-            for key, value in scope["headers"]:  # one pass, as /predict reads them
-                if key == b"content-length":
-                    declared = value
-                elif key == b"authorization":
-                    authorization = value
-                elif key == TIMEOUT_HEADER:
-                    timeout = value
+            headers = request_headers(scope)  # one pass, as /predict reads them
+            declared, timeout = headers.content_length, headers.timeout
             try:
-                if self._keys and not token_matches(authorization, self._keys):
-                    raise Unauthorized("a valid API key is required: Authorization: Bearer KEY")
+                if self._keys:
+                    require_api_key(headers.authorization, self._keys)
                 runtime = self._runtime_of()
                 if route is None:
                     if label == _UNKNOWN:
@@ -210,6 +210,6 @@ async def _plain_error(send: Send, status: int, message: str, allow: str = "") -
     """A 404 for a path or a 405 (``allow``: the method to use), in OpenAI's shape."""
     code = "method_not_allowed" if allow else "unknown_url"
     error = {"message": message, "type": errors.INVALID_REQUEST, "param": None, "code": code}
-    extra = [(b"allow", allow.encode())] if allow else []
-    await send_response(send, status, orjson.dumps({"error": error}), _JSON, extra)
+    allowed = [(b"allow", allow.encode())] if allow else []
+    await send_response(send, status, orjson.dumps({"error": error}), _JSON, allowed)
     return status
