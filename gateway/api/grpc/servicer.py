@@ -1,7 +1,7 @@
 """``inference.GRPCInferenceService``: KServe's RPCs and Triton's, on the HTTP side's rules.
 
 Every call goes through the same runtime as REST: the model's dispatcher (its
-queue, credit, deadline and one retry after a worker's death), the readiness
+queue, credit, deadline and retries after a worker's death), the readiness
 rule of /v2/health/ready, the API keys of --api-key (``authorization: Bearer
 KEY`` metadata) on the model calls, the admin token on the repository calls.
 A call's gRPC deadline shortens the request's deadline as ``X-Request-Timeout``
