@@ -185,9 +185,16 @@ def test_the_learned_size_stops_where_throughput_stops_growing() -> None:
     sizes = saturate(sizer, CNN, 300)
     assert sizer.learned(1) == 8
     settled = sizes[100:]
-    # Now and then one batch tries the next step again, and no more.
+    # Now and then one batch tries a neighbour step again (16 or 4), and no more.
     assert settled.count(8) >= len(settled) - len(settled) // REVISIT - 1
-    assert max(settled) == 16
+    assert max(settled) == 16 and min(settled) == 4
+
+
+def test_a_fresh_worker_batches_up_to_the_cap_at_once() -> None:
+    """Nothing measured: no step is known not to pay, so a burst is one full batch."""
+    sizer = BatchSizer(16)
+    assert sizer.limit(1) == 16
+    assert sizer.limit(2) == 16
 
 
 def test_a_gain_under_the_margin_is_not_worth_a_bigger_batch() -> None:
@@ -224,7 +231,7 @@ def test_empty_passes_are_ignored(rows: int) -> None:
     sizer = BatchSizer(8)
     sizer.observe(1, rows, 0.01)
     sizer.observe(1, 1, 0.0)
-    assert sizer.limit(1) == 1
+    assert sizer.limit(1) == 8  # nothing measured: the cap
 
 
 # --- the setting ------------------------------------------------------------------------------

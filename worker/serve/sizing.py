@@ -7,17 +7,20 @@ second than at 8. :class:`BatchSizer` learns, from the worker's own passes,
 where growth stops paying, separately for each intra-op thread count (a lent
 pass has more threads, and its best size differs):
 
-- batch sizes are tried in steps: 1, 2, 4, 8, ... up to ``--max-batch-size``
+- batch sizes are measured in steps: 1, 2, 4, 8, ... up to ``--max-batch-size``
   (which stays the cap, and is the last step);
 - each step's rows per second is a running mean over the passes whose rows
   fall in it (at least that step, below the next); the first pass of each
   exact row count is left out, since it pays for one-time work (oneDNN
   builds a kernel per new shape);
-- the limit climbs from 1 while each step beats the one below by
-  :data:`MARGIN`; a step with fewer than :data:`SAMPLES` passes is tried
-  (the limit is that step) until it has them;
-- at the limit, every :data:`REVISIT` passes one batch may take the next step
-  again, so a measure taken under other conditions does not stand forever.
+- a step not measured yet is taken to pay, so a fresh worker batches up to
+  the cap at once, as it did before sizing existed; the limit is the last
+  measured step that beats every smaller measured one by :data:`MARGIN`, and
+  stops below the first measured step that does not;
+- to learn, while the step just below the limit has no measure, one batch in
+  :data:`PROBE_EVERY` is held to that step; once it is measured, every
+  :data:`REVISIT` passes at the limit one batch tries the step above or below
+  (in turn), so a measure taken under other conditions does not stand forever.
 
 Under light load batches stay small whatever the limit is; the limit only
 bites when more rows wait than it lets in, which is when throughput counts.
@@ -32,8 +35,10 @@ from typing import Final
 MARGIN: Final = 0.05
 # Passes a step needs before its rate is compared.
 SAMPLES: Final = 3
-# Passes at the limit between two tries of the next step.
+# Passes at the limit between two tries of the step above or below.
 REVISIT: Final = 64
+# While the step below the limit is unmeasured, one batch in this many is held to it.
+PROBE_EVERY: Final = 4
 # Weight of the newest pass in a step's running rate.
 _SMOOTHING: Final = 0.3
 
@@ -71,8 +76,11 @@ class BatchSizer:
         self.steps = steps(max_rows)
         self._rates: dict[tuple[int, int], _Rate] = {}
         self._seen: set[tuple[int, int]] = set()
-        # Per thread count: passes at the limit since the next step was last tried.
+        # Per thread count: passes at the limit since a neighbour step was last tried,
+        # limit() calls, and whether the last such try went up.
         self._at_limit: dict[int, int] = {}
+        self._calls: dict[int, int] = {}
+        self._upward: dict[int, bool] = {}
 
     def _rate(self, threads: int, step: int) -> _Rate | None:
         rate = self._rates.get((threads, step))
@@ -81,24 +89,33 @@ class BatchSizer:
     def learned(self, threads: int) -> int:
         """The step where rows per second stop growing, as measured so far.
 
-        The first step not measured yet is the limit (it is being tried).
+        Steps not measured yet are taken to pay: with nothing measured, the cap.
         """
-        below: _Rate | None = None
-        for index, step in enumerate(self.steps):
+        best: tuple[int, float] | None = None
+        for step in self.steps:
             rate = self._rate(threads, step)
             if rate is None:
-                return step
-            if below is not None and rate.rows_per_s < below.rows_per_s * (1 + MARGIN):
-                return self.steps[index - 1]
-            below = rate
+                continue
+            if best is not None and rate.rows_per_s < best[1] * (1 + MARGIN):
+                return best[0]
+            best = (step, rate.rows_per_s)
         return self.steps[-1]
 
     def limit(self, threads: int) -> int:
         """Rows the next batch may hold, for a pass with ``threads`` intra-op threads."""
         learned = self.learned(threads)
-        if learned < self.max_rows and self._at_limit.get(threads, 0) >= REVISIT:
+        index = self.steps.index(learned)
+        below = self.steps[index - 1] if index else None
+        calls = self._calls[threads] = self._calls.get(threads, 0) + 1
+        if below is not None and self._rate(threads, below) is None:
+            return below if calls % PROBE_EVERY == 0 else learned
+        if self._at_limit.get(threads, 0) >= REVISIT:
             self._at_limit[threads] = 0
-            return self.steps[self.steps.index(learned) + 1]
+            upward = self._upward[threads] = not self._upward.get(threads, False)
+            if upward and learned < self.max_rows:
+                return self.steps[index + 1]
+            if not upward and below is not None:
+                return below
         return learned
 
     def observe(self, threads: int, rows: int, seconds: float) -> None:
