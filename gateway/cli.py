@@ -15,15 +15,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from shared import modelconfig, modelfile
-from shared.config import (
-    ConfigError,
-    ServeSettings,
-    add_arguments,
-    env_name,
-    from_namespace,
-    settings_fields,
-)
+from shared.config import ConfigError, ServeSettings
 from shared.errors import ModelLoadError
+from shared.flags import add_arguments, env_name, from_namespace, settings_fields
 
 EXIT_CONFIG = 2
 EXIT_MODEL = 1

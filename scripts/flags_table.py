@@ -21,12 +21,9 @@ from shared.config import (
     ServerSettings,
     ServeSettings,
     WorkerSettings,
-    env_name,
-    flag,
-    negated_flag,
     parse_bool,
-    settings_fields,
 )
+from shared.flags import env_name, flag, negated_flag, settings_fields
 from shared.modelconfig import MODEL_ONLY
 
 PAGE = Path(__file__).resolve().parent.parent / "docs" / "options.md"

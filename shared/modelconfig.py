@@ -38,8 +38,8 @@ from shared.config import (
     parse_bool,
     parse_openai_routes,
     parse_shape,
-    settings_fields,
 )
+from shared.flags import settings_fields
 
 if sys.version_info >= (3, 11):
     import tomllib

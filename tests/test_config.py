@@ -12,15 +12,11 @@ from shared.config import (
     ModelSettings,
     ServeSettings,
     WorkerSettings,
-    env_name,
-    flag,
     parse_cores,
     parse_device,
-    parse_settings,
     parse_shape,
-    settings_fields,
-    worker_argv,
 )
+from shared.flags import env_name, flag, parse_settings, settings_fields, worker_argv
 
 pytestmark = pytest.mark.fast
 

@@ -20,7 +20,8 @@ import pytest
 import torch
 from torch import nn
 
-from shared.config import ServeSettings, parse_settings
+from shared.config import ServeSettings
+from shared.flags import parse_settings
 from tests.conftest import wait_for
 from tests.podman import TEST_TIMEOUT_S, Container, Image, built_image
 from tests.test_deploy import worst_stop_s

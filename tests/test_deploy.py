@@ -25,7 +25,8 @@ import pytest
 import yaml
 
 from gateway.pool.supervisor import STOP_GRACE_S
-from shared.config import ServeSettings, WorkerSettings, env_name, parse_settings, settings_fields
+from shared.config import ServeSettings, WorkerSettings
+from shared.flags import env_name, parse_settings, settings_fields
 from tests.conftest import ROOT
 from tests.podman import TEST_TIMEOUT_S, built_image
 

@@ -23,7 +23,8 @@ from grpc_health.v1 import health_pb2
 from tritonclient.utils import InferenceServerException
 
 from gateway.cli import EXIT_CONFIG, main
-from shared.config import ConfigError, ServeSettings, parse_settings
+from shared.config import ConfigError, ServeSettings
+from shared.flags import parse_settings
 from tests.conftest import Server, free_port, wait_for
 from tests.test_grpc import health_check
 

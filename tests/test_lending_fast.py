@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from shared import modelconfig
-from shared.config import ModelSettings, ServeSettings, WorkerSettings, parse_settings, worker_argv
+from shared.config import ModelSettings, ServeSettings, WorkerSettings
+from shared.flags import parse_settings, worker_argv
 from worker.board import Board
 from worker.lending import HOLD_OFF_NS, MIN_FORWARD_S, Lending
 from worker.serve.sizing import REVISIT, BatchSizer

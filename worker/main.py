@@ -30,9 +30,10 @@ import zmq
 import zmq.auth
 
 from shared import protocol
-from shared.config import ConfigError, WorkerSettings, parse_settings
+from shared.config import ConfigError, WorkerSettings
 from shared.errors import ModelLoadError
 from shared.fingerprint import fingerprint as settings_fingerprint
+from shared.flags import parse_settings
 from shared.heap import freeze_startup_heap
 from worker import pinning
 from worker.board import Board, board_path

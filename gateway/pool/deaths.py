@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gateway.pool.workers import DeathCause
+from gateway.pool.process import ProcessHandle
+from gateway.pool.workers import DeathCause, State, WorkerRecord
 from shared import protocol
 
 # Causes of deaths nobody planned, the ``worker_deaths`` metric's labels: signal
@@ -146,3 +147,30 @@ def _own_memory_events() -> Path | None:
             path = Path("/sys/fs/cgroup") / line[3:].lstrip("/") / "memory.events"
             return path if path.exists() else None
     return None
+
+
+HELLO_TIMEOUT_S = 30.0  # a fresh interpreter must say hello within this
+BOOT_SLACK_S = 10.0  # least heartbeat silence tolerated from a booting worker
+
+
+def silence(worker: WorkerRecord, now: float, allowed: float) -> tuple[str, DeathCause] | None:
+    """How a worker silent past its limit is declared lost, or None while it is not.
+
+    ``allowed`` is --heartbeat-s times --heartbeat-liveness. Importing torch and
+    loading a model can starve the heartbeat thread of the GIL for a while, so
+    booting workers get more slack; one that never said hello gets its own limit.
+    """
+    age = worker.heartbeat_age(now)
+    limit = allowed if worker.state is State.READY else max(allowed, BOOT_SLACK_S)
+    if age is not None and age > limit:
+        return f"sent no heartbeat for {age:.1f}s (hung); killed", DeathCause.HEARTBEAT
+    if age is None and now - (worker.spawned_at or now) > HELLO_TIMEOUT_S:
+        return f"did not say hello within {HELLO_TIMEOUT_S:.0f}s", DeathCause.HELLO_TIMEOUT
+    return None
+
+
+def death_note(worker: WorkerRecord, process: ProcessHandle, how: str) -> str:
+    """``last_error`` for a death: how it died, and the last line it wrote to stderr."""
+    tail = [line for line in process.stderr_tail if line.strip()]
+    note = f"worker {worker.slot} {how}"
+    return f"{note}: {tail[-1]}" if tail else note

@@ -14,12 +14,18 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
 import sys
 from collections.abc import Mapping, Sequence
 from typing import Protocol
+
+from gateway.pool.placement import Placement, format_cores
+from shared import protocol
+from shared.config import ENV_PREFIX, PoolSettings
+from shared.flags import worker_argv
 
 log = logging.getLogger("torchpool.worker")
 
@@ -155,3 +161,32 @@ class WorkerProcess:
             text = line.decode(errors="replace").rstrip()
             self.stderr_tail.append(text)
             sys.stderr.write(f"[{self.label}] {text}\n")
+
+
+def command_line(
+    settings: PoolSettings, placement: Placement, endpoint: str, uid: str, slot: int
+) -> tuple[list[str], dict[str, str]]:
+    """The argv and environment of a local worker for ``placement``.
+
+    Everything a local worker needs is on its command line; the gateway's own
+    TORCHPOOL_* settings (--curve-secret, say) must not leak into it. The
+    thread variables are set for torch's sake before the worker imports it.
+    """
+    settings = dataclasses.replace(
+        settings,
+        device=placement.device,
+        model=os.path.abspath(settings.model) if settings.model else None,
+    )
+    argv = [
+        *worker_argv(settings),
+        "--connect", endpoint,
+        "--uid", uid,
+        "--slot", str(slot),
+        "--cores", format_cores(placement.cores),
+    ]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
+    env.update({name: str(len(placement.cores)) for name in protocol.THREAD_ENV_VARS})
+    if placement.gpu is not None:
+        argv += ["--gpu", str(placement.gpu)]
+        env["CUDA_VISIBLE_DEVICES"] = str(placement.gpu)
+    return argv, env

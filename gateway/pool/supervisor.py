@@ -25,9 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
-import os
 import signal
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -35,24 +33,22 @@ from typing import Any, cast
 
 import zmq
 
+from gateway.pool import deaths
 from gateway.pool.deaths import Death, OomCounter, describe_exit, from_status
 from gateway.pool.dispatch import Dispatcher
-from gateway.pool.placement import Placement, choose_gpus, format_cores, place_another
-from gateway.pool.process import ProcessHandle, Spawner, WorkerProcess
+from gateway.pool.placement import choose_gpus, format_cores, place_another
+from gateway.pool.process import ProcessHandle, Spawner, WorkerProcess, command_line
 from gateway.pool.succession import Succession
-from gateway.pool.transport import REMOTE, Transport
+from gateway.pool.transport import Transport
 from gateway.pool.workers import DeathCause, Pool, Role, State, WorkerRecord
 from shared import protocol
-from shared.config import ENV_PREFIX, PoolSettings, worker_argv
+from shared.config import PoolSettings
 from shared.errors import SHUTTING_DOWN, Conflict, Unavailable
 from shared.restarts import backoff_s, given_up
 
 log = logging.getLogger("torchpool.supervisor")
 
-HELLO_TIMEOUT_S = 30.0  # a fresh interpreter must say hello within this
-BOOT_SLACK_S = 10.0  # least heartbeat silence tolerated from a booting worker
 STOP_GRACE_S = 5.0  # after STOP/SIGTERM, before SIGKILL
-THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS")
 
 
 class Supervisor:
@@ -166,26 +162,9 @@ class Supervisor:
 
     async def spawn(self, worker: WorkerRecord, settings: PoolSettings | None = None) -> None:
         placement = worker.placement
-        settings = settings or self._settings
-        settings = dataclasses.replace(
-            settings,
-            device=placement.device,
-            model=os.path.abspath(settings.model) if settings.model else None,
+        argv, env = command_line(
+            settings or self._settings, placement, self._transport.endpoint, worker.uid, worker.slot
         )
-        argv = [
-            *worker_argv(settings),
-            "--connect", self._transport.endpoint,
-            "--uid", worker.uid,
-            "--slot", str(worker.slot),
-            "--cores", format_cores(placement.cores),
-        ]  # fmt: skip
-        # Everything a local worker needs is on its command line; the gateway's own
-        # TORCHPOOL_* settings (--curve-secret, say) must not leak into it.
-        env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
-        env.update({name: str(len(placement.cores)) for name in protocol.THREAD_ENV_VARS})
-        if placement.gpu is not None:
-            argv += ["--gpu", str(placement.gpu)]
-            env["CUDA_VISIBLE_DEVICES"] = str(placement.gpu)
         worker.state = State.STARTING
         self._pool.register(worker)
         process = await self._spawner(argv, env, label=worker.name)
@@ -229,7 +208,7 @@ class Supervisor:
         self._out_of_rotation_if_dead()
         self._dispatcher.worker_lost(worker, death.reason)
         if worker.last_error is None or was_ready:
-            worker.last_error = self._death_note(worker, process, death.reason)
+            worker.last_error = deaths.death_note(worker, process, death.reason)
         log.error("%s (pid %d) %s", worker.name, process.pid, death.reason)
         if not was_ready and death.cause != DeathCause.KILLED_OUTSIDE:
             worker.crash_boots += 1
@@ -409,22 +388,9 @@ class Supervisor:
                 if worker.state not in (State.STARTING, State.LOADING, State.READY):
                     continue
                 self._send_control(worker, {"t": protocol.BEAT})
-                age = worker.heartbeat_age(now)
-                # Importing torch and loading a model can starve the heartbeat
-                # thread of the GIL for a while; booting workers get more slack.
-                limit = allowed if worker.state is State.READY else max(allowed, BOOT_SLACK_S)
-                if age is not None and age > limit:
-                    self.declare_lost(
-                        worker,
-                        f"sent no heartbeat for {age:.1f}s (hung); killed",
-                        DeathCause.HEARTBEAT,
-                    )
-                elif age is None and now - (worker.spawned_at or now) > HELLO_TIMEOUT_S:
-                    self.declare_lost(
-                        worker,
-                        f"did not say hello within {HELLO_TIMEOUT_S:.0f}s",
-                        DeathCause.HELLO_TIMEOUT,
-                    )
+                verdict = deaths.silence(worker, now, allowed)
+                if verdict is not None:
+                    self.declare_lost(worker, *verdict)
             await self._sleep(interval)
 
     # --- messages from workers ---------------------------------------------------
@@ -477,15 +443,7 @@ class Supervisor:
     def _on_ready(self, worker: WorkerRecord, message: protocol.ReadyHeader) -> None:
         if worker.state not in (State.STARTING, State.LOADING):
             return
-        worker.state = State.READY
-        worker.take_memory(message)
-        worker.load_seconds = message.get("load_s")
-        worker.capacity = max(1, int(message.get("capacity", 1)))
-        worker.input_shape = message.get("input_shape")
-        worker.input_dtype = message.get("input_dtype")
-        worker.signature = message.get("signature")
-        worker.boot_failures = worker.crash_boots = 0
-        worker.last_error = None
+        worker.take_ready(message)
         self._pool.ever_ready = True
         log.info("%s ready in %.2fs", worker.name, worker.load_seconds or 0.0)
         if worker.role is Role.SUCCESSOR:
@@ -499,18 +457,7 @@ class Supervisor:
         if self._stopping or hello.get("v") != protocol.VERSION:
             log.warning("refusing remote worker %r: protocol %r", uid, hello.get("v"))
             return None
-        cores = tuple(int(c) for c in hello.get("cores") or ())
-        worker = WorkerRecord(
-            Placement(self._pool.next_remote_id(), "remote", None, cores),
-            remote_uid=uid,
-            model=self._pool.model,
-            link=REMOTE,
-            device_label=str(hello.get("device", "cpu")),
-            last_seen=self._clock(),
-            spawned_at=self._clock(),
-        )
-        self._pool.remote.append(worker)
-        self._pool.register(worker)
+        worker = self._pool.add_remote(uid, hello, self._clock())
         log.info("remote %s joined: %s from %s", worker.name, uid, hello.get("host"))
         return worker
 
@@ -628,7 +575,7 @@ class Supervisor:
             return
         if worker.verdict is None:  # else declare_lost() counted it, and said why
             self._count_death(death.cause)
-            worker.last_error = self._death_note(worker, process, death.reason)
+            worker.last_error = deaths.death_note(worker, process, death.reason)
         worker.state = State.STOPPED
         self._reconcile_soon()  # which decides what its death means, and logs it
 
@@ -645,12 +592,6 @@ class Supervisor:
         # An unconnected control socket (still booting, or gone) is not an error here.
         with contextlib.suppress(zmq.ZMQError):
             self._transport.send(worker.control_identity, [protocol.pack(message)], worker.link)
-
-    @staticmethod
-    def _death_note(worker: WorkerRecord, process: ProcessHandle, how: str) -> str:
-        tail = [line for line in process.stderr_tail if line.strip()]
-        note = f"worker {worker.slot} {how}"
-        return f"{note}: {tail[-1]}" if tail else note
 
     def _reconcile_soon(self) -> None:
         self._background(self.reconcile())

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from gateway.pool.placement import Placement
+from gateway.pool.transport import REMOTE
 from shared import protocol
 from shared.restarts import crash_looping
 
@@ -215,6 +216,18 @@ class WorkerRecord:
         self.cuda_allocated_bytes = message.get("cuda_allocated_bytes")
         self.cuda_reserved_bytes = message.get("cuda_reserved_bytes")
 
+    def take_ready(self, message: protocol.ReadyHeader) -> None:
+        """The worker loaded its model: what READY says of it, and a clean slate."""
+        self.state = State.READY
+        self.take_memory(message)
+        self.load_seconds = message.get("load_s")
+        self.capacity = max(1, int(message.get("capacity", 1)))
+        self.input_shape = message.get("input_shape")
+        self.input_dtype = message.get("input_dtype")
+        self.signature = message.get("signature")
+        self.boot_failures = self.crash_boots = 0
+        self.last_error = None
+
     def new_generation(self, generation: int) -> None:
         """Forget the previous process; its messages no longer match ``uid``."""
         self.generation = generation
@@ -308,6 +321,22 @@ class Pool:
     def next_generation(self) -> int:
         """Generations are unique across the pool, so a uid is never reused."""
         return next(self._generations)
+
+    def add_remote(self, uid: str, hello: protocol.HelloHeader, now: float) -> WorkerRecord:
+        """The record of a remote worker that said hello over --bind, joined to the pool."""
+        cores = tuple(int(c) for c in hello.get("cores") or ())
+        worker = WorkerRecord(
+            Placement(self.next_remote_id(), "remote", None, cores),
+            remote_uid=uid,
+            model=self.model,
+            link=REMOTE,
+            device_label=str(hello.get("device", "cpu")),
+            last_seen=now,
+            spawned_at=now,
+        )
+        self.remote.append(worker)
+        self.register(worker)
+        return worker
 
     def next_remote_id(self) -> int:
         return next(self._remote_ids)
