@@ -10,13 +10,43 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
+from typing import TypeVar
 
 import httpx
 
 ROW = [0.25] * 16
 
+_Clients = TypeVar("_Clients", bound="ClientThreads")
 
-class Load:
+
+class ClientThreads:
+    """``threads`` threads running :meth:`_run` inside a ``with`` block.
+
+    Leaving the block sets ``_stop`` and joins them; a thread still alive a
+    minute later is a client that hung, and fails the test.
+    """
+
+    def __init__(self, threads: int) -> None:
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(threads)]
+
+    def __enter__(self: _Clients) -> _Clients:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=60)
+        assert not any(thread.is_alive() for thread in self._threads), "a client hung"
+
+    def _run(self) -> None:
+        raise NotImplementedError
+
+
+class Load(ClientThreads):
     """``threads`` clients posting to ``url`` inside a ``with`` block."""
 
     def __init__(
@@ -30,21 +60,8 @@ class Load:
         self.refusals: list[str] = []
         self.sent = 0
         self.slowest_s = 0.0
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
         self._deadline = time.monotonic() + limit_s
-        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(threads)]
-
-    def __enter__(self) -> Load:
-        for thread in self._threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        for thread in self._threads:
-            thread.join(timeout=60)
-        assert not any(thread.is_alive() for thread in self._threads), "a client hung"
+        super().__init__(threads)
 
     @property
     def answered(self) -> int:

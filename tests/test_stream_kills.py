@@ -12,40 +12,27 @@ from __future__ import annotations
 import os
 import random
 import signal
-import threading
 from collections import Counter
 from collections.abc import Callable
 
 import httpx
 
 from tests.conftest import Server, wait_for
+from tests.load import ClientThreads
 
 FAST_BEATS = ("--heartbeat-s", "0.2", "--heartbeat-liveness", "3")
 SSE = {"Accept": "text/event-stream"}
 KILLS = 6
 
 
-class StreamClients:
+class StreamClients(ClientThreads):
     """Threads streaming until told to stop; each outcome is classified."""
 
     def __init__(self, url: str, threads: int = 3) -> None:
         self.url = url
         self.outcomes: Counter[str] = Counter()
         self.bad: list[str] = []
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(threads)]
-
-    def __enter__(self) -> StreamClients:
-        for thread in self._threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        for thread in self._threads:
-            thread.join(timeout=60)
-        assert not any(thread.is_alive() for thread in self._threads), "a stream client hung"
+        super().__init__(threads)
 
     @property
     def total(self) -> int:
