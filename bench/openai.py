@@ -7,9 +7,11 @@
    and a per-request cost shows) with one worker. wrk posts the same sentence
    to ``/predict`` (``{"input_tensor": ...}``) and to ``/v1/embeddings``
    (``{"model", "input", "encoding_format": "float"}``) at 1, 8 and 32
-   connections; the two arms alternate ``--rounds`` times, so whatever else
-   the machine runs weighs on both alike. Reported: the median requests per
-   second of each arm and the OpenAI route's cost against /predict.
+   connections; the two arms alternate ``--rounds`` times, each round
+   swapping which goes first, so whatever else the machine runs weighs on
+   both alike. Reported: the median requests per second of each arm, the
+   OpenAI route's cost against /predict, and the range of that cost over the
+   rounds (the spread that any one round's figure carries).
 2. Another serves examples/text_generation.py (a seeded 2-layer GPT-2, one
    character per token) with two workers; 1 and then 16 concurrent streams of
    ``/v1/chat/completions`` (``max_tokens`` ``--tokens``) are read as they
@@ -91,9 +93,12 @@ def embeddings(folder: Path, seconds: float, rounds: int) -> list[str]:
         for path in bodies:  # warm-up, and both answer
             wrk(4, 1, server.url + path, files[path])
         others = other_load(server, 2.0)
-        for _ in range(rounds):
+        for round_ in range(rounds):
             for level in LEVELS:
-                for path in bodies:
+                # Each round swaps which arm goes first, so a drift within a round
+                # (the batch sizer's probes, the machine's own) weighs on both alike.
+                order = list(bodies) if round_ % 2 == 0 else list(reversed(bodies))
+                for path in order:
                     total0, parent0 = tree_cpu_seconds(server)
                     result = parse_wrk(wrk(level, seconds, server.url + path, files[path]))
                     total1, parent1 = tree_cpu_seconds(server)
@@ -107,17 +112,19 @@ def embeddings(folder: Path, seconds: float, rounds: int) -> list[str]:
     lines = [
         f"Other processes kept {others:.1f} of the machine's cores busy when it started.",
         "",
-        "| c | /predict req/s | /v1 req/s | throughput cost | gateway CPU µs/req "
-        "(/predict, /v1) | server CPU µs/req (/predict, /v1) | CPU cost |",
-        "|---:|---:|---:|---:|---:|---:|---:|",
+        "| c | /predict req/s | /v1 req/s | throughput cost | cost per round, min..max "
+        "| gateway CPU µs/req (/predict, /v1) | server CPU µs/req (/predict, /v1) | CPU cost |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for level in LEVELS:
         key_p, key_o = ("/predict", level), ("/v1/embeddings", level)
         predict, openai = statistics.median(rates[key_p]), statistics.median(rates[key_o])
+        costs = [1 - o / p for p, o in zip(rates[key_p], rates[key_o], strict=True)]
         gate_p, gate_o = statistics.median(gateway_us[key_p]), statistics.median(gateway_us[key_o])
         all_p, all_o = statistics.median(tree_us[key_p]), statistics.median(tree_us[key_o])
         lines.append(
             f"| {level} | {predict:,.0f} | {openai:,.0f} | {100 * (1 - openai / predict):+.1f}% "
+            f"| {100 * min(costs):+.1f}%..{100 * max(costs):+.1f}% "
             f"| {gate_p:,.0f}, {gate_o:,.0f} | {all_p:,.0f}, {all_o:,.0f} "
             f"| {100 * (all_o / all_p - 1):+.1f}% |"
         )
