@@ -46,6 +46,19 @@ def test_a_lone_request_borrows_the_idle_workers_core(serve: Callable[..., Serve
     assert set(own) < cores_of(every)
 
 
+def test_a_lend_that_does_not_speed_the_pass_up_stops(serve: Callable[..., Server]) -> None:
+    """ThreadProbe computes for a fixed time: a second thread cannot shorten its pass.
+
+    The first lone passes borrow (not measured yet), the next ones run on the
+    worker's own core to measure it; from then on the worker keeps to its own
+    core but for one pass in REVISIT (64), more than this test sends.
+    """
+    server = serve(*PROBE, "--workers", "2", ready=2)
+    threads = [probe(server.client)[0] for _ in range(20)]
+    assert threads[0] == 2, threads
+    assert threads[-8:] == [1] * 8, threads
+
+
 def test_steady_load_keeps_each_worker_on_its_own_core(serve: Callable[..., Server]) -> None:
     server = serve(*PROBE, "--workers", "2", "--max-batch-size", "1", ready=2)
     rows: list[list[int]] = []

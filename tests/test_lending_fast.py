@@ -235,6 +235,81 @@ def test_empty_passes_are_ignored(rows: int) -> None:
     assert sizer.limit(1) == 8  # nothing measured: the cap
 
 
+# --- whether lending pays ----------------------------------------------------------------------
+
+
+def lone_passes(sizer: BatchSizer, seconds: dict[int, float], passes: int) -> list[int]:
+    """``passes`` one-row passes on an idle host of two one-core workers: each lends
+    when the policy says it pays; the thread count each ran with."""
+    ran = []
+    for _ in range(passes):
+        threads = 2 if sizer.lend_pays(1, 2, 1) else 1
+        sizer.observe(threads, 1, seconds[threads])
+        ran.append(threads)
+    return ran
+
+
+def test_a_lend_that_does_not_speed_the_pass_up_stops() -> None:
+    """A small text encoder: a second thread leaves a one-row pass as slow as it was."""
+    sizer = BatchSizer(16)
+    ran = lone_passes(sizer, {1: 0.016, 2: 0.0165}, 400)
+    assert ran[0] == 2  # unmeasured: try it
+    settled = ran[50:]
+    # Only the revisits lend, one pass in REVISIT, to see whether it pays by now.
+    assert settled.count(2) <= len(settled) // REVISIT + 1
+    assert settled.count(2) >= 1
+
+
+def test_a_lend_that_pays_goes_on_and_its_own_threads_are_measured_too() -> None:
+    """A ResNet: a second thread makes the pass 1.4x faster."""
+    sizer = BatchSizer(16)
+    ran = lone_passes(sizer, {1: 0.050, 2: 0.036}, 400)
+    settled = ran[50:]
+    assert settled.count(1) <= len(settled) // REVISIT + 1
+    assert 1 in ran[:20]  # the worker's own threads were measured before the verdict
+
+
+def test_a_gain_under_the_margin_is_not_worth_a_lend() -> None:
+    sizer = BatchSizer(16)
+    ran = lone_passes(sizer, {1: 0.050, 2: 0.049}, 200)  # 2% faster
+    assert ran[100:].count(2) <= 100 // REVISIT + 1
+
+
+def test_a_verdict_is_revisited_and_changes_when_the_speed_does() -> None:
+    sizer = BatchSizer(16)
+    lone_passes(sizer, {1: 0.016, 2: 0.0165}, 100)
+    ran = lone_passes(sizer, {1: 0.016, 2: 0.010}, 40 * REVISIT)
+    assert ran[-50:].count(2) >= 49
+
+
+def test_each_batch_size_has_its_own_verdict() -> None:
+    sizer = BatchSizer(16)
+    for _ in range(20):  # one row: no gain; eight rows: twice as fast
+        for threads, seconds in ((1, 0.010), (2, 0.010)):
+            sizer.observe(threads, 1, seconds)
+        for threads, seconds in ((1, 0.080), (2, 0.040)):
+            sizer.observe(threads, 8, seconds)
+    assert not sizer.lend_pays(1, 2, 1)
+    assert sizer.lend_pays(1, 2, 8)
+
+
+def test_a_pass_that_would_not_gain_borrows_nothing(tmp_path: Path) -> None:
+    host = Host(tmp_path / "b", 2)
+    host.idle_for(HOLD_OFF_NS + 1)
+    asked: list[int] = []
+
+    def never(threads: int) -> bool:
+        asked.append(threads)
+        return False
+
+    assert host.lendings[0].start(0.02, never) == 1
+    assert asked == [2] and host.threads[0].cores == (0,)
+    host.lendings[0].end()
+    # Nothing was claimed: once idle long enough, worker 0's core may be borrowed.
+    host.idle_for(HOLD_OFF_NS + 1)
+    assert host.lendings[1].start(0.02) == 2
+
+
 # --- the setting ------------------------------------------------------------------------------
 
 

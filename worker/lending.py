@@ -16,8 +16,11 @@ board). A core is borrowed when
 - nobody else is borrowing it (a borrower that died leaves a claim no live
   process holds; that claim counts as free),
 - and the pass is worth it: the worker's recent passes took at least
-  :data:`MIN_FORWARD_S`. Widening thread masks costs tens of microseconds,
-  which a 50 us model would feel and a 20 ms one does not.
+  :data:`MIN_FORWARD_S` (widening thread masks costs tens of microseconds,
+  which a 50 us model would feel and a 20 ms one does not), and more
+  threads make this model faster per row at this batch size, as the
+  worker's own passes have measured (:meth:`worker.serve.sizing.BatchSizer.lend_pays`:
+  a model that a second thread does not speed up stops borrowing).
 
 The pass then runs with one intra-op thread per core (its own plus the
 borrowed) and every thread of the process may run on all of them.
@@ -69,6 +72,10 @@ class Threads(Protocol):
 def worth_lending(forward_s: float | None) -> bool:
     """Whether passes of ``forward_s`` (None: not measured yet) may borrow cores."""
     return forward_s is None or forward_s >= MIN_FORWARD_S
+
+
+def _always(threads: int) -> bool:
+    return True
 
 
 def pid_alive(pid: int) -> bool:
@@ -129,17 +136,22 @@ class Lending:
                 found.append(core)
         return found
 
-    def start(self, forward_s: float | None) -> int:
+    def start(self, forward_s: float | None, pays: Callable[[int], bool] = _always) -> int:
         """Mark this worker busy and borrow what is idle; the pass's thread count.
 
-        ``forward_s`` is the worker's recent pass duration (None: not known yet).
+        ``forward_s`` is the worker's recent pass duration (None: not known yet);
+        ``pays(threads)`` says whether this pass would run faster per row on
+        ``threads`` threads than on the worker's own (the batch sizer's measure).
         """
         self._started = self._clock()
         self._board.set_busy(self.own, True)
         if not worth_lending(forward_s):
             return len(self.own)
+        idle = self.available()
+        if not idle or not pays(len(self.own) + len(idle)):
+            return len(self.own)
         claimed: list[int] = []
-        for core in self.available():
+        for core in idle:
             self._board.claim(core)
             # The owner may have started a pass between the look and the claim.
             if self._board.idle_since(core) == 0:

@@ -187,7 +187,12 @@ class ServingLoop:
         try:
             threads = self._threads
             if lending is not None:
-                threads = lending.start(self._pacer.forward_s)
+                rows = sum(job.rows for job in jobs)
+                own = self._threads
+                threads = lending.start(
+                    self._pacer.forward_s,
+                    lambda wider: self._sizer.lend_pays(own, wider, rows),
+                )
             self._run(jobs, threads)
         finally:
             if lending is not None:

@@ -24,6 +24,18 @@ pass has more threads, and its best size differs):
 
 Under light load batches stay small whatever the limit is; the limit only
 bites when more rows wait than it lets in, which is when throughput counts.
+
+The same rates say whether borrowing idle cores pays (:meth:`BatchSizer.lend_pays`):
+a lent pass runs with more threads, so its rows per second land in the wider
+thread count's table. A lend goes ahead while the wider count is unmeasured at
+the batch's step, or when it beats the worker's own count by :data:`MARGIN`.
+Some models gain nothing from a second thread (a small text encoder's
+one-row passes are dozens of tiny operations, each too short to split), and
+a lend there only burns the lender's core; a ResNet's convolutions gain
+1.2-1.45x. Once the wide count is measured and the own one is not, passes
+stay on the worker's own cores until it is; every :data:`REVISIT` passes one
+pass takes the other choice, so a verdict reached under other conditions
+does not stand forever.
 """
 
 from __future__ import annotations
@@ -81,6 +93,8 @@ class BatchSizer:
         self._at_limit: dict[int, int] = {}
         self._calls: dict[int, int] = {}
         self._upward: dict[int, bool] = {}
+        # Per (wider thread count, step): lend decisions since the other choice was tried.
+        self._since_other: dict[tuple[int, int], int] = {}
 
     def _rate(self, threads: int, step: int) -> _Rate | None:
         rate = self._rates.get((threads, step))
@@ -118,6 +132,28 @@ class BatchSizer:
                 return below
         return learned
 
+    def step_of(self, rows: int) -> int:
+        """The step a batch of ``rows`` rows is measured under."""
+        return self.steps[max(bisect.bisect_right(self.steps, rows) - 1, 0)]
+
+    def lend_pays(self, own: int, wider: int, rows: int) -> bool:
+        """Whether a batch of ``rows`` should run on ``wider`` threads (borrowed cores)
+        rather than the worker's ``own`` (see the module docstring)."""
+        step = self.step_of(rows)
+        lent, alone = self._rate(wider, step), self._rate(own, step)
+        if lent is None:
+            return True  # not measured yet: try it
+        if alone is None:
+            return False  # measure the worker's own threads at this step first
+        verdict = lent.rows_per_s >= alone.rows_per_s * (1 + MARGIN)
+        key = (wider, step)
+        since = self._since_other.get(key, 0) + 1
+        if since >= REVISIT:
+            self._since_other[key] = 0
+            return not verdict
+        self._since_other[key] = since
+        return verdict
+
     def observe(self, threads: int, rows: int, seconds: float) -> None:
         """Fold one forward pass in: ``rows`` rows in ``seconds`` on ``threads`` threads."""
         if rows < 1 or seconds <= 0:
@@ -125,7 +161,7 @@ class BatchSizer:
         if (threads, rows) not in self._seen:
             self._seen.add((threads, rows))
             return
-        step = self.steps[bisect.bisect_right(self.steps, rows) - 1]
+        step = self.step_of(rows)
         self._rates.setdefault((threads, step), _Rate()).add(rows / seconds)
         if step == self.learned(threads):
             self._at_limit[threads] = self._at_limit.get(threads, 0) + 1
