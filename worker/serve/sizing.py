@@ -28,19 +28,25 @@ bites when more rows wait than it lets in, which is when throughput counts.
 The same rates say whether borrowing idle cores pays (:meth:`BatchSizer.lend_pays`):
 a lent pass runs with more threads, so its rows per second land in the wider
 thread count's table. A lend goes ahead while the wider count is unmeasured at
-the batch's step, or when it beats the worker's own count by :data:`MARGIN`.
+the batch's step, or when it beats the worker's own count by :data:`LEND_MARGIN`,
+comparing the medians of each count's last :data:`_RECENT` passes (a running
+mean swings with one pass slowed by a neighbour, and flipped the verdict to
+and fro on a text encoder that two threads do not speed up).
 Some models gain nothing from a second thread (a small text encoder's
 one-row passes are dozens of tiny operations, each too short to split), and
 a lend there only burns the lender's core; a ResNet's convolutions gain
 1.2-1.45x. Once the wide count is measured and the own one is not, passes
 stay on the worker's own cores until it is; every :data:`REVISIT` passes one
 pass takes the other choice, so a verdict reached under other conditions
-does not stand forever.
+does not stand forever, and while a lend wins narrowly one pass in
+:data:`CONFIRM_EVERY` runs on the worker's own threads to check it.
 """
 
 from __future__ import annotations
 
 import bisect
+import statistics
+from collections import deque
 from typing import Final
 
 # A bigger step must beat the smaller one's rows per second by this fraction.
@@ -53,6 +59,15 @@ REVISIT: Final = 64
 PROBE_EVERY: Final = 4
 # Weight of the newest pass in a step's running rate.
 _SMOOTHING: Final = 0.3
+# A lend must serve this much more rows per second than the worker's own threads:
+# it occupies another core, and two medians of a few noisy passes differ by a few
+# percent when the true speeds are equal.
+LEND_MARGIN: Final = 0.10
+# While a lend wins by less than twice LEND_MARGIN, one pass in this many runs on the
+# worker's own threads to check it.
+CONFIRM_EVERY: Final = 8
+# Passes whose median rate the lend decision compares.
+_RECENT: Final = 8
 
 
 def steps(max_rows: int) -> list[int]:
@@ -66,11 +81,12 @@ def steps(max_rows: int) -> list[int]:
 
 
 class _Rate:
-    __slots__ = ("rows_per_s", "samples")
+    __slots__ = ("recent", "rows_per_s", "samples")
 
     def __init__(self) -> None:
         self.rows_per_s = 0.0
         self.samples = 0
+        self.recent: deque[float] = deque(maxlen=_RECENT)
 
     def add(self, rows_per_s: float) -> None:
         if self.samples == 0:
@@ -78,6 +94,11 @@ class _Rate:
         else:
             self.rows_per_s += _SMOOTHING * (rows_per_s - self.rows_per_s)
         self.samples += 1
+        self.recent.append(rows_per_s)
+
+    def typical(self) -> float:
+        """The median of the recent passes: one pass slowed by a neighbour does not sway it."""
+        return statistics.median(self.recent)
 
 
 class BatchSizer:
@@ -145,10 +166,14 @@ class BatchSizer:
             return True  # not measured yet: try it
         if alone is None:
             return False  # measure the worker's own threads at this step first
-        verdict = lent.rows_per_s >= alone.rows_per_s * (1 + MARGIN)
+        gain = lent.typical() / alone.typical() - 1
+        verdict = gain >= LEND_MARGIN
+        # A narrow win is checked often: the worker's own rate is measured only on
+        # the passes that do not lend, and a stale one could keep a useless lend going.
+        every = CONFIRM_EVERY if verdict and gain < 2 * LEND_MARGIN else REVISIT
         key = (wider, step)
         since = self._since_other.get(key, 0) + 1
-        if since >= REVISIT:
+        if since >= every:
             self._since_other[key] = 0
             return not verdict
         self._since_other[key] = since
