@@ -1,10 +1,15 @@
 """What a lend costs and gains under each OpenMP wait policy, on two cores.
 
-    bench/.venv/bin/python -m bench.lendprobe [--passes 40]
+    bench/.venv/bin/python -m bench.lendprobe [--passes 40] [--models]
 
 For each setting (torch's default spinning wait, ``OMP_WAIT_POLICY=PASSIVE``,
-``GOMP_SPINCOUNT=10000``) a fresh process pinned to core 0 with one thread
-runs matrix products of two sizes, alternating three kinds of pass:
+``GOMP_SPINCOUNT=10000`` and ``100000``), and for each moment of pinning
+(``before``: the process pinned to core 0 before torch loads, so GNU OpenMP
+counts one core; ``after``: pinned once torch has loaded, as an elastic
+worker is), a fresh process on core 0 with one thread runs matrix products
+of two sizes (with ``--models`` also ResNet-18 on a 224x224 image and a
+MiniLM-shaped text encoder on one sentence, both seeded), alternating three
+kinds of pass:
 
 - ``own``: one thread on core 0 (no lend);
 - ``lent``: two threads over cores 0 and 1, as :class:`worker.lending.TorchThreads`
@@ -22,46 +27,79 @@ worker whose core was lent. Prints medians, the lender's mean, and ratios.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Callable
+from pathlib import Path
 
 SETTINGS = {
     "default": {},
     "PASSIVE": {"OMP_WAIT_POLICY": "PASSIVE"},
     "SPIN10k": {"GOMP_SPINCOUNT": "10000"},
+    "SPIN100k": {"GOMP_SPINCOUNT": "100000"},
 }
+PINS = ("before", "after")
 
 
-def borrower(passes: int) -> dict[str, float]:
-    os.sched_setaffinity(0, {0})
+def workloads(models: bool) -> dict[str, Callable[[], object]]:
+    """Name -> one pass, built after torch is imported."""
+    import torch
+
+    passes: dict[str, Callable[[], object]] = {}
+    for size in (384, 1024):
+        passes[str(size)] = functools.partial(torch.mm, *[torch.randn(size, size)] * 2)
+    if models:
+        from examples import demo_models
+        from examples.resnet import ResNet18
+        from examples.text_embedding import TextEmbedder
+
+        resnet = ResNet18().eval()
+        image = torch.randn(1, 3, 224, 224)
+        passes["resnet18"] = lambda: resnet(image)
+        folder = Path(tempfile.mkdtemp(prefix="lendprobe-"))
+        text = TextEmbedder(model_dir=str(demo_models.save_text_model(folder / "minilm")))
+        text.load(torch.device("cpu"))
+        sentence = text.preprocess("The quick brown fox jumps over the lazy dog.", "text/plain")
+        passes["text"] = lambda: text.predict(sentence)
+    return passes
+
+
+def borrower(passes: int, pin: str, models: bool) -> dict[str, float]:
+    if pin == "before":
+        os.sched_setaffinity(0, {0})
     import torch
 
     from worker.lending import TorchThreads
+    from worker.pinning import pin_every_thread
 
+    if pin == "after":
+        pin_every_thread((0,))
     torch.set_num_threads(1)
     threads = TorchThreads()
     results: dict[str, float] = {}
-    for size in (384, 1024):
-        a = torch.randn(size, size)
-        kinds: dict[str, list[float]] = {"own": [], "lent": [], "after": []}
-        for _ in range(passes):
-            started = time.perf_counter()
-            a @ a
-            kinds["own"].append(time.perf_counter() - started)
-            threads.apply(2, (0, 1))
-            started = time.perf_counter()
-            a @ a
-            kinds["lent"].append(time.perf_counter() - started)
-            threads.apply(1, (0,))
-            started = time.perf_counter()
-            a @ a
-            kinds["after"].append(time.perf_counter() - started)
-        for kind, times in kinds.items():
-            results[f"{size}_{kind}_ms"] = statistics.median(times) * 1000
+    with torch.inference_mode():
+        for name, run in workloads(models).items():
+            kinds: dict[str, list[float]] = {"own": [], "lent": [], "after": []}
+            for _ in range(passes):
+                started = time.perf_counter()
+                run()
+                kinds["own"].append(time.perf_counter() - started)
+                threads.apply(2, (0, 1))
+                started = time.perf_counter()
+                run()
+                kinds["lent"].append(time.perf_counter() - started)
+                threads.apply(1, (0,))
+                started = time.perf_counter()
+                run()
+                kinds["after"].append(time.perf_counter() - started)
+            for kind, times in kinds.items():
+                results[f"{name}_{kind}_ms"] = statistics.median(times) * 1000
     return results
 
 
@@ -84,37 +122,49 @@ def lender(seconds: float) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--passes", type=int, default=40)
+    parser.add_argument("--models", action="store_true", help="ResNet-18 and a text encoder too")
     parser.add_argument("--role", default="")
     args = parser.parse_args()
-    if args.role == "borrower":
-        print(json.dumps(borrower(args.passes)))
+    if args.role.startswith("borrower"):
+        print(json.dumps(borrower(args.passes, args.role.split(":")[1], args.models)))
         return
     if args.role.startswith("lender"):
         print(json.dumps({"lender_ms": lender(float(args.role.split(":")[1]))}))
         return
     me = [sys.executable, "-m", "bench.lendprobe", "--passes", str(args.passes)]
-    for name, env in SETTINGS.items():
-        environ = {**os.environ, "OMP_NUM_THREADS": "1", **env}
-        alone = subprocess.run(
-            [*me, "--role", "lender:2"], env=environ, capture_output=True, text=True, check=True
-        )
-        lend = subprocess.Popen(
-            [*me, "--role", "lender:4"], env=environ, stdout=subprocess.PIPE, text=True
-        )
-        borrowed = subprocess.run(
-            [*me, "--role", "borrower"], env=environ, capture_output=True, text=True, check=True
-        )
-        out, _ = lend.communicate()
-        row = json.loads(borrowed.stdout)
-        lender_alone = json.loads(alone.stdout)["lender_ms"]
-        lender_beside = json.loads(out)["lender_ms"]
-        print(
-            f"{name:8s} "
-            + " ".join(f"{k}={v:.2f}" for k, v in row.items())
-            + f" | lent/own 384: {row['384_own_ms'] / row['384_lent_ms']:.2f}x"
-            + f" 1024: {row['1024_own_ms'] / row['1024_lent_ms']:.2f}x"
-            + f" | lender pass alone {lender_alone:.3f} ms, beside lends {lender_beside:.3f} ms"
-        )
+    me += ["--models"] if args.models else []
+    print("speed-up of a lent pass (own / lent median), and the lender's small pass")
+    for pin in PINS:
+        for name, env in SETTINGS.items():
+            environ = {**os.environ, "OMP_NUM_THREADS": "1", **env}
+            alone = subprocess.run(
+                [*me, "--role", "lender:2"], env=environ, capture_output=True, text=True, check=True
+            )
+            seconds = 8 if args.models else 4
+            lend = subprocess.Popen(
+                [*me, "--role", f"lender:{seconds}"], env=environ, stdout=subprocess.PIPE, text=True
+            )
+            borrowed = subprocess.run(
+                [*me, "--role", f"borrower:{pin}"],
+                env=environ,
+                capture_output=True,
+                text=True,
+                check=True,
+            )
+            out, _ = lend.communicate()
+            row = json.loads(borrowed.stdout)
+            gains = {
+                key[: -len("_own_ms")]: row[key] / row[key.replace("_own_", "_lent_")]
+                for key in row
+                if key.endswith("_own_ms")
+            }
+            lender_alone = json.loads(alone.stdout)["lender_ms"]
+            lender_beside = json.loads(out)["lender_ms"]
+            print(
+                f"pinned {pin:6s} {name:8s} "
+                + " ".join(f"{k} {v:.2f}x" for k, v in gains.items())
+                + f" | lender alone {lender_alone:.3f} ms, beside lends {lender_beside:.3f} ms"
+            )
 
 
 if __name__ == "__main__":

@@ -43,3 +43,21 @@ class ThreadProbe:
             product = torch.tanh(product @ self.weight)
         row = torch.tensor([threads, main, every, os.getpid()], dtype=torch.int64)
         return row.repeat(batch.shape[0], 1)
+
+
+class PinProbe:
+    """Answers each row with ``[GOMP_SPINCOUNT or -1, every thread's masks together]``."""
+
+    def load(self, device: torch.device) -> None:
+        self.weight = torch.randn(64, 64)
+
+    def predict(self, batch: torch.Tensor) -> torch.Tensor:
+        spin = int(os.environ.get("GOMP_SPINCOUNT", "-1"))
+        every = 0
+        for tid in os.listdir("/proc/self/task"):
+            try:
+                every |= mask_bits(os.sched_getaffinity(int(tid)))
+            except OSError:
+                continue  # a thread that ended meanwhile
+        row = torch.tensor([spin, every], dtype=torch.int64)
+        return row.repeat(batch.shape[0], 1)

@@ -17,6 +17,7 @@ import pytest
 
 from tests.conftest import Server, wait_for
 from tests.elastic_zoo import cores_of
+from worker.pinning import ELASTIC_SPINCOUNT
 
 pytestmark = pytest.mark.skipif(
     len(os.sched_getaffinity(0)) < 2, reason="elastic cores need two usable cores"
@@ -115,6 +116,28 @@ def test_an_idle_models_cores_serve_another_model(
     metrics = server.get("/metrics").text
     assert 'torchpool_forward_threads_bucket{le="1.0",model="b"} 0.0' in metrics
     assert 'torchpool_forward_threads_bucket{le="2.0",model="b"} 1.0' in metrics
+
+
+@pytest.mark.parametrize("elastic", [True, False])
+def test_every_thread_is_pinned_and_an_elastic_worker_spins_briefly(
+    serve: Callable[..., Server], elastic: bool
+) -> None:
+    """An elastic worker is pinned only once torch has loaded (GNU OpenMP counts its
+    cores then), every thread of it, and its OpenMP threads spin 100,000 turns."""
+    flag = "--elastic-cores" if elastic else "--no-elastic-cores"
+    server = serve(
+        "--handler", "tests.elastic_zoo:PinProbe", "--input-shape", "1", "--workers", "2",
+        "--max-batch-size", "1", flag, ready=2,
+    )  # fmt: skip
+    # Ready, before any pass: every thread of each worker, those started before
+    # torch loaded too, runs on that worker's own core only.
+    own = {w["pid"]: set(w["cores"]) for w in server.health()["workers"]}
+    for pid, cores in own.items():
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            assert os.sched_getaffinity(int(task.name)) == cores, (pid, task.name)
+    spin, every, *_ = probe(server.client)
+    assert spin == (ELASTIC_SPINCOUNT if elastic else -1)
+    assert len(cores_of(every)) == (2 if elastic else 1)  # a lone pass borrows, or not
 
 
 def test_no_elastic_cores_keeps_every_pass_on_its_own_core(serve: Callable[..., Server]) -> None:

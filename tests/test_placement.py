@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import logging
+import os
+from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
 
 from gateway.pool.placement import Placement, choose_gpus, format_cores, plan, split_cores
+from shared import protocol
 from shared.config import ConfigError
 from shared.devices import visible_gpus
 from worker import pinning
@@ -174,3 +177,58 @@ def test_cuda_n_past_the_visible_gpus_is_refused_alike() -> None:
     assert str(worker.value) == str(gateway.value)
     # The gateway's own --gpu for a local worker is already physical.
     assert pinning.choose_gpu("cuda", 3, [1, 3]) == ("cuda", 3)
+
+
+# --- when a worker is pinned -------------------------------------------------------------------
+
+
+class Affinity:
+    """A fake CPU mask for os.sched_{get,set}affinity: every call recorded."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, cores: set[int]) -> None:
+        self.cores = cores
+        self.calls: list[tuple[int, set[int]]] = []
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(self.cores))
+        monkeypatch.setattr(os, "sched_setaffinity", self.set)
+        # apply() sets these: set then removed here, so monkeypatch restores each at the end.
+        names = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "CUDA_VISIBLE_DEVICES")
+        for name in (*names, *protocol.THREAD_ENV_VARS):
+            monkeypatch.setenv(name, "")
+            monkeypatch.delenv(name)
+
+    def set(self, pid: int, cores: Iterable[int]) -> None:
+        self.calls.append((pid, set(cores)))
+
+
+def test_an_elastic_cpu_worker_is_pinned_only_after_torch_loads(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    affinity = Affinity(monkeypatch, {0, 1})
+    pin = pinning.apply([1], "cpu", None, elastic=True)
+    # Not yet: GNU OpenMP, loading with torch, must count both cores.
+    assert affinity.calls == [] and pin.deferred
+    assert pin.cores == (1,) and pin.threads == 1 and pin.host == (0, 1)
+    assert os.environ["OMP_NUM_THREADS"] == "1"
+    assert os.environ["GOMP_SPINCOUNT"] == str(pinning.ELASTIC_SPINCOUNT)
+    monkeypatch.setattr(os, "listdir", lambda path: ["100", "101"])
+    pinning.pin_every_thread(pin.cores)
+    assert affinity.calls == [(100, {1}), (101, {1})]
+
+
+@pytest.mark.parametrize("elastic", [False, True])
+def test_a_worker_that_never_borrows_is_pinned_before_torch_loads(
+    monkeypatch: pytest.MonkeyPatch, elastic: bool
+) -> None:
+    affinity = Affinity(monkeypatch, {0, 1})
+    device = "cpu" if not elastic else "cuda"
+    monkeypatch.setattr(pinning, "visible_gpus", lambda: [0])
+    pin = pinning.apply([0], device, 0 if elastic else None, elastic=elastic)
+    assert affinity.calls == [(0, {0})] and not pin.deferred
+    assert "GOMP_SPINCOUNT" not in os.environ
+
+
+def test_a_wait_policy_the_user_set_is_kept(monkeypatch: pytest.MonkeyPatch) -> None:
+    Affinity(monkeypatch, {0, 1})
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    pinning.apply([0], "cpu", None, elastic=True)
+    assert "GOMP_SPINCOUNT" not in os.environ

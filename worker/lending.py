@@ -40,6 +40,7 @@ pass: the board has no lock, see :mod:`worker.board`).
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable, Iterable
 from typing import Final, Protocol
 
@@ -200,11 +201,21 @@ class TorchThreads:
         # The most threads a pass has run with, and that count when last listed.
         self._widest = 0
         self._listed_at = 0
+        # The mask every thread has now (the worker's own cores between passes).
+        self._cores: frozenset[int] = frozenset(os.sched_getaffinity(0))
+        self._main = threading.get_native_id()
 
     def apply(self, threads: int, cores: tuple[int, ...]) -> None:
         import torch
 
         if threads > torch.get_num_threads():
+            # Threads other than the main one start on the borrowed cores: an
+            # OpenMP thread still spinning on the worker's own core would
+            # otherwise stay there, beside the main thread, until the
+            # scheduler moves it (a 384x384 product ran 5-12x slower so).
+            borrowed = tuple(sorted(set(cores) - self._cores))
+            if borrowed:
+                self._set_masks(borrowed, skip_main=True)
             self._set_masks(cores)
             torch.set_num_threads(threads)
             self._widest = max(self._widest, threads)
@@ -214,15 +225,20 @@ class TorchThreads:
             self._tids = None  # the pass that just ended may have started threads
         self._set_masks(cores)
 
-    def _set_masks(self, cores: tuple[int, ...]) -> None:
-        """Every thread of this process may run on ``cores`` (and only there)."""
+    def _set_masks(self, cores: tuple[int, ...], skip_main: bool = False) -> None:
+        """Every thread of this process (but the main one, with ``skip_main``) may run
+        on ``cores``, and only there."""
         if self._tids is None:
             self._tids = [int(tid) for tid in os.listdir("/proc/self/task")]
             self._listed_at = self._widest
         for tid in self._tids:
+            if skip_main and tid == self._main:
+                continue
             try:
                 os.sched_setaffinity(tid, cores)
             except ProcessLookupError:
                 self._tids = None  # a thread ended: list them afresh next time
             except PermissionError:
                 continue
+        if not skip_main:
+            self._cores = frozenset(cores)

@@ -232,7 +232,7 @@ def load(settings: WorkerSettings, pin: pinning.Pinning, sampler: MemorySampler)
     from worker.model.loading import load_model, warm_up
     from worker.stats import torch_cuda_probe
 
-    pinning.configure_torch(pin.threads)
+    pinning.configure_torch(pin)
     use_cuda = pin.kind == "cuda" or (pin.kind == "auto" and torch.cuda.is_available())
     if use_cuda and not torch.cuda.is_available():
         raise ModelLoadError(f"--device {settings.device}: no CUDA device is visible")

@@ -3,6 +3,14 @@
 OpenMP, MKL and CUDA read their settings once, when the library loads, so
 :func:`apply` must run before the first ``import torch`` in the process;
 :func:`configure_torch` finishes the job once torch is imported.
+
+One exception: a worker with elastic cores is pinned only after the import.
+GNU OpenMP counts the cores it may use once, when it loads, from the
+process's CPU mask; a process pinned to one core then takes every pass with
+more threads for an oversubscribed one, and its threads stop spinning after
+a thousand turns and sleep between parallel regions. A lent pass then paid a
+futex wake-up per operation: ResNet-18 ran 36-46 ms on two threads against
+25-29 ms when OpenMP had loaded seeing both cores (1 thread: 46-51 ms).
 """
 
 from __future__ import annotations
@@ -11,10 +19,15 @@ import contextlib
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Final
 
 from shared import protocol
 from shared.config import parse_device
 from shared.devices import physical_gpus, visible_gpus
+
+# GOMP_SPINCOUNT for elastic workers: about 0.1-1 ms of spinning (libgomp's default
+# is 300,000, or 1,000 when it counts more threads than cores).
+ELASTIC_SPINCOUNT: Final = 100_000
 
 
 @dataclass(frozen=True)
@@ -31,6 +44,8 @@ class Pinning:
     # Every core the process could run on before it was pinned: the most a
     # pass may spread over when it borrows idle workers' cores.
     host: tuple[int, ...] = ()
+    # Whether the CPU mask is still to be set, by configure_torch (elastic cores).
+    deferred: bool = False
 
     @property
     def label(self) -> str:
@@ -70,31 +85,47 @@ def apply(
     ``cores`` None keeps the current affinity (every usable core). The thread
     variables are set to the number of cores so torch's pools match the pin.
     ConfigError when ``device`` names a GPU this process does not see.
-    With ``elastic`` (a CPU worker that may borrow idle cores) OpenMP's idle
-    threads sleep instead of spinning, unless ``OMP_WAIT_POLICY`` is set
-    already: measured with ``bench/lendprobe.py`` on 2 cores, a lent pass of
-    384x384 products ran 0.60x as fast as no lend with the default spinning
-    wait and 0.99x with PASSIVE; of 1024x1024, 0.94x against 1.47x.
+
+    With ``elastic`` (a CPU worker that may borrow idle cores) the CPU mask
+    is set by :func:`configure_torch`, after OpenMP has loaded seeing every
+    core (see the module docstring), and OpenMP's idle threads spin for
+    :data:`ELASTIC_SPINCOUNT` turns before they sleep, unless
+    ``OMP_WAIT_POLICY`` or ``GOMP_SPINCOUNT`` is set already: long enough to
+    stay awake between the operations of one pass, short enough that a
+    thread narrowed back after a lent pass stops spinning within a
+    millisecond. Measured with ``bench/lendprobe.py``; docs/elastic-cores.md
+    has the table.
     """
     host = tuple(sorted(os.sched_getaffinity(0)))
-    if cores:
+    kind, physical = choose_gpu(device, gpu)
+    deferred = bool(elastic and kind == "cpu" and cores)
+    if cores and not deferred:
         os.sched_setaffinity(0, cores)
-    pinned = tuple(sorted(os.sched_getaffinity(0)))
+    pinned = tuple(sorted(cores)) if deferred and cores else tuple(sorted(os.sched_getaffinity(0)))
     threads = len(pinned)
     for name in protocol.THREAD_ENV_VARS:
         os.environ[name] = str(threads)
-    kind, physical = choose_gpu(device, gpu)
-    if elastic and kind == "cpu":
-        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    if elastic and kind == "cpu" and not {"OMP_WAIT_POLICY", "GOMP_SPINCOUNT"} & set(os.environ):
+        os.environ["GOMP_SPINCOUNT"] = str(ELASTIC_SPINCOUNT)
     if physical is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = str(physical)
-    return Pinning(pinned, threads, physical, kind, host)
+    return Pinning(pinned, threads, physical, kind, host, deferred)
 
 
-def configure_torch(threads: int) -> None:
-    """Set torch's thread pools; call right after torch is imported."""
+def pin_every_thread(cores: Sequence[int]) -> None:
+    """Set the CPU mask of every thread of this process (those started before the pin too)."""
+    for tid in os.listdir("/proc/self/task"):
+        with contextlib.suppress(ProcessLookupError):  # a thread that ended meanwhile
+            os.sched_setaffinity(int(tid), cores)
+
+
+def configure_torch(pin: Pinning) -> None:
+    """Set torch's thread pools, and a deferred CPU mask; call right after torch is imported."""
     import torch
 
+    if pin.deferred:
+        pin_every_thread(pin.cores)
+    threads = pin.threads
     torch.set_num_threads(threads)
     # Inter-op parallelism would oversubscribe the pinned cores; one pool is enough.
     # RuntimeError: already set, or parallel work already started; it stays fixed.
