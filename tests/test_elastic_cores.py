@@ -123,7 +123,7 @@ def test_every_thread_is_pinned_and_an_elastic_worker_spins_briefly(
     serve: Callable[..., Server], elastic: bool
 ) -> None:
     """An elastic worker is pinned only once torch has loaded (GNU OpenMP counts its
-    cores then), every thread of it, and its OpenMP threads spin 100,000 turns."""
+    cores then), every thread of it, and its OpenMP threads spin ELASTIC_SPINCOUNT turns."""
     flag = "--elastic-cores" if elastic else "--no-elastic-cores"
     server = serve(
         "--handler", "tests.elastic_zoo:PinProbe", "--input-shape", "1", "--workers", "2",

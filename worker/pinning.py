@@ -25,9 +25,12 @@ from shared import protocol
 from shared.config import parse_device
 from shared.devices import physical_gpus, visible_gpus
 
-# GOMP_SPINCOUNT for elastic workers: about 0.1-1 ms of spinning (libgomp's default
-# is 300,000, or 1,000 when it counts more threads than cores).
-ELASTIC_SPINCOUNT: Final = 100_000
+# GOMP_SPINCOUNT for elastic workers: tens of microseconds of spinning (libgomp's
+# default is 300,000, or 1,000 when it counts more threads than cores). Served
+# ResNet-18 at one request at a time: p50 39 ms with 10,000 against 55-60 ms with
+# 100,000 (and one round of two connections had a p99 of 552 ms) and
+# 62-65 ms without lending.
+ELASTIC_SPINCOUNT: Final = 10_000
 
 
 @dataclass(frozen=True)
