@@ -38,8 +38,8 @@ a lend there only burns the lender's core; a ResNet's convolutions gain
 1.2-1.45x. Once the wide count is measured and the own one is not, passes
 stay on the worker's own cores until it is; every :data:`REVISIT` passes one
 pass takes the other choice, so a verdict reached under other conditions
-does not stand forever, and while a lend wins narrowly one pass in
-:data:`CONFIRM_EVERY` runs on the worker's own threads to check it.
+does not stand forever, and while the call is close (the two medians within
+twice the margin) one pass in :data:`CONFIRM_EVERY` takes the other choice.
 """
 
 from __future__ import annotations
@@ -63,8 +63,8 @@ _SMOOTHING: Final = 0.3
 # it occupies another core, and two medians of a few noisy passes differ by a few
 # percent when the true speeds are equal.
 LEND_MARGIN: Final = 0.10
-# While a lend wins by less than twice LEND_MARGIN, one pass in this many runs on the
-# worker's own threads to check it.
+# While the two choices' medians are within twice LEND_MARGIN, one pass in this many
+# takes the choice not made.
 CONFIRM_EVERY: Final = 8
 # Passes whose median rate the lend decision compares.
 _RECENT: Final = 8
@@ -168,9 +168,13 @@ class BatchSizer:
             return False  # measure the worker's own threads at this step first
         gain = lent.typical() / alone.typical() - 1
         verdict = gain >= LEND_MARGIN
-        # A narrow win is checked often: the worker's own rate is measured only on
-        # the passes that do not lend, and a stale one could keep a useless lend going.
-        every = CONFIRM_EVERY if verdict and gain < 2 * LEND_MARGIN else REVISIT
+        # A close call is checked often, either way: the choice not taken is
+        # measured only when it is tried, and a stale window of it (a few passes
+        # slowed by a neighbour while the pool warmed up, say) would otherwise
+        # keep a useless lend going, or a useful one from starting, for
+        # REVISIT * _RECENT passes.
+        close = -2 * LEND_MARGIN < gain < 2 * LEND_MARGIN
+        every = CONFIRM_EVERY if close else REVISIT
         key = (wider, step)
         since = self._since_other.get(key, 0) + 1
         if since >= every:
