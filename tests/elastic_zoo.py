@@ -13,6 +13,17 @@ def mask_bits(cores: set[int]) -> int:
     return sum(1 << core for core in cores)
 
 
+def every_mask() -> int:
+    """The CPU masks of every thread of this process, together, as a bit set."""
+    every = 0
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            every |= mask_bits(os.sched_getaffinity(int(tid)))
+        except OSError:
+            continue  # a thread that ended meanwhile
+    return every
+
+
 def cores_of(bits: int) -> set[int]:
     return {core for core in range(bits.bit_length()) if bits >> core & 1}
 
@@ -31,12 +42,7 @@ class ThreadProbe:
     def predict(self, batch: torch.Tensor) -> torch.Tensor:
         threads = torch.get_num_threads()
         main = mask_bits(os.sched_getaffinity(0))
-        every = 0
-        for tid in os.listdir("/proc/self/task"):
-            try:
-                every |= mask_bits(os.sched_getaffinity(int(tid)))
-            except OSError:
-                continue  # a thread that ended meanwhile
+        every = every_mask()
         give_up = time.monotonic() + self.busy_s
         product = self.weight
         while time.monotonic() < give_up:
@@ -53,11 +59,6 @@ class PinProbe:
 
     def predict(self, batch: torch.Tensor) -> torch.Tensor:
         spin = int(os.environ.get("GOMP_SPINCOUNT", "-1"))
-        every = 0
-        for tid in os.listdir("/proc/self/task"):
-            try:
-                every |= mask_bits(os.sched_getaffinity(int(tid)))
-            except OSError:
-                continue  # a thread that ended meanwhile
+        every = every_mask()
         row = torch.tensor([spin, every], dtype=torch.int64)
         return row.repeat(batch.shape[0], 1)
