@@ -223,7 +223,8 @@ def tell_supervisor_ready() -> None:
 
 
 def load(settings: WorkerSettings, pin: pinning.Pinning, sampler: MemorySampler) -> LoadedModel:
-    """Import torch (pinning is in place by now), pick the device, load and warm up."""
+    """Import torch (pinned by now, or, for elastic cores, right after the import by
+    ``configure_torch``), pick the device, load and warm up."""
     try:
         import torch
     except ImportError as exc:
