@@ -18,6 +18,7 @@ import pytest
 from tests.conftest import Server, wait_for
 from tests.elastic_zoo import cores_of
 from worker.pinning import ELASTIC_SPINCOUNT
+from worker.serve.sizing import CONFIRM_EVERY
 
 pytestmark = pytest.mark.skipif(
     len(os.sched_getaffinity(0)) < 2, reason="elastic cores need two usable cores"
@@ -51,13 +52,15 @@ def test_a_lend_that_does_not_speed_the_pass_up_stops(serve: Callable[..., Serve
     """ThreadProbe computes for a fixed time: a second thread cannot shorten its pass.
 
     The first lone passes borrow (not measured yet), the next ones run on the
-    worker's own core to measure it; from then on the worker keeps to its own
-    core but for one pass in REVISIT (64), more than this test sends.
+    worker's own core to measure it; from then on the call is close (equal
+    speeds), so the worker keeps to its own core but for one pass in
+    CONFIRM_EVERY, which checks the call.
     """
     server = serve(*PROBE, "--workers", "2", ready=2)
-    threads = [probe(server.client)[0] for _ in range(20)]
+    threads = [probe(server.client)[0] for _ in range(40)]
     assert threads[0] == 2, threads
-    assert threads[-8:] == [1] * 8, threads
+    settled = threads[8:]
+    assert settled.count(2) <= len(settled) // CONFIRM_EVERY + 1, threads
 
 
 def test_steady_load_keeps_each_worker_on_its_own_core(serve: Callable[..., Server]) -> None:
