@@ -95,25 +95,25 @@ class TextRequest:
     parameters: dict[str, Any] = field(default_factory=dict)
 
 
-def load(body: bytes | memoryview | str) -> dict[str, Any]:
-    """A JSON object body; 400 for anything else."""
+def _object(body: bytes | memoryview | str) -> dict[str, Any]:
+    """The body as a JSON object; 400 for anything else."""
     try:
         document = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
         raise RequestError(f"body is not valid JSON: {exc}") from exc
     if not isinstance(document, dict):
         raise RequestError("the body must be a JSON object")
-    return {key: value for key, value in document.items() if value is not None}
+    return document
+
+
+def load(body: bytes | memoryview | str) -> dict[str, Any]:
+    """A JSON object body, without its null values (the same as leaving a key out)."""
+    return {key: value for key, value in _object(body).items() if value is not None}
 
 
 def envelope(body: bytes | memoryview | str) -> tuple[str, bool]:
     """(model, stream) of a body: what the gateway needs to route it; 400 if unreadable."""
-    try:
-        document = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise RequestError(f"body is not valid JSON: {exc}") from exc
-    if not isinstance(document, dict):
-        raise RequestError("the body must be a JSON object")
+    document = _object(body)
     stream = document.get("stream")
     if stream is not None and not isinstance(stream, bool):
         raise _bad("stream must be true or false", "stream")

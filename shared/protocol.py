@@ -118,6 +118,7 @@ list/map of them>}`` out. Decoding checks sizes before anything is allocated.
 from __future__ import annotations
 
 import math
+import struct
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, TypedDict
@@ -230,6 +231,33 @@ DTYPE_SIZES: Final[Mapping[str, int]] = {
     "float32": 4,
     "float64": 8,
 }
+
+
+# A BYTES tensor's binary form (the v2 binary extension, gRPC's raw contents): each
+# element a 4-byte little-endian length, then its bytes.
+_BYTES_LENGTH: Final = struct.Struct("<I")
+
+
+def join_bytes(items: Sequence[bytes]) -> bytes:
+    """BYTES elements in their binary form."""
+    return b"".join(_BYTES_LENGTH.pack(len(item)) + item for item in items)
+
+
+def split_bytes(name: str, data: bytes | memoryview) -> list[bytes]:
+    """The elements of a BYTES tensor's binary form; RequestError naming input ``name``
+    when a length runs past the data."""
+    elements: list[bytes] = []
+    offset = 0
+    while offset < len(data):
+        if offset + 4 > len(data):
+            raise RequestError(f"input {name!r}: BYTES data ends inside a length prefix")
+        (length,) = _BYTES_LENGTH.unpack_from(data, offset)
+        offset += 4
+        if offset + length > len(data):
+            raise RequestError(f"input {name!r}: a BYTES element runs past the data")
+        elements.append(bytes(data[offset : offset + length]))
+        offset += length
+    return elements
 
 
 # Open Inference Protocol datatype -> dtype name (BYTES has no tensor dtype).

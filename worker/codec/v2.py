@@ -27,7 +27,6 @@ model refuses them with a 400.
 from __future__ import annotations
 
 import math
-import struct
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -43,8 +42,6 @@ from worker.codec.inputs import InputSpec, check_body_size, check_not_empty, pre
 
 FORMATS: Final = frozenset({protocol.FMT_V2_JSON, protocol.FMT_V2_BINARY})
 BYTES: Final = "BYTES"
-
-_LENGTH_PREFIX = struct.Struct("<I")
 
 
 @dataclass(frozen=True)
@@ -212,7 +209,7 @@ def _single_input(
                 f"input {name!r} is BYTES, but the model takes numeric tensors; send one of "
                 f"{', '.join(protocol.V2_DATATYPES)}"
             )
-        elements = _split_bytes(name, binary) if size is not None else _flat(spec["data"])
+        elements = protocol.split_bytes(name, binary) if size is not None else _flat(spec["data"])
         return name, _nest(name, elements, shape)
     dtype_name = protocol.V2_DATATYPES.get(datatype) if isinstance(datatype, str) else None
     if dtype_name is None:
@@ -252,22 +249,6 @@ def _from_json(
             f"input {name!r}: shape {list(shape)} needs {count} values, data holds {tensor.numel()}"
         )
     return tensor.reshape(shape)
-
-
-def _split_bytes(name: str, binary: memoryview) -> list[bytes]:
-    """BYTES elements of the binary extension: each a 4-byte little-endian length, then data."""
-    elements: list[bytes] = []
-    offset = 0
-    while offset < len(binary):
-        if offset + 4 > len(binary):
-            raise RequestError(f"input {name!r}: BYTES data ends inside a length prefix")
-        (length,) = _LENGTH_PREFIX.unpack_from(binary, offset)
-        offset += 4
-        if offset + length > len(binary):
-            raise RequestError(f"input {name!r}: a BYTES element runs past the data")
-        elements.append(bytes(binary[offset : offset + length]))
-        offset += length
-    return elements
 
 
 def _flat(data: Any) -> list[Any]:

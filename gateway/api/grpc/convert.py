@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import array
 import math
-import struct
 import sys
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Final
@@ -56,7 +55,6 @@ _TYPED: Final[Mapping[str, tuple[str, str]]] = {
     "FP32": ("fp32_contents", "f"),
     "FP64": ("fp64_contents", "d"),
 }
-_LENGTH: Final = struct.Struct("<I")
 _BIG_ENDIAN: Final = sys.byteorder == "big"
 
 
@@ -135,7 +133,7 @@ def infer_body(request: pb.ModelInferRequest, max_bytes: int) -> tuple[bytes, in
 def pack_contents(name: str, datatype: str, contents: pb.InferTensorContents) -> bytes:
     """Typed ``contents`` as the raw bytes ``raw_input_contents`` would carry."""
     if datatype == BYTES:
-        return b"".join(_LENGTH.pack(len(item)) + item for item in contents.bytes_contents)
+        return protocol.join_bytes(contents.bytes_contents)
     typed = _TYPED.get(datatype)
     if typed is None:
         if datatype in protocol.V2_DATATYPES:  # FP16, BF16: no typed field holds them
@@ -189,20 +187,10 @@ def _unpack(name: str, datatype: str, shape: list[int], raw: bytes) -> Any:
     if any(dim < 0 for dim in shape):
         raise RequestError(f"input {name!r}: shape must be a list of non-negative integers")
     if datatype == BYTES:
-        items: list[Any] = []
-        offset = 0
-        while offset < len(raw):
-            if offset + 4 > len(raw):
-                raise RequestError(f"input {name!r}: BYTES data ends inside a length prefix")
-            (length,) = _LENGTH.unpack_from(raw, offset)
-            offset += 4
-            if offset + length > len(raw):
-                raise RequestError(f"input {name!r}: a BYTES element runs past the data")
-            try:
-                items.append(raw[offset : offset + length].decode())
-            except UnicodeDecodeError as exc:
-                raise RequestError(f"input {name!r}: a BYTES element is not UTF-8") from exc
-            offset += length
+        try:
+            items: list[Any] = [item.decode() for item in protocol.split_bytes(name, raw)]
+        except UnicodeDecodeError as exc:
+            raise RequestError(f"input {name!r}: a BYTES element is not UTF-8") from exc
         if len(items) == 1:
             return items[0]
         return _nest(name, items, shape)
@@ -267,7 +255,7 @@ def infer_response(body: bytes, json_len: int | None) -> pb.ModelInferResponse:
 def _pack_json(datatype: str, data: Sequence[Any]) -> bytes:
     if datatype == BYTES:
         items = [str(v).encode() if not isinstance(v, bytes) else v for v in data]
-        return b"".join(_LENGTH.pack(len(item)) + item for item in items)
+        return protocol.join_bytes(items)
     typed = _TYPED.get(datatype)
     if typed is None:
         raise ModelFailure(f"an output of datatype {datatype} came back as JSON")
