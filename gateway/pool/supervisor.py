@@ -402,19 +402,12 @@ class Supervisor:
         worker.last_seen = self._clock()
         if kind == protocol.HEARTBEAT:
             beat = cast(protocol.HeartbeatHeader, message)
-            worker.take_memory(beat)
-            self._pool.take_batches(worker, beat.get("batches"))
-            self._pool.take_waits(worker, beat.get("waits"))
-            self._pool.take_threads(worker, beat.get("threads"), beat.get("thread_passes"))
+            self._pool.take_heartbeat(worker, beat)
             self._check_batch_time(worker, beat.get("batch_s"))
             self.check_recycle(worker)
         elif kind == protocol.HELLO:
-            hello = cast(protocol.HelloHeader, message)
-            worker.pid = hello.get("pid", worker.pid)
-            worker.host = hello.get("host")
-            if worker.remote and worker.state in (State.STOPPED, State.RESTARTING):
+            if worker.take_hello(cast(protocol.HelloHeader, message)):
                 log.info("remote %s (%s) is back", worker.name, worker.uid)
-                worker.state = State.STARTING
         elif kind == protocol.LOADING:
             worker.state = State.LOADING
         elif kind == protocol.READY:

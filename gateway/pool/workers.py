@@ -216,6 +216,15 @@ class WorkerRecord:
         self.cuda_allocated_bytes = message.get("cuda_allocated_bytes")
         self.cuda_reserved_bytes = message.get("cuda_reserved_bytes")
 
+    def take_hello(self, message: protocol.HelloHeader) -> bool:
+        """Who the process says it is; True when a remote worker that was gone is back."""
+        self.pid = message.get("pid", self.pid)
+        self.host = message.get("host")
+        if self.remote and self.state in (State.STOPPED, State.RESTARTING):
+            self.state = State.STARTING
+            return True
+        return False
+
     def take_ready(self, message: protocol.ReadyHeader) -> None:
         """The worker loaded its model: what READY says of it, and a clean slate."""
         self.state = State.READY
@@ -278,6 +287,14 @@ class Pool:
         # (buckets of protocol.WAIT_BUCKETS_S, then the overflow), pool-wide.
         self.wait_counts = [0] * (len(protocol.WAIT_BUCKETS_S) + 1)
         self.wait_sum = 0.0
+
+    def take_heartbeat(self, worker: WorkerRecord, beat: protocol.HeartbeatHeader) -> None:
+        """What a HEARTBEAT reports: the worker's memory, and the batches, waits and
+        thread counts it ran since the last one, into the pool's totals."""
+        worker.take_memory(beat)
+        self.take_batches(worker, beat.get("batches"))
+        self.take_waits(worker, beat.get("waits"))
+        self.take_threads(worker, beat.get("threads"), beat.get("thread_passes"))
 
     def take_batches(self, worker: WorkerRecord, reported: Any) -> None:
         """Add what ``worker`` ran since its last heartbeat to ``batch_rows``.
